@@ -1,0 +1,124 @@
+//! The command line: parsing, printing and exit codes. Each subcommand is one file.
+
+mod generate;
+mod inspect;
+
+use std::process::ExitCode;
+
+use candle_core::{DType, Device};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::model::load::{DTypeChoice, LoadOptions};
+use crate::model::{load, Model};
+
+#[derive(Parser)]
+#[command(
+    name = "kedit",
+    version,
+    about = "Knowledge editing for GPT-2 and LLaMA language models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Continue a prompt with the model (greedy or seeded top-k sampling)
+    Generate(generate::GenerateArgs),
+    /// Describe a model: architecture, widths, parameter count, dtype and source
+    Inspect(inspect::InspectArgs),
+}
+
+/// Where the model comes from and how to hold it; shared by every subcommand that loads one.
+#[derive(Args, Debug)]
+pub struct ModelArgs {
+    /// A Hugging Face folder, a .gguf file, or a Hub id such as openai-community/gpt2-xl[@revision]
+    #[arg(long, short = 'm')]
+    pub model: String,
+    /// cpu, cuda or cuda:N
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Weight dtype; auto = f32 when it fits in memory, else bf16
+    #[arg(long, value_enum, default_value_t = DTypeArg::Auto)]
+    pub dtype: DTypeArg,
+    /// A tokenizer.json to use instead of the model's own
+    #[arg(long)]
+    pub tokenizer: Option<std::path::PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum DTypeArg {
+    Auto,
+    F32,
+    F16,
+    Bf16,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> anyhow::Result<Model> {
+        let opts = LoadOptions {
+            device: parse_device(&self.device)?,
+            dtype: match self.dtype {
+                DTypeArg::Auto => DTypeChoice::Auto,
+                DTypeArg::F32 => DTypeChoice::Exact(DType::F32),
+                DTypeArg::F16 => DTypeChoice::Exact(DType::F16),
+                DTypeArg::Bf16 => DTypeChoice::Exact(DType::BF16),
+            },
+            tokenizer: self.tokenizer.clone(),
+            ..LoadOptions::default()
+        };
+        Ok(load::load(&self.model, &opts)?)
+    }
+}
+
+fn parse_device(s: &str) -> anyhow::Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => cuda(0),
+        _ => match s.strip_prefix("cuda:") {
+            Some(n) => cuda(n.parse().map_err(|_| {
+                anyhow::anyhow!(
+                    "--device {s}: `{n}` is not a GPU ordinal (expected cpu, cuda or cuda:N)"
+                )
+            })?),
+            None => anyhow::bail!("--device {s}: expected cpu, cuda or cuda:N"),
+        },
+    }
+}
+
+fn cuda(ordinal: usize) -> anyhow::Result<Device> {
+    if !candle_core::utils::cuda_is_available() {
+        anyhow::bail!(
+            "--device cuda: this kedit was built without CUDA (rebuild with `--features cuda`)"
+        );
+    }
+    Ok(Device::new_cuda(ordinal)?)
+}
+
+/// Parses the command line, runs the command, prints any error as one line on stderr and turns
+/// it into exit code 2 (1 is reserved for "ran, but the result failed a requested check").
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => generate::run(args),
+        Command::Inspect(args) => inspect::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            if is_broken_pipe(&err) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("kedit: error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}

@@ -1,0 +1,218 @@
+//! Text generation with a KV cache owned by the generation loop (never by the model, so an edit can
+//! never leave a stale cache behind).
+
+use candle_core::{DType, Tensor, D};
+use rand::{RngExt, SeedableRng};
+use serde::Serialize;
+
+use super::{HookSpec, Model};
+use crate::error::{Error, Result};
+
+/// Keys and values of every layer for one sequence.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new(n_layers: usize) -> Self {
+        Self {
+            layers: vec![None; n_layers],
+            len: 0,
+        }
+    }
+
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub(super) fn layer_mut(&mut self, l: usize) -> &mut Option<(Tensor, Tensor)> {
+        &mut self.layers[l]
+    }
+
+    pub(super) fn advance(&mut self, n: usize) {
+        self.len += n;
+    }
+}
+
+/// How the next token is chosen.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Sampling {
+    Greedy,
+    /// Sample from the `k` most likely tokens (softmax over their logits), seeded.
+    TopK {
+        k: usize,
+        seed: u64,
+    },
+}
+
+/// The five most likely next tokens at one step, before the choice.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepTopK {
+    pub ids: Vec<u32>,
+    pub logits: Vec<f32>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Generation {
+    pub prompt_ids: Vec<u32>,
+    pub generated_ids: Vec<u32>,
+    pub text: String,
+    pub steps: Vec<StepTopK>,
+}
+
+impl Model {
+    /// Generates up to `max_new_tokens` after `prompt`, stopping early at the end-of-sequence token.
+    pub fn generate(
+        &self,
+        prompt: &str,
+        max_new_tokens: usize,
+        sampling: Sampling,
+    ) -> Result<Generation> {
+        let prompt_ids = self.encode(prompt)?;
+        self.generate_ids(&prompt_ids, max_new_tokens, sampling)
+    }
+
+    pub fn generate_ids(
+        &self,
+        prompt_ids: &[u32],
+        max_new_tokens: usize,
+        sampling: Sampling,
+    ) -> Result<Generation> {
+        if prompt_ids.is_empty() {
+            return Err(Error::Invalid(
+                "cannot generate from an empty prompt".into(),
+            ));
+        }
+        if prompt_ids.len() + max_new_tokens > self.spec.max_positions {
+            return Err(Error::Invalid(format!(
+                "prompt of {} tokens plus {max_new_tokens} new tokens is longer than the model's context of {} positions",
+                prompt_ids.len(),
+                self.spec.max_positions
+            )));
+        }
+        let mut rng = match sampling {
+            Sampling::TopK { seed, .. } => Some(rand::rngs::StdRng::seed_from_u64(seed)),
+            Sampling::Greedy => None,
+        };
+        let hooks = HookSpec::new();
+        let mut cache = KvCache::new(self.spec.n_layers);
+        let mut next_input = Tensor::new(prompt_ids, &self.device)?.unsqueeze(0)?;
+        let mut generated = Vec::with_capacity(max_new_tokens);
+        let mut steps = Vec::with_capacity(max_new_tokens);
+        for _ in 0..max_new_tokens {
+            let out = self.run(&next_input, &hooks, Some(&mut cache))?;
+            let last = out.logits.dim(1)? - 1;
+            let logits: Vec<f32> = out
+                .logits
+                .narrow(1, last, 1)?
+                .flatten_all()?
+                .to_dtype(DType::F32)?
+                .to_vec1()?;
+            let ranked = top_k(&logits, 5.max(k_of(sampling)));
+            steps.push(StepTopK {
+                ids: ranked.iter().take(5).map(|&(i, _)| i).collect(),
+                logits: ranked.iter().take(5).map(|&(_, l)| l).collect(),
+            });
+            let next = match (sampling, rng.as_mut()) {
+                (Sampling::TopK { k, .. }, Some(rng)) => {
+                    sample(&ranked[..k.min(ranked.len())], rng)
+                }
+                _ => ranked[0].0,
+            };
+            generated.push(next);
+            if Some(next) == self.spec.eos_id {
+                break;
+            }
+            next_input = Tensor::new(&[next], &self.device)?.unsqueeze(0)?;
+        }
+        Ok(Generation {
+            prompt_ids: prompt_ids.to_vec(),
+            text: self.decode(&generated)?,
+            generated_ids: generated,
+            steps,
+        })
+    }
+
+    /// Greedy next-token ids at every position of a single sequence, without a cache (a check of
+    /// the cached path).
+    pub fn argmax_all(&self, ids: &[u32]) -> Result<Vec<u32>> {
+        let batch = super::TokenBatch::new(&[ids.to_vec()], 0, &self.device)?;
+        let out = self.forward(&batch, &HookSpec::new())?;
+        Ok(out.logits.argmax(D::Minus1)?.squeeze(0)?.to_vec1()?)
+    }
+}
+
+fn k_of(sampling: Sampling) -> usize {
+    match sampling {
+        Sampling::Greedy => 1,
+        Sampling::TopK { k, .. } => k.max(1),
+    }
+}
+
+/// The `k` largest logits with their ids, best first; ties go to the lower id, as `torch.topk` does on CPU.
+fn top_k(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut idx: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i as u32, l))
+        .collect();
+    let k = k.min(idx.len());
+    let cmp = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    if k < idx.len() {
+        idx.select_nth_unstable_by(k, cmp);
+        idx.truncate(k);
+    }
+    idx.sort_by(cmp);
+    idx
+}
+
+/// Draws one id from the softmax over the given logits.
+fn sample(candidates: &[(u32, f32)], rng: &mut rand::rngs::StdRng) -> u32 {
+    let max = candidates
+        .iter()
+        .map(|c| c.1)
+        .fold(f32::NEG_INFINITY, f32::max);
+    let weights: Vec<f64> = candidates
+        .iter()
+        .map(|c| f64::from(c.1 - max).exp())
+        .collect();
+    let total: f64 = weights.iter().sum();
+    let mut u = rng.random::<f64>() * total;
+    for (c, w) in candidates.iter().zip(&weights) {
+        if u < *w {
+            return c.0;
+        }
+        u -= w;
+    }
+    candidates[candidates.len() - 1].0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_orders_by_logit_then_id() {
+        let got = top_k(&[0.5, 2.0, 2.0, -1.0, 3.0], 3);
+        assert_eq!(got, vec![(4, 3.0), (1, 2.0), (2, 2.0)]);
+    }
+
+    #[test]
+    fn sampling_is_seeded_and_follows_the_weights() {
+        let cands = [(7u32, 0.0f32), (9, (3.0f32).ln())];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let draws: Vec<u32> = (0..4000).map(|_| sample(&cands, &mut rng)).collect();
+        let nines = draws.iter().filter(|&&d| d == 9).count() as f64 / 4000.0;
+        assert!((nines - 0.75).abs() < 0.03, "{nines}");
+        let mut again = rand::rngs::StdRng::seed_from_u64(1);
+        let redraw: Vec<u32> = (0..4000).map(|_| sample(&cands, &mut again)).collect();
+        assert_eq!(draws, redraw);
+    }
+}

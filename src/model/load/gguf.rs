@@ -1,0 +1,115 @@
+//! A GGUF file (llama.cpp's format): metadata gives the config and the tokenizer, every tensor is
+//! dequantised to f32 and then cast to the requested dtype.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::Device;
+
+use super::{assemble, Format, LoadOptions};
+use crate::error::{Error, Result};
+use crate::model::{Activation, Arch, Model, ModelOrigin, ModelSpec};
+
+pub(super) fn load_gguf(path: &Path, source: &str, opts: &LoadOptions) -> Result<Model> {
+    let bad = |msg: String| Error::file(path, msg);
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let content = Content::read(&mut file)
+        .map_err(|e| bad(format!("truncated or corrupt GGUF header: {e}")))?;
+    let spec = spec_from_metadata(&content).map_err(bad)?;
+    let tokenizer = match &opts.tokenizer {
+        Some(p) => super::tokenizer::tokenizer_from_file(p)?,
+        None => super::tokenizer::tokenizer_from_gguf(&content.metadata).map_err(|e| match e {
+            Error::Tokenizer(msg) => bad(format!("tokenizer metadata: {msg}")),
+            other => other,
+        })?,
+    };
+    let dtype = opts.resolve_dtype(&spec);
+    let weights = assemble(&spec, Format::Gguf, dtype, &opts.device, |name| {
+        if !content.tensor_infos.contains_key(name) {
+            return Ok(None);
+        }
+        let q = content
+            .tensor(&mut file, name, &Device::Cpu)
+            .map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
+        Ok(Some(q.dequantize(&Device::Cpu)?))
+    })
+    .map_err(|e| match e {
+        Error::Invalid(msg) => bad(msg),
+        other => other,
+    })?;
+    let origin = ModelOrigin {
+        kind: "gguf",
+        source: source.to_string(),
+        files: vec![path.to_path_buf()],
+    };
+    Model::new(spec, weights, tokenizer, origin).map_err(|e| match e {
+        Error::Invalid(msg) => bad(msg),
+        other => other,
+    })
+}
+
+fn spec_from_metadata(content: &Content) -> std::result::Result<ModelSpec, String> {
+    let md = &content.metadata;
+    let arch_name = get_str(md, "general.architecture")?;
+    let arch = match arch_name.as_str() {
+        "llama" => Arch::Llama,
+        "gpt2" => Arch::Gpt2,
+        other => {
+            return Err(format!(
+                "architecture \"{other}\" is not supported (expected llama or gpt2)"
+            ))
+        }
+    };
+    let key = |k: &str| format!("{arch_name}.{k}");
+    let usize_of = |k: &str| -> std::result::Result<usize, String> {
+        md.get(&key(k))
+            .ok_or_else(|| format!("metadata key `{}` is missing", key(k)))?
+            .to_u64()
+            .map(|v| v as usize)
+            .map_err(|e| format!("metadata key `{}`: {e}", key(k)))
+    };
+    let f64_of =
+        |k: &str| -> Option<f64> { md.get(&key(k)).and_then(|v| v.to_f32().ok()).map(f64::from) };
+    let n_heads = usize_of("attention.head_count")?;
+    let d_model = usize_of("embedding_length")?;
+    let vocab_size = match md.get("tokenizer.ggml.tokens") {
+        Some(Value::Array(tokens)) => tokens.len(),
+        _ => usize_of("vocab_size")?,
+    };
+    let id_of = |k: &str| md.get(k).and_then(|v| v.to_u32().ok());
+    let spec = ModelSpec {
+        arch,
+        n_layers: usize_of("block_count")?,
+        d_model,
+        d_mlp: usize_of("feed_forward_length")?,
+        n_heads,
+        n_kv_heads: usize_of("attention.head_count_kv").unwrap_or(n_heads),
+        head_dim: usize_of("rope.dimension_count").unwrap_or(d_model / n_heads.max(1)),
+        vocab_size,
+        max_positions: usize_of("context_length")?,
+        norm_eps: match arch {
+            Arch::Llama => f64_of("attention.layer_norm_rms_epsilon").unwrap_or(1e-6),
+            Arch::Gpt2 => f64_of("attention.layer_norm_epsilon").unwrap_or(1e-5),
+        },
+        rope_theta: f64_of("rope.freq_base").unwrap_or(10_000.0),
+        activation: match arch {
+            Arch::Llama => Activation::Silu,
+            Arch::Gpt2 => Activation::GeluTanh,
+        },
+        tied_embeddings: !content.tensor_infos.contains_key("output.weight"),
+        bos_id: id_of("tokenizer.ggml.bos_token_id"),
+        eos_id: id_of("tokenizer.ggml.eos_token_id"),
+        pad_id: id_of("tokenizer.ggml.padding_token_id"),
+    };
+    spec.validate()?;
+    Ok(spec)
+}
+
+pub(super) fn get_str(md: &HashMap<String, Value>, k: &str) -> std::result::Result<String, String> {
+    md.get(k)
+        .ok_or_else(|| format!("metadata key `{k}` is missing"))?
+        .to_string()
+        .cloned()
+        .map_err(|e| format!("metadata key `{k}`: {e}"))
+}

@@ -1,0 +1,129 @@
+//! A Hugging Face model folder: `config.json`, `tokenizer.json`, and `model.safetensors` or a
+//! sharded `model.safetensors.index.json`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::{Load, SliceSafetensors};
+use candle_core::{DType, Device};
+
+use super::{assemble, Format, LoadOptions};
+use crate::error::{Error, Result};
+use crate::model::{Model, ModelOrigin, ModelSpec};
+
+pub(super) fn load_folder(
+    folder: &Path,
+    source: &str,
+    kind: &'static str,
+    opts: &LoadOptions,
+) -> Result<Model> {
+    let config_path = folder.join("config.json");
+    let json = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+    let spec = ModelSpec::from_hf_config(&json, &config_path)?;
+    let tokenizer_path = opts
+        .tokenizer
+        .clone()
+        .unwrap_or_else(|| folder.join("tokenizer.json"));
+    let tokenizer = super::tokenizer::tokenizer_from_file(&tokenizer_path)?;
+
+    let files = safetensors_files(folder)?;
+    let maps = files
+        .iter()
+        .map(|p| map_file(p))
+        .collect::<Result<Vec<_>>>()?;
+    let views = maps
+        .iter()
+        .zip(&files)
+        .map(|(m, p)| {
+            SliceSafetensors::new(m)
+                .map_err(|e| Error::file(p, format!("truncated or corrupt safetensors file: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let dtype = opts.resolve_dtype(&spec);
+    let weights = assemble(&spec, Format::Hf, dtype, &opts.device, |name| {
+        // GPT-2 checkpoints name their tensors with or without the `transformer.` prefix.
+        for candidate in [name.to_string(), format!("transformer.{name}")] {
+            for (view, path) in views.iter().zip(&files) {
+                if let Ok(t) = view.get(&candidate) {
+                    let tensor = t.load(&Device::Cpu).map_err(|e| {
+                        Error::file(path, format!("tensor `{candidate}` cannot be read: {e}"))
+                    })?;
+                    return Ok(Some(to_float(tensor)?));
+                }
+            }
+        }
+        Ok(None)
+    })
+    .map_err(|e| match e {
+        Error::Invalid(msg) => Error::file(folder, msg),
+        other => other,
+    })?;
+    let origin = ModelOrigin {
+        kind,
+        source: source.to_string(),
+        files,
+    };
+    Model::new(spec, weights, tokenizer, origin).map_err(|e| match e {
+        Error::Invalid(msg) => Error::file(folder, msg),
+        other => other,
+    })
+}
+
+fn to_float(t: candle_core::Tensor) -> Result<candle_core::Tensor> {
+    Ok(match t.dtype() {
+        DType::F32 | DType::F16 | DType::BF16 => t,
+        _ => t.to_dtype(DType::F32)?,
+    })
+}
+
+/// The weight files of a folder: the shards its index names, or the single `model.safetensors`.
+fn safetensors_files(folder: &Path) -> Result<Vec<PathBuf>> {
+    let index = folder.join("model.safetensors.index.json");
+    if index.is_file() {
+        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+        let parsed: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::file(&index, format!("invalid JSON: {e}")))?;
+        let map: BTreeMap<String, String> = parsed
+            .get("weight_map")
+            .cloned()
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(|e| {
+                Error::file(
+                    &index,
+                    format!("\"weight_map\" is not a name → file map: {e}"),
+                )
+            })?
+            .ok_or_else(|| Error::file(&index, "field \"weight_map\" is missing"))?;
+        let shards: BTreeSet<String> = map.into_values().collect();
+        return shards
+            .into_iter()
+            .map(|s| {
+                let p = folder.join(&s);
+                if p.is_file() {
+                    Ok(p)
+                } else {
+                    Err(Error::file(
+                        &index,
+                        format!("names shard `{s}`, which does not exist"),
+                    ))
+                }
+            })
+            .collect();
+    }
+    let single = folder.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    Err(Error::file(
+        folder,
+        "no model.safetensors or model.safetensors.index.json in this folder",
+    ))
+}
+
+fn map_file(path: &Path) -> Result<memmap2::Mmap> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: the map is read-only and lives only while the weights are copied out of it; a
+    // checkpoint changed on disk during that time gives wrong numbers, not memory unsafety in our code.
+    unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))
+}

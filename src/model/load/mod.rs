@@ -1,0 +1,181 @@
+//! Model sources: a Hugging Face folder (single or sharded safetensors), a GGUF file, or a Hub id
+//! resolved through the Hugging Face cache.
+
+mod gguf;
+mod hf;
+mod hub;
+mod tokenizer;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+
+use super::Model;
+use crate::error::{Error, Result};
+
+pub use hub::{resolve_hub, HubOptions};
+pub use tokenizer::tokenizer_from_gguf;
+
+/// Which naming scheme a checkpoint uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Hf,
+    Gguf,
+}
+
+/// The dtype to hold the weights in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DTypeChoice {
+    /// f32 when the f32 weights take at most half the available memory, else bf16.
+    #[default]
+    Auto,
+    Exact(DType),
+}
+
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    pub dtype: DTypeChoice,
+    /// A `tokenizer.json` to use instead of the one the source provides.
+    pub tokenizer: Option<PathBuf>,
+    pub hub: HubOptions,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            device: Device::Cpu,
+            dtype: DTypeChoice::Auto,
+            tokenizer: None,
+            hub: HubOptions::from_env(),
+        }
+    }
+}
+
+impl LoadOptions {
+    pub(crate) fn resolve_dtype(&self, spec: &super::ModelSpec) -> DType {
+        match self.dtype {
+            DTypeChoice::Exact(d) => d,
+            DTypeChoice::Auto if self.device.is_cpu() => spec.auto_dtype(available_memory()),
+            // A GPU's free memory is not visible through candle; 8 GiB of f32 weights is a safe bound.
+            DTypeChoice::Auto => spec.auto_dtype(Some(16 << 30)),
+        }
+    }
+}
+
+/// Loads a model from a path (folder or `.gguf` file) or a Hub id such as `openai-community/gpt2`
+/// (optionally `id@revision`).
+pub fn load(source: &str, opts: &LoadOptions) -> Result<Model> {
+    let path = Path::new(source);
+    if path.is_dir() {
+        return hf::load_folder(path, source, "hf-folder", opts);
+    }
+    if path.is_file() {
+        return if is_gguf(path)? {
+            gguf::load_gguf(path, source, opts)
+        } else {
+            Err(Error::file(
+                path,
+                "not a GGUF file (bad magic) and not a model folder; give a Hugging Face folder, a .gguf file or a Hub id",
+            ))
+        };
+    }
+    if looks_like_hub_id(source) {
+        let folder = resolve_hub(source, &opts.hub)?;
+        return hf::load_folder(&folder, source, "hub", opts);
+    }
+    Err(Error::file(
+        path,
+        "no such file or folder, and not a Hub id of the form owner/name",
+    ))
+}
+
+fn is_gguf(path: &Path) -> Result<bool> {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    Ok(f.read_exact(&mut magic).is_ok() && &magic == b"GGUF")
+}
+
+fn looks_like_hub_id(s: &str) -> bool {
+    let id = s.split('@').next().unwrap_or(s);
+    let parts: Vec<&str> = id.split('/').collect();
+    parts.len() == 2
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        })
+}
+
+/// `MemAvailable` from /proc/meminfo, in bytes.
+fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Reads every weight the architecture needs (plus the optional ones present) through `fetch`,
+/// which returns a checkpoint tensor by name, and brings each into `[out, in]` orientation, the
+/// requested dtype and device.
+pub(crate) fn assemble(
+    spec: &super::ModelSpec,
+    format: Format,
+    dtype: DType,
+    device: &Device,
+    mut fetch: impl FnMut(&str) -> Result<Option<candle_core::Tensor>>,
+) -> Result<std::collections::BTreeMap<super::WeightId, candle_core::Tensor>> {
+    use super::{gpt2, llama, Arch};
+    let required = super::required_weights(spec);
+    let optional = match spec.arch {
+        Arch::Gpt2 => Vec::new(),
+        Arch::Llama => llama::optional_biases(spec),
+    };
+    let wanted = required
+        .iter()
+        .map(|(id, _)| (*id, true))
+        .chain(optional.into_iter().map(|id| (id, false)));
+    let mut weights = std::collections::BTreeMap::new();
+    for (id, is_required) in wanted {
+        let name = match spec.arch {
+            Arch::Gpt2 => gpt2::checkpoint_name(id, format),
+            Arch::Llama => llama::checkpoint_name(id, format),
+        }
+        .ok_or(Error::UnknownWeight(id))?;
+        let Some(mut w) = fetch(&name)? else {
+            if is_required {
+                return Err(Error::Invalid(format!(
+                    "checkpoint has no tensor `{name}` ({id})"
+                )));
+            }
+            continue;
+        };
+        match spec.arch {
+            Arch::Gpt2 if gpt2::stored_transposed(id, format) => w = w.t()?.contiguous()?,
+            Arch::Llama if format == Format::Gguf => {
+                if let Some(heads) = llama::gguf_rotary_heads(id, spec) {
+                    w = llama::unpermute_rotary_rows(&w, heads)?;
+                }
+            }
+            _ => {}
+        }
+        weights.insert(id, w.to_dtype(dtype)?.to_device(device)?);
+    }
+    Ok(weights)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hub_ids_are_told_apart_from_paths() {
+        assert!(looks_like_hub_id("openai-community/gpt2-xl"));
+        assert!(looks_like_hub_id("meta-llama/Llama-2-7b-hf@main"));
+        assert!(!looks_like_hub_id("gpt2"));
+        assert!(!looks_like_hub_id("./models/gpt2"));
+        assert!(!looks_like_hub_id("/abs/path/x"));
+        assert!(!looks_like_hub_id("a/b/c"));
+    }
+}

@@ -1,0 +1,471 @@
+//! The hookable decoder shared by GPT-2 and LLaMA.
+//!
+//! One decoder loop; the two architectures differ only in the pieces `gpt2.rs` and `llama.rs`
+//! provide (embeddings, norms, the QKV projection, the MLP activation). Weights are held by role
+//! ([`WeightId`]) in `[out, in]` orientation, so an editor can read, replace or optimise any of them
+//! without knowing the checkpoint's names or layout.
+
+mod generate;
+mod gpt2;
+mod hooks;
+mod llama;
+pub mod load;
+pub mod ops;
+mod spec;
+mod weights;
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor, D};
+use tokenizers::Tokenizer;
+
+pub use generate::{Generation, KvCache, Sampling, StepTopK};
+pub use hooks::{HookSpec, Intervention, Site};
+pub use spec::{Activation, Arch, ModelSpec};
+pub use weights::{Module, Param, WeightId};
+
+use crate::error::{Error, Result};
+use ops::{causal_mask, linear, repeat_kv, softmax_last, RopeTables};
+
+/// A batch of token sequences, right-padded to a common length.
+#[derive(Debug, Clone)]
+pub struct TokenBatch {
+    /// `[b, s]` u32 token ids; positions past a row's length hold padding.
+    pub ids: Tensor,
+    /// The real length of every row.
+    pub lengths: Vec<usize>,
+}
+
+impl TokenBatch {
+    /// Right-pads `sequences` with `pad_id`. Right padding keeps every real token at the position it
+    /// would have alone, and the causal mask already hides the pads from it, so batching changes no
+    /// sequence's numbers.
+    pub fn new(sequences: &[Vec<u32>], pad_id: u32, device: &Device) -> Result<Self> {
+        let width = sequences.iter().map(Vec::len).max().unwrap_or(0);
+        if width == 0 {
+            return Err(Error::Invalid(
+                "cannot run an empty batch or an empty sequence".into(),
+            ));
+        }
+        if let Some(i) = sequences.iter().position(Vec::is_empty) {
+            return Err(Error::Invalid(format!(
+                "sequence {i} of the batch is empty"
+            )));
+        }
+        let mut flat = Vec::with_capacity(sequences.len() * width);
+        for seq in sequences {
+            flat.extend_from_slice(seq);
+            flat.resize(flat.len() + width - seq.len(), pad_id);
+        }
+        Ok(Self {
+            ids: Tensor::from_vec(flat, (sequences.len(), width), device)?,
+            lengths: sequences.iter().map(Vec::len).collect(),
+        })
+    }
+
+    pub fn width(&self) -> usize {
+        self.lengths.iter().copied().max().unwrap_or(0)
+    }
+}
+
+/// What a forward pass returns.
+#[derive(Debug)]
+pub struct ForwardOut {
+    /// `[b, s, vocab]` logits at every position (pads included; ignore them).
+    pub logits: Tensor,
+    pub captures: BTreeMap<Site, Tensor>,
+}
+
+impl ForwardOut {
+    /// A captured activation, or an error if the spec did not ask for it.
+    pub fn capture(&self, site: Site) -> Result<&Tensor> {
+        self.captures.get(&site).ok_or(Error::MissingCapture(site))
+    }
+}
+
+/// A learned addition to the model at an MLP, installed as a value (GRACE's codebook, WISE's side
+/// memory, CaliNet's calibration neurons, LoRA). It sees the input of the down-projection and
+/// its output, and returns the MLP output to use instead.
+pub trait MlpOverlay: Send + Sync {
+    /// # Shapes
+    /// `mlp_act: [b, s, d_mlp]`, `mlp_out: [b, s, d_model]` → `[b, s, d_model]`
+    fn forward(&self, mlp_act: &Tensor, mlp_out: &Tensor) -> candle_core::Result<Tensor>;
+}
+
+/// Where a model came from, for `inspect` and for cache keys.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelOrigin {
+    /// `hf-folder`, `gguf` or `hub`.
+    pub kind: &'static str,
+    /// The path or Hub id the user gave.
+    pub source: String,
+    /// The files the weights were read from.
+    pub files: Vec<std::path::PathBuf>,
+}
+
+pub struct Model {
+    spec: ModelSpec,
+    weights: BTreeMap<WeightId, Tensor>,
+    overlays: BTreeMap<usize, Box<dyn MlpOverlay>>,
+    tokenizer: Tokenizer,
+    device: Device,
+    dtype: DType,
+    origin: ModelOrigin,
+}
+
+impl Model {
+    /// Builds a model from weights already keyed by role and in `[out, in]` orientation.
+    /// Every weight the architecture needs must be present with the right shape.
+    pub fn new(
+        spec: ModelSpec,
+        weights: BTreeMap<WeightId, Tensor>,
+        tokenizer: Tokenizer,
+        origin: ModelOrigin,
+    ) -> Result<Self> {
+        let (device, dtype) = match weights.values().next() {
+            Some(w) => (w.device().clone(), w.dtype()),
+            None => return Err(Error::Invalid("the model has no weights".into())),
+        };
+        for (id, shape) in required_weights(&spec) {
+            match weights.get(&id) {
+                None => return Err(Error::UnknownWeight(id)),
+                Some(w) if w.dims() != shape.as_slice() => {
+                    return Err(Error::Invalid(format!(
+                        "weight {id} has shape {:?}, the config implies {shape:?}",
+                        w.dims()
+                    )))
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(Self {
+            spec,
+            weights,
+            overlays: BTreeMap::new(),
+            tokenizer,
+            device,
+            dtype,
+            origin,
+        })
+    }
+
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn origin(&self) -> &ModelOrigin {
+        &self.origin
+    }
+
+    /// The ids of every weight the model holds, in a stable order.
+    pub fn weight_ids(&self) -> impl Iterator<Item = WeightId> + '_ {
+        self.weights.keys().copied()
+    }
+
+    /// A weight, always `[out, in]`. The tied LM head resolves to the embedding.
+    pub fn weight(&self, id: WeightId) -> Result<Tensor> {
+        self.weights
+            .get(&self.resolve(id))
+            .cloned()
+            .ok_or(Error::UnknownWeight(id))
+    }
+
+    /// Puts `w` in place of weight `id` and returns the tensor it replaced (the undo record).
+    /// `w` may be a `Var`'s tensor: gradients then flow to it through every later forward.
+    pub fn replace_weight(&mut self, id: WeightId, w: Tensor) -> Result<Tensor> {
+        let id = self.resolve(id);
+        let old = self.weights.get(&id).ok_or(Error::UnknownWeight(id))?;
+        if old.dims() != w.dims() {
+            return Err(Error::Invalid(format!(
+                "replacement for {id} has shape {:?}, expected {:?}",
+                w.dims(),
+                old.dims()
+            )));
+        }
+        if old.dtype() != w.dtype() || !old.device().same_device(w.device()) {
+            return Err(Error::Invalid(format!(
+                "replacement for {id} is {:?} on {:?}, the model holds {:?} on {:?}",
+                w.dtype(),
+                w.device(),
+                old.dtype(),
+                old.device()
+            )));
+        }
+        self.weights.insert(id, w).ok_or(Error::UnknownWeight(id))
+    }
+
+    /// The overlay slot at layer `layer`'s MLP.
+    pub fn mlp_overlay(&mut self, layer: usize) -> Result<Option<&mut Box<dyn MlpOverlay>>> {
+        self.check_layer(layer)?;
+        Ok(self.overlays.get_mut(&layer))
+    }
+
+    /// Installs an overlay at layer `layer`'s MLP and returns the one it displaced.
+    pub fn set_mlp_overlay(
+        &mut self,
+        layer: usize,
+        overlay: Option<Box<dyn MlpOverlay>>,
+    ) -> Result<Option<Box<dyn MlpOverlay>>> {
+        self.check_layer(layer)?;
+        Ok(match overlay {
+            Some(o) => self.overlays.insert(layer, o),
+            None => self.overlays.remove(&layer),
+        })
+    }
+
+    fn check_layer(&self, layer: usize) -> Result<()> {
+        if layer >= self.spec.n_layers {
+            return Err(Error::Invalid(format!(
+                "layer {layer} is out of range: the model has layers 0..{}",
+                self.spec.n_layers
+            )));
+        }
+        Ok(())
+    }
+
+    fn resolve(&self, id: WeightId) -> WeightId {
+        if id.module == Module::LmHead && self.spec.tied_embeddings {
+            WeightId::global(Module::Embed)
+        } else {
+            id
+        }
+    }
+
+    fn w(&self, id: WeightId) -> candle_core::Result<&Tensor> {
+        self.weights
+            .get(&self.resolve(id))
+            .ok_or_else(|| candle_core::Error::Msg(format!("model has no weight {id}")))
+    }
+
+    fn bias(&self, id: WeightId) -> Option<&Tensor> {
+        self.weights.get(&id.bias())
+    }
+
+    fn proj(&self, xs: &Tensor, id: WeightId) -> candle_core::Result<Tensor> {
+        linear(xs, self.w(id)?, self.bias(id))
+    }
+
+    /// Full-position logits for a padded batch, with hooks.
+    ///
+    /// # Shapes
+    /// `batch.ids: [b, s]` → `logits: [b, s, vocab]`
+    ///
+    /// # Errors
+    /// A hook at a layer that does not exist, a sequence longer than the model's context, or a
+    /// shape error from an intervention.
+    pub fn forward(&self, batch: &TokenBatch, hooks: &HookSpec) -> Result<ForwardOut> {
+        self.run(&batch.ids, hooks, None)
+    }
+
+    /// The decoder loop. With a cache, `ids` are the new tokens after the cached ones.
+    pub(crate) fn run(
+        &self,
+        ids: &Tensor,
+        hooks: &HookSpec,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<ForwardOut> {
+        for site in hooks.sites() {
+            if let Some(l) = site.layer() {
+                self.check_layer(l)?;
+            }
+        }
+        let (_, s) = ids.dims2()?;
+        let offset = cache.as_ref().map_or(0, |c| c.len());
+        if offset + s > self.spec.max_positions {
+            return Err(Error::Invalid(format!(
+                "sequence of {} tokens is longer than the model's context of {} positions",
+                offset + s,
+                self.spec.max_positions
+            )));
+        }
+        let mut captures = BTreeMap::new();
+        let rope = match self.spec.arch {
+            Arch::Llama => Some(RopeTables::new(
+                self.spec.head_dim,
+                self.spec.rope_theta,
+                offset,
+                s,
+                self.dtype,
+                &self.device,
+            )?),
+            Arch::Gpt2 => None,
+        };
+        let mask = causal_mask(s, offset, self.dtype, &self.device)?;
+
+        let xs = self.embed(ids, offset)?;
+        let mut xs = hooks.visit(Site::Embed, xs, &mut captures)?;
+        for l in 0..self.spec.n_layers {
+            xs = hooks.visit(Site::ResidPre(l), xs, &mut captures)?;
+            let h = self.norm(&xs, WeightId::layer(l, Module::AttnNorm))?;
+            let layer_cache = cache.as_deref_mut().map(|c| c.layer_mut(l));
+            let attn = self.attention(l, &h, rope.as_ref(), &mask, layer_cache)?;
+            let attn = hooks.visit(Site::AttnOut(l), attn, &mut captures)?;
+            xs = (xs + attn)?;
+
+            let h = self.norm(&xs, WeightId::layer(l, Module::MlpNorm))?;
+            let h = hooks.visit(Site::MlpIn(l), h, &mut captures)?;
+            let act = self.mlp_act(l, &h)?;
+            let act = hooks.visit(Site::MlpAct(l), act, &mut captures)?;
+            let mut out = self.proj(&act, WeightId::layer(l, Module::MlpDown))?;
+            if let Some(overlay) = self.overlays.get(&l) {
+                out = overlay.forward(&act, &out)?;
+            }
+            let out = hooks.visit(Site::MlpOut(l), out, &mut captures)?;
+            xs = (xs + out)?;
+            xs = hooks.visit(Site::ResidPost(l), xs, &mut captures)?;
+        }
+        let xs = self.norm(&xs, WeightId::global(Module::FinalNorm))?;
+        let xs = hooks.visit(Site::FinalNorm, xs, &mut captures)?;
+        let logits = linear(&xs, self.w(WeightId::global(Module::LmHead))?, None)?;
+        if let Some(cache) = cache {
+            cache.advance(s);
+        }
+        Ok(ForwardOut { logits, captures })
+    }
+
+    fn embed(&self, ids: &Tensor, offset: usize) -> candle_core::Result<Tensor> {
+        let (b, s) = ids.dims2()?;
+        let table = self.w(WeightId::global(Module::Embed))?;
+        let xs = table
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, s, self.spec.d_model))?;
+        match self.spec.arch {
+            Arch::Gpt2 => {
+                gpt2::add_positions(&xs, self.w(WeightId::global(Module::PosEmbed))?, offset)
+            }
+            Arch::Llama => Ok(xs),
+        }
+    }
+
+    fn norm(&self, xs: &Tensor, id: WeightId) -> candle_core::Result<Tensor> {
+        let weight = self.w(id)?;
+        match self.spec.arch {
+            Arch::Gpt2 => {
+                let bias = self.bias(id).ok_or_else(|| {
+                    candle_core::Error::Msg(format!("model has no weight {}", id.bias()))
+                })?;
+                ops::layer_norm(xs, weight, bias, self.spec.norm_eps)
+            }
+            Arch::Llama => ops::rms_norm(xs, weight, self.spec.norm_eps),
+        }
+    }
+
+    /// Self-attention of layer `l`, updating the layer's KV cache if one is given.
+    ///
+    /// # Shapes
+    /// `h: [b, s, d_model]`, `mask: [s, cached + s]` → `[b, s, d_model]`
+    fn attention(
+        &self,
+        l: usize,
+        h: &Tensor,
+        rope: Option<&RopeTables>,
+        mask: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, s, _) = h.dims3()?;
+        let spec = &self.spec;
+        let (q, k, v) = match spec.arch {
+            Arch::Gpt2 => gpt2::qkv(self, l, h)?,
+            Arch::Llama => llama::qkv(self, l, h)?,
+        };
+        let heads = |xs: Tensor, n: usize| -> candle_core::Result<Tensor> {
+            xs.reshape((b, s, n, spec.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let mut q = heads(q, spec.n_heads)?;
+        let mut k = heads(k, spec.n_kv_heads)?;
+        let mut v = heads(v, spec.n_kv_heads)?;
+        if let Some(rope) = rope {
+            q = rope.apply(&q)?;
+            k = rope.apply(&k)?;
+        }
+        if let Some(cache) = cache {
+            if let Some((past_k, past_v)) = cache.as_ref() {
+                k = Tensor::cat(&[past_k, &k], 2)?;
+                v = Tensor::cat(&[past_v, &v], 2)?;
+            }
+            *cache = Some((k.clone(), v.clone()));
+        }
+        let n_rep = spec.n_heads / spec.n_kv_heads;
+        let k = repeat_kv(&k, n_rep)?;
+        let v = repeat_kv(&v, n_rep)?;
+        let scale = 1.0 / (spec.head_dim as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
+        let probs = softmax_last(&scores)?;
+        let out =
+            probs
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .reshape((b, s, spec.n_heads * spec.head_dim))?;
+        self.proj(&out, WeightId::layer(l, Module::AttnO))
+    }
+
+    /// The MLP up to the input of the down-projection (the ROME key).
+    ///
+    /// # Shapes
+    /// `h: [b, s, d_model]` → `[b, s, d_mlp]`
+    fn mlp_act(&self, l: usize, h: &Tensor) -> candle_core::Result<Tensor> {
+        let up = self.proj(h, WeightId::layer(l, Module::MlpUp))?;
+        match self.spec.activation {
+            Activation::GeluTanh => up.gelu(),
+            Activation::GeluErf => up.gelu_erf(),
+            Activation::Silu => {
+                let gate = self.proj(h, WeightId::layer(l, Module::MlpGate))?;
+                candle_nn::ops::silu(&gate)? * up
+            }
+        }
+    }
+
+    /// Tokenises `text` without special tokens (neither GPT-2 nor SmolLM2 adds a BOS).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer
+            .decode(ids, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
+    /// Log-softmax over the vocabulary, in f32.
+    ///
+    /// # Shapes
+    /// `[.., vocab]` → same
+    pub fn log_probs(logits: &Tensor) -> candle_core::Result<Tensor> {
+        candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)
+    }
+
+    /// Casts every weight to `dtype` (norm weights too; the norms compute in f32 regardless).
+    pub fn to_dtype(&mut self, dtype: DType) -> Result<()> {
+        for w in self.weights.values_mut() {
+            *w = w.to_dtype(dtype)?;
+        }
+        self.dtype = dtype;
+        Ok(())
+    }
+}
+
+/// Every weight an architecture needs, with its `[out, in]` shape.
+fn required_weights(spec: &ModelSpec) -> Vec<(WeightId, Vec<usize>)> {
+    match spec.arch {
+        Arch::Gpt2 => gpt2::required_weights(spec),
+        Arch::Llama => llama::required_weights(spec),
+    }
+}

@@ -1,0 +1,203 @@
+//! Differentiable building blocks of the decoder.
+//!
+//! candle's fused `rms_norm`, `layer_norm`, `softmax_last_dim` and `rope` kernels have no backward
+//! pass: a gradient through them is dropped without an error. Editors differentiate through the
+//! whole model (FT, ROME's value optimisation, MEND), so every op here is composed from primitives
+//! that candle can differentiate (`tests/gradients.rs` checks them against finite differences).
+//! Normalisations run in f32 whatever the model's dtype, as transformers does.
+
+use candle_core::{DType, Device, Result, Tensor, D};
+
+/// LayerNorm over the last dimension: `(x - mean) / sqrt(var + eps) * weight + bias`.
+///
+/// # Shapes
+/// `xs: [.., d]`, `weight, bias: [d]` → `[.., d]`
+pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = xs.dtype();
+    let xs = xs.to_dtype(DType::F32)?;
+    let mean = xs.mean_keepdim(D::Minus1)?;
+    let centred = xs.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
+    normed
+        .to_dtype(dtype)?
+        .broadcast_mul(weight)?
+        .broadcast_add(bias)
+}
+
+/// RMSNorm over the last dimension: `x / sqrt(mean(x²) + eps) * weight`.
+///
+/// # Shapes
+/// `xs: [.., d]`, `weight: [d]` → `[.., d]`
+pub fn rms_norm(xs: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = xs.dtype();
+    let xs = xs.to_dtype(DType::F32)?;
+    let ms = xs.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = xs.broadcast_div(&(ms + eps)?.sqrt()?)?;
+    normed.to_dtype(dtype)?.broadcast_mul(weight)
+}
+
+/// Softmax over the last dimension, computed in f32 (the non-fused, differentiable form).
+pub fn softmax_last(xs: &Tensor) -> Result<Tensor> {
+    let dtype = xs.dtype();
+    candle_nn::ops::softmax(&xs.to_dtype(DType::F32)?, D::Minus1)?.to_dtype(dtype)
+}
+
+/// `x @ wᵀ (+ b)` for a weight stored `[out, in]`.
+///
+/// # Shapes
+/// `xs: [b, s, in]`, `weight: [out, in]`, `bias: [out]` → `[b, s, out]`
+pub fn linear(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (b, s, d_in) = xs.dims3()?;
+    let d_out = weight.dim(0)?;
+    let ys = xs
+        .contiguous()?
+        .reshape((b * s, d_in))?
+        .matmul(&weight.t()?)?
+        .reshape((b, s, d_out))?;
+    match bias {
+        Some(bias) => ys.broadcast_add(bias),
+        None => Ok(ys),
+    }
+}
+
+/// Rotary position tables in the Hugging Face (`rotate_half`) convention.
+pub struct RopeTables {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl RopeTables {
+    /// Tables for absolute positions `offset..offset + len`.
+    ///
+    /// # Shapes
+    /// `cos, sin: [len, head_dim]`
+    pub fn new(
+        head_dim: usize,
+        theta: f64,
+        offset: usize,
+        len: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let half = head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32)
+            .collect();
+        let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
+        let positions: Vec<f32> = (offset..offset + len).map(|p| p as f32).collect();
+        let positions = Tensor::from_vec(positions, (len, 1), device)?;
+        let freqs = positions.broadcast_mul(&inv_freq)?;
+        let freqs = Tensor::cat(&[&freqs, &freqs], 1)?;
+        Ok(Self {
+            cos: freqs.cos()?.to_dtype(dtype)?,
+            sin: freqs.sin()?.to_dtype(dtype)?,
+        })
+    }
+
+    /// Rotates queries or keys: `x·cos + rotate_half(x)·sin`.
+    ///
+    /// # Shapes
+    /// `xs: [b, heads, len, head_dim]` → same
+    pub fn apply(&self, xs: &Tensor) -> Result<Tensor> {
+        let half = xs.dim(D::Minus1)? / 2;
+        let x1 = xs.narrow(D::Minus1, 0, half)?;
+        let x2 = xs.narrow(D::Minus1, half, half)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        xs.broadcast_mul(&self.cos)?
+            .add(&rotated.broadcast_mul(&self.sin)?)
+    }
+}
+
+/// Additive causal mask for `q_len` new queries after `offset` cached keys: query `i` sees key `j`
+/// when `j <= offset + i`. Right padding needs nothing more, because a real token never comes after a pad.
+///
+/// # Shapes
+/// → `[q_len, offset + q_len]`
+pub fn causal_mask(q_len: usize, offset: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let k_len = offset + q_len;
+    let mask: Vec<f32> = (0..q_len)
+        .flat_map(|i| {
+            (0..k_len).map(move |j| {
+                if j <= offset + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(mask, (q_len, k_len), device)?.to_dtype(dtype)
+}
+
+/// Repeats grouped key/value heads so that each query head has its own.
+///
+/// # Shapes
+/// `xs: [b, kv_heads, s, d]` → `[b, kv_heads * n_rep, s, d]`
+pub fn repeat_kv(xs: &Tensor, n_rep: usize) -> Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(xs.clone());
+    }
+    let (b, kv_heads, s, d) = xs.dims4()?;
+    xs.unsqueeze(2)?
+        .broadcast_as((b, kv_heads, n_rep, s, d))?
+        .reshape((b, kv_heads * n_rep, s, d))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_norm_matches_hand_computation() -> Result<()> {
+        let dev = Device::Cpu;
+        let xs = Tensor::new(&[[1f32, 2., 3., 6.]], &dev)?;
+        let w = Tensor::new(&[1f32, 1., 2., 1.], &dev)?;
+        let b = Tensor::new(&[0f32, 0., 0., 1.], &dev)?;
+        let got = layer_norm(&xs, &w, &b, 0.0)?.to_vec2::<f32>()?;
+        // mean 3, variance (4+1+0+9)/4 = 3.5
+        let sd = 3.5f32.sqrt();
+        let want = [-2.0 / sd, -1.0 / sd, 0.0, 3.0 / sd + 1.0];
+        for (g, w) in got[0].iter().zip(want) {
+            assert!((g - w).abs() < 1e-6, "{g} vs {w}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn rms_norm_matches_hand_computation() -> Result<()> {
+        let dev = Device::Cpu;
+        let xs = Tensor::new(&[[3f32, 4.]], &dev)?;
+        let w = Tensor::new(&[1f32, 2.], &dev)?;
+        let got = rms_norm(&xs, &w, 0.0)?.to_vec2::<f32>()?;
+        let rms = 12.5f32.sqrt();
+        assert!((got[0][0] - 3.0 / rms).abs() < 1e-6);
+        assert!((got[0][1] - 8.0 / rms).abs() < 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn causal_mask_with_offset_sees_the_cache() -> Result<()> {
+        let m = causal_mask(2, 3, DType::F32, &Device::Cpu)?.to_vec2::<f32>()?;
+        assert_eq!(m[0][..4], [0.0; 4]);
+        assert!(m[0][4].is_infinite());
+        assert_eq!(m[1], vec![0.0; 5]);
+        Ok(())
+    }
+
+    #[test]
+    fn rope_at_position_zero_is_identity_and_preserves_norm() -> Result<()> {
+        let dev = Device::Cpu;
+        let tables = RopeTables::new(4, 10000.0, 0, 2, DType::F32, &dev)?;
+        let xs = Tensor::new(&[1f32, 2., 3., 4., 1., 2., 3., 4.], &dev)?.reshape((1, 1, 2, 4))?;
+        let ys = tables.apply(&xs)?.to_vec3::<f32>()?.remove(0);
+        assert_eq!(ys[0], vec![1., 2., 3., 4.]);
+        let norm: f32 = ys[1].iter().map(|v| v * v).sum();
+        assert!((norm - 30.0).abs() < 1e-4);
+        // position 1, first frequency 1 rad: (x0, x2) rotates by one radian
+        let (c, s) = (1f32.cos(), 1f32.sin());
+        assert!((ys[1][0] - (1.0 * c - 3.0 * s)).abs() < 1e-6);
+        assert!((ys[1][2] - (3.0 * c + 1.0 * s)).abs() < 1e-6);
+        Ok(())
+    }
+}
