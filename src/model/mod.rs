@@ -444,12 +444,16 @@ impl Model {
             .map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
-    /// Log-softmax over the vocabulary, in f32.
+    /// Log-softmax over the vocabulary, in f32 (f64 for an f64 model).
     ///
     /// # Shapes
     /// `[.., vocab]` → same
     pub fn log_probs(logits: &Tensor) -> candle_core::Result<Tensor> {
-        candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)
+        let wide = match logits.dtype() {
+            DType::F64 => DType::F64,
+            _ => DType::F32,
+        };
+        candle_nn::ops::log_softmax(&logits.to_dtype(wide)?, D::Minus1)
     }
 
     /// Casts every weight to `dtype` (norm weights too; the norms compute in f32 regardless).

@@ -4,9 +4,18 @@
 //! pass: a gradient through them is dropped without an error. Editors differentiate through the
 //! whole model (FT, ROME's value optimisation, MEND), so every op here is composed from primitives
 //! that candle can differentiate (`tests/gradients.rs` checks them against finite differences).
-//! Normalisations run in f32 whatever the model's dtype, as transformers does.
+//! Normalisations and softmax run in at least f32 whatever the model's dtype, as transformers does
+//! (and in f64 for an f64 model, which the finite-difference tests use).
 
 use candle_core::{DType, Device, Result, Tensor, D};
+
+/// The dtype to compute reductions in: f16/bf16 are widened to f32, f32/f64 are kept.
+fn wide(dtype: DType) -> DType {
+    match dtype {
+        DType::F64 => DType::F64,
+        _ => DType::F32,
+    }
+}
 
 /// LayerNorm over the last dimension: `(x - mean) / sqrt(var + eps) * weight + bias`.
 ///
@@ -14,7 +23,7 @@ use candle_core::{DType, Device, Result, Tensor, D};
 /// `xs: [.., d]`, `weight, bias: [d]` → `[.., d]`
 pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = xs.dtype();
-    let xs = xs.to_dtype(DType::F32)?;
+    let xs = xs.to_dtype(wide(dtype))?;
     let mean = xs.mean_keepdim(D::Minus1)?;
     let centred = xs.broadcast_sub(&mean)?;
     let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
@@ -31,7 +40,7 @@ pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resu
 /// `xs: [.., d]`, `weight: [d]` → `[.., d]`
 pub fn rms_norm(xs: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = xs.dtype();
-    let xs = xs.to_dtype(DType::F32)?;
+    let xs = xs.to_dtype(wide(dtype))?;
     let ms = xs.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = xs.broadcast_div(&(ms + eps)?.sqrt()?)?;
     normed.to_dtype(dtype)?.broadcast_mul(weight)
@@ -40,7 +49,7 @@ pub fn rms_norm(xs: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 /// Softmax over the last dimension, computed in f32 (the non-fused, differentiable form).
 pub fn softmax_last(xs: &Tensor) -> Result<Tensor> {
     let dtype = xs.dtype();
-    candle_nn::ops::softmax(&xs.to_dtype(DType::F32)?, D::Minus1)?.to_dtype(dtype)
+    candle_nn::ops::softmax(&xs.to_dtype(wide(dtype))?, D::Minus1)?.to_dtype(dtype)
 }
 
 /// `x @ wᵀ (+ b)` for a weight stored `[out, in]`.

@@ -1,0 +1,112 @@
+//! Shared helpers for the integration tests: fixture paths and the real SmolLM2 model.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use kedit::model::load::{load, DTypeChoice, LoadOptions};
+use kedit::model::{HookSpec, Model, TokenBatch};
+
+pub fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(rel)
+}
+
+pub fn read_json(rel: &str) -> serde_json::Value {
+    let path = fixture(rel);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+/// The SmolLM2 GGUF fetched by `scripts/fetch-model.sh` (or `$KEDIT_SMOLLM2_GGUF`). A missing
+/// model fails the test: the suite's command fetches it first, so absence is a real error.
+pub fn smollm2_path() -> PathBuf {
+    if let Ok(p) = std::env::var("KEDIT_SMOLLM2_GGUF") {
+        return PathBuf::from(p);
+    }
+    let dir = std::env::var("KEDIT_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/kedit/models")
+        });
+    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        path.is_file(),
+        "{} is missing: run scripts/fetch-model.sh first",
+        path.display()
+    );
+    path
+}
+
+pub fn load_as(source: &Path, dtype: DType) -> Model {
+    let opts = LoadOptions {
+        device: Device::Cpu,
+        dtype: DTypeChoice::Exact(dtype),
+        ..LoadOptions::default()
+    };
+    load(source.to_str().unwrap(), &opts)
+        .unwrap_or_else(|e| panic!("loading {}: {e}", source.display()))
+}
+
+pub fn tiny_gpt2() -> Model {
+    load_as(&fixture("tiny-gpt2"), DType::F32)
+}
+
+pub fn smollm2() -> Model {
+    load_as(&smollm2_path(), DType::F32)
+}
+
+/// Logits `[s, vocab]` of one sequence, run alone.
+pub fn logits_alone(model: &Model, ids: &[u32]) -> Tensor {
+    let batch = TokenBatch::new(&[ids.to_vec()], 0, model.device()).unwrap();
+    model
+        .forward(&batch, &HookSpec::new())
+        .unwrap()
+        .logits
+        .squeeze(0)
+        .unwrap()
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+pub fn f32s(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+pub fn u32s(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// Relative L2 distance `|a - b| / |b|`.
+pub fn rel_l2(a: &[f32], b: &[f32]) -> f32 {
+    let num: f32 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y) * (x - y))
+        .sum::<f32>()
+        .sqrt();
+    let den: f32 = b.iter().map(|y| y * y).sum::<f32>().sqrt();
+    num / den
+}

@@ -1,0 +1,166 @@
+//! Properties the editors rely on: batching changes no numbers, hooks cost nothing when empty,
+//! weight replacement undoes exactly, and layer indices are checked.
+
+mod common;
+
+use std::sync::OnceLock;
+
+use candle_core::{DType, IndexOp, Tensor};
+use common::*;
+use kedit::model::{HookSpec, Intervention, Model, Module, Site, TokenBatch, WeightId};
+
+fn smol() -> &'static Model {
+    static MODEL: OnceLock<Model> = OnceLock::new();
+    MODEL.get_or_init(smollm2)
+}
+
+const PROMPTS: [&str; 4] = [
+    "The capital of France is",
+    "The mother tongue of Danielle Darrieux is",
+    "Hi",
+    "The Eiffel Tower is located in the city of Paris, which is the capital of",
+];
+
+fn batch_matches_single_runs(model: &Model) {
+    let seqs: Vec<Vec<u32>> = PROMPTS.iter().map(|p| model.encode(p).unwrap()).collect();
+    let batch = TokenBatch::new(&seqs, 0, model.device()).unwrap();
+    let batched = model.forward(&batch, &HookSpec::new()).unwrap().logits;
+    for (row, ids) in seqs.iter().enumerate() {
+        let alone = logits_alone(model, ids);
+        let in_batch = batched.i(row).unwrap().narrow(0, 0, ids.len()).unwrap();
+        let diff = max_abs_diff(&in_batch, &alone);
+        assert!(
+            diff < 1e-4,
+            "row {row} ({:?}) differs by {diff} in a batch",
+            PROMPTS[row]
+        );
+    }
+}
+
+#[test]
+fn batching_changes_no_sequence_gpt2() {
+    batch_matches_single_runs(&tiny_gpt2());
+}
+
+#[test]
+fn batching_changes_no_sequence_llama() {
+    batch_matches_single_runs(smol());
+}
+
+#[test]
+fn empty_hooks_and_captures_leave_logits_bit_identical() {
+    for model in [&tiny_gpt2(), smol()] {
+        let ids = model.encode(PROMPTS[1]).unwrap();
+        let batch = TokenBatch::new(&[ids], 0, model.device()).unwrap();
+        let plain = model.forward(&batch, &HookSpec::new()).unwrap().logits;
+        let mut spec = HookSpec::new()
+            .capture(Site::Embed)
+            .capture(Site::FinalNorm);
+        for l in 0..model.spec().n_layers {
+            for site in [
+                Site::ResidPre(l),
+                Site::AttnOut(l),
+                Site::MlpIn(l),
+                Site::MlpAct(l),
+                Site::MlpOut(l),
+                Site::ResidPost(l),
+            ] {
+                spec = spec.capture(site);
+            }
+        }
+        let out = model.forward(&batch, &spec).unwrap();
+        assert_eq!(out.captures.len(), 2 + 6 * model.spec().n_layers);
+        assert_eq!(max_abs_diff(&plain, &out.logits), 0.0);
+    }
+}
+
+#[test]
+fn replace_weight_then_restore_is_bit_identical() {
+    let mut model = tiny_gpt2();
+    let ids = model.encode(PROMPTS[0]).unwrap();
+    let before = logits_alone(&model, &ids);
+    let id = WeightId::layer(1, Module::MlpDown);
+    let w = model.weight(id).unwrap();
+    assert_eq!(w.dims(), [32, 128], "weights are [out, in]");
+    let noise = Tensor::randn(0f32, 1.0, w.dims(), w.device()).unwrap();
+    let old = model.replace_weight(id, (&w + noise).unwrap()).unwrap();
+    let edited = logits_alone(&model, &ids);
+    assert!(
+        max_abs_diff(&before, &edited) > 1e-3,
+        "the replacement changed nothing"
+    );
+    model.replace_weight(id, old).unwrap();
+    assert_eq!(max_abs_diff(&before, &logits_alone(&model, &ids)), 0.0);
+}
+
+#[test]
+fn replace_weight_checks_shape_and_dtype() {
+    let mut model = tiny_gpt2();
+    let id = WeightId::layer(0, Module::MlpDown);
+    let wrong_shape = Tensor::zeros((128, 32), DType::F32, model.device()).unwrap();
+    assert!(model.replace_weight(id, wrong_shape).is_err());
+    let wrong_dtype = Tensor::zeros((32, 128), DType::F64, model.device()).unwrap();
+    assert!(model.replace_weight(id, wrong_dtype).is_err());
+    let missing = WeightId::layer(0, Module::MlpGate);
+    assert!(
+        model.weight(missing).is_err(),
+        "GPT-2 has no gate projection"
+    );
+}
+
+#[test]
+fn hooks_at_missing_layers_are_rejected() {
+    let model = tiny_gpt2();
+    let batch = TokenBatch::new(&[vec![1, 2, 3]], 0, model.device()).unwrap();
+    let err = model
+        .forward(&batch, &HookSpec::new().capture(Site::MlpAct(2)))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("layer 2 is out of range"), "{err}");
+}
+
+#[test]
+fn add_at_changes_only_later_positions_of_its_row() {
+    let model = tiny_gpt2();
+    let seqs = vec![
+        model.encode(PROMPTS[0]).unwrap(),
+        model.encode(PROMPTS[1]).unwrap(),
+    ];
+    let batch = TokenBatch::new(&seqs, 0, model.device()).unwrap();
+    let plain = model.forward(&batch, &HookSpec::new()).unwrap().logits;
+    // Not a constant vector: LayerNorm would subtract a constant shift away.
+    let delta = Tensor::arange(0f32, 32., model.device()).unwrap();
+    let spec = HookSpec::new().intervene(
+        Site::MlpOut(0),
+        Intervention::AddAt {
+            rows: vec![(1, 2)],
+            delta,
+        },
+    );
+    let hooked = model.forward(&batch, &spec).unwrap().logits;
+    assert_eq!(
+        max_abs_diff(&plain.i(0).unwrap(), &hooked.i(0).unwrap()),
+        0.0,
+        "other row changed"
+    );
+    let before = |t: &Tensor| t.i((1, 0..2)).unwrap();
+    assert_eq!(
+        max_abs_diff(&before(&plain), &before(&hooked)),
+        0.0,
+        "earlier positions changed"
+    );
+    assert!(max_abs_diff(&plain.i((1, 2)).unwrap(), &hooked.i((1, 2)).unwrap()) > 1e-3);
+}
+
+#[test]
+fn kv_cached_generation_agrees_with_full_forward() {
+    let model = smol();
+    let ids = model.encode(PROMPTS[1]).unwrap();
+    let gen = model
+        .generate_ids(&ids, 6, kedit::model::Sampling::Greedy)
+        .unwrap();
+    let mut all = ids.clone();
+    all.extend(&gen.generated_ids[..5]);
+    let argmax = model.argmax_all(&all).unwrap();
+    assert_eq!(argmax[ids.len() - 1..], gen.generated_ids[..6]);
+}
