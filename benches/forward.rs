@@ -1,1 +1,77 @@
-fn main() {}
+//! Forward-pass throughput on SmolLM2-135M (batch of 8 prompts × 32 tokens, f32, CPU) beside one
+//! f32 GEMM of the same FLOPs, the practical limit of this machine.
+//!
+//! `cargo bench --bench forward` (run scripts/fetch-model.sh first).
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use kedit::model::load::{load, DTypeChoice, LoadOptions};
+use kedit::model::{HookSpec, ModelSpec, TokenBatch};
+
+const BATCH: usize = 8;
+const TOKENS: usize = 32;
+
+fn smollm2_path() -> PathBuf {
+    if let Ok(p) = std::env::var("KEDIT_SMOLLM2_GGUF") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var("HOME").unwrap_or_default();
+    PathBuf::from(home).join(".cache/kedit/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// Multiply-add FLOPs of one forward over `tokens` tokens: every matrix once per token, plus
+/// attention scores and mixing over the causal prefix.
+fn forward_flops(spec: &ModelSpec, seq: usize, tokens: usize) -> f64 {
+    let d = spec.d_model as f64;
+    let q = (spec.n_heads * spec.head_dim) as f64;
+    let kv = (spec.n_kv_heads * spec.head_dim) as f64;
+    let per_layer = d * q + 2.0 * d * kv + q * d + 3.0 * d * spec.d_mlp as f64;
+    let matrices = spec.n_layers as f64 * per_layer + spec.vocab_size as f64 * d;
+    let attention = spec.n_layers as f64 * 2.0 * q * (seq as f64 + 1.0) / 2.0;
+    2.0 * tokens as f64 * (matrices + attention)
+}
+
+fn bench(c: &mut Criterion) {
+    let opts = LoadOptions {
+        dtype: DTypeChoice::Exact(DType::F32),
+        ..LoadOptions::default()
+    };
+    let model = load(smollm2_path().to_str().unwrap_or_default(), &opts)
+        .expect("SmolLM2 GGUF: run scripts/fetch-model.sh");
+    let seqs: Vec<Vec<u32>> = (0..BATCH)
+        .map(|b| {
+            (0..TOKENS)
+                .map(|t| (100 + 37 * b + 11 * t) as u32)
+                .collect()
+        })
+        .collect();
+    let batch = TokenBatch::new(&seqs, 0, &Device::Cpu).unwrap();
+    let hooks = HookSpec::new();
+
+    let mut group = c.benchmark_group("smollm2");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements((BATCH * TOKENS) as u64));
+    group.bench_function("forward_8x32_f32", |b| {
+        b.iter(|| model.forward(&batch, &hooks).unwrap())
+    });
+
+    // The same FLOPs as one GEMM shaped like the model's: [tokens, d_model] x [d_model, n].
+    let flops = forward_flops(model.spec(), TOKENS, BATCH * TOKENS);
+    let (m, k) = (BATCH * TOKENS, model.spec().d_model);
+    let n = (flops / (2.0 * m as f64 * k as f64)).round() as usize;
+    let a = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();
+    let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
+    eprintln!(
+        "forward = {:.2} GFLOP; equivalent GEMM [{m}x{k}] x [{k}x{n}]",
+        flops / 1e9
+    );
+    group.bench_function("gemm_same_flops_f32", |b| {
+        b.iter(|| a.matmul(&w.t().unwrap()).unwrap())
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -9,7 +9,7 @@ use crate::model::{Site, WeightId};
 #[non_exhaustive]
 pub enum Error {
     #[error(transparent)]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -28,6 +28,16 @@ pub enum Error {
     MissingCapture(Site),
     #[error("{0}")]
     Invalid(String),
+}
+
+impl From<candle_core::Error> for Error {
+    /// Drops the backtrace candle attaches when `RUST_BACKTRACE` is set: errors are one line.
+    fn from(e: candle_core::Error) -> Self {
+        match e {
+            candle_core::Error::WithBacktrace { inner, .. } => Error::from(*inner),
+            other => Error::Candle(other),
+        }
+    }
 }
 
 impl Error {

@@ -61,7 +61,7 @@ fn check_last_position(model: &Model, case: &serde_json::Value, tol: f32) {
 /// The activation at `site`, last position of `prompt`.
 fn last_token_activation(model: &Model, prompt: &str, site: Site) -> Vec<f32> {
     let ids = model.encode(prompt).unwrap();
-    let batch = TokenBatch::new(&[ids.clone()], 0, model.device()).unwrap();
+    let batch = TokenBatch::new(std::slice::from_ref(&ids), 0, model.device()).unwrap();
     let out = model
         .forward(&batch, &HookSpec::new().capture(site))
         .unwrap();

@@ -110,7 +110,14 @@ pub fn main() -> ExitCode {
             if is_broken_pipe(&err) {
                 return ExitCode::SUCCESS;
             }
-            eprintln!("kedit: error: {err:#}");
+            // One line, whatever a dependency put in its message, so scripts can grep it.
+            let message = format!("{err:#}");
+            let message: Vec<&str> = message
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            eprintln!("kedit: error: {}", message.join("; "));
             ExitCode::from(2)
         }
     }

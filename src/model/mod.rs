@@ -113,6 +113,18 @@ pub struct Model {
     origin: ModelOrigin,
 }
 
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("spec", &self.spec)
+            .field("dtype", &self.dtype)
+            .field("device", &self.device)
+            .field("origin", &self.origin)
+            .field("overlays", &self.overlays.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Model {
     /// Builds a model from weights already keyed by role and in `[out, in]` orientation.
     /// Every weight the architecture needs must be present with the right shape.

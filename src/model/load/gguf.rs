@@ -31,7 +31,7 @@ pub(super) fn load_gguf(path: &Path, source: &str, opts: &LoadOptions) -> Result
         }
         let q = content
             .tensor(&mut file, name, &Device::Cpu)
-            .map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
+            .map_err(|e| bad(format!("tensor `{name}`: {}", Error::from(e))))?;
         Ok(Some(q.dequantize(&Device::Cpu)?))
     })
     .map_err(|e| match e {

@@ -35,8 +35,12 @@ pub(super) fn load_folder(
         .iter()
         .zip(&files)
         .map(|(m, p)| {
-            SliceSafetensors::new(m)
-                .map_err(|e| Error::file(p, format!("truncated or corrupt safetensors file: {e}")))
+            SliceSafetensors::new(m).map_err(|e| {
+                Error::file(
+                    p,
+                    format!("truncated or corrupt safetensors file: {}", Error::from(e)),
+                )
+            })
         })
         .collect::<Result<Vec<_>>>()?;
     let dtype = opts.resolve_dtype(&spec);
@@ -46,7 +50,10 @@ pub(super) fn load_folder(
             for (view, path) in views.iter().zip(&files) {
                 if let Ok(t) = view.get(&candidate) {
                     let tensor = t.load(&Device::Cpu).map_err(|e| {
-                        Error::file(path, format!("tensor `{candidate}` cannot be read: {e}"))
+                        Error::file(
+                            path,
+                            format!("tensor `{candidate}` cannot be read: {}", Error::from(e)),
+                        )
                     })?;
                     return Ok(Some(to_float(tensor)?));
                 }
