@@ -138,3 +138,32 @@ fn smollm2_gguf_matches_transformers_activations() {
         }
     }
 }
+
+#[test]
+fn smollm2_in_half_precision_stays_close_to_the_reference() {
+    let reference = read_json("smollm2/reference_logits.json");
+    let case = &reference["prompts"][0];
+    for dtype in [DType::BF16, DType::F16] {
+        let model = load_as(&smollm2_path(), dtype);
+        assert_eq!(model.dtype(), dtype);
+        let ids = u32s(&case["input_ids"]);
+        let last = logits_alone(&model, &ids)
+            .i(ids.len() - 1)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let values: Vec<f32> = last.to_vec1().unwrap();
+        let top5 = u32s(&case["top5_ids"]);
+        let best = (0..values.len())
+            .max_by(|&a, &b| values[a].total_cmp(&values[b]))
+            .unwrap();
+        assert_eq!(best as u32, top5[0], "{dtype:?}: top-1");
+        for (id, want) in top5.into_iter().zip(f32s(&case["top5_logits"])) {
+            let got = values[id as usize];
+            assert!(
+                (got - want).abs() < 0.5,
+                "{dtype:?}: logit of {id} is {got}, reference {want}"
+            );
+        }
+    }
+}

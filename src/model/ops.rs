@@ -199,7 +199,11 @@ mod tests {
         let dev = Device::Cpu;
         let tables = RopeTables::new(4, 10000.0, 0, 2, DType::F32, &dev)?;
         let xs = Tensor::new(&[1f32, 2., 3., 4., 1., 2., 3., 4.], &dev)?.reshape((1, 1, 2, 4))?;
-        let ys = tables.apply(&xs)?.to_vec3::<f32>()?.remove(0);
+        let ys = tables
+            .apply(&xs)?
+            .squeeze(0)?
+            .squeeze(0)?
+            .to_vec2::<f32>()?;
         assert_eq!(ys[0], vec![1., 2., 3., 4.]);
         let norm: f32 = ys[1].iter().map(|v| v * v).sum();
         assert!((norm - 30.0).abs() < 1e-4);

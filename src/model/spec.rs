@@ -284,3 +284,55 @@ impl ModelSpec {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn llama_json(rope: &str) -> String {
+        format!(
+            r#"{{"model_type":"llama","hidden_size":64,"intermediate_size":128,"num_hidden_layers":2,
+               "num_attention_heads":4,"num_key_value_heads":2,"vocab_size":100,{rope}}}"#
+        )
+    }
+
+    #[test]
+    fn rope_theta_is_read_from_either_field() {
+        let p = Path::new("config.json");
+        let old = ModelSpec::from_hf_config(&llama_json(r#""rope_theta":500000.0"#), p).unwrap();
+        assert_eq!(old.rope_theta, 500000.0);
+        let new = ModelSpec::from_hf_config(
+            &llama_json(r#""rope_parameters":{"rope_theta":100000.0,"rope_type":"default"}"#),
+            p,
+        )
+        .unwrap();
+        assert_eq!(new.rope_theta, 100000.0);
+        assert_eq!(new.head_dim, 16);
+        assert_eq!(new.n_kv_heads, 2);
+        let scaled = ModelSpec::from_hf_config(
+            &llama_json(r#""rope_scaling":{"rope_type":"llama3","factor":8.0}"#),
+            p,
+        );
+        assert!(scaled.unwrap_err().to_string().contains("llama3"));
+    }
+
+    #[test]
+    fn bad_head_grouping_is_rejected() {
+        let json = llama_json(r#""rope_theta":1.0"#)
+            .replace(r#""num_key_value_heads":2"#, r#""num_key_value_heads":3"#);
+        let err = ModelSpec::from_hf_config(&json, Path::new("c.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cannot be grouped"), "{err}");
+    }
+
+    #[test]
+    fn auto_dtype_falls_back_to_bf16_when_f32_would_crowd_memory() {
+        let spec =
+            ModelSpec::from_hf_config(&llama_json(r#""rope_theta":1.0"#), Path::new("c")).unwrap();
+        let f32_bytes = spec.n_params() as u64 * 4;
+        assert_eq!(spec.auto_dtype(Some(4 * f32_bytes)), DType::F32);
+        assert_eq!(spec.auto_dtype(Some(f32_bytes)), DType::BF16);
+        assert_eq!(spec.auto_dtype(None), DType::F32);
+    }
+}

@@ -74,7 +74,7 @@ pub fn tokenizer_from_gguf(md: &HashMap<String, Value>) -> Result<Tokenizer> {
     let pre_tokenizer: PreTokenizerWrapper = match pre.as_str() {
         // SmolLM's pre-tokeniser splits every digit on its own before the byte-level regex.
         "smollm" => Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into(),
-        "gpt2" | "default" => byte_level.into(),
+        "gpt2" | "gpt-2" | "default" => byte_level.into(),
         other => {
             return Err(err(format!(
                 "tokenizer.ggml.pre \"{other}\" is not supported (expected gpt2 or smollm); pass --tokenizer tokenizer.json"
