@@ -164,3 +164,66 @@ fn kv_cached_generation_agrees_with_full_forward() {
     let argmax = model.argmax_all(&all).unwrap();
     assert_eq!(argmax[ids.len() - 1..], gen.generated_ids[..6]);
 }
+
+/// Adds a fixed vector at every position: the same as an `Add` intervention, so the two can be compared.
+struct ShiftOverlay(Tensor);
+
+impl kedit::model::Overlay for ShiftOverlay {
+    fn forward(
+        &self,
+        input: &kedit::model::OverlayInput<'_>,
+        output: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        assert!(
+            input.mlp_act.is_some(),
+            "an MlpOut overlay sees the down-projection input"
+        );
+        output.broadcast_add(&self.0)
+    }
+}
+
+#[test]
+fn overlay_acts_like_an_add_and_removing_it_restores_the_model() {
+    let mut model = tiny_gpt2();
+    let ids = model.encode(PROMPTS[0]).unwrap();
+    let batch = TokenBatch::new(std::slice::from_ref(&ids), 0, model.device()).unwrap();
+    let plain = logits_alone(&model, &ids);
+    let shift = Tensor::arange(0f32, 32., model.device())
+        .unwrap()
+        .affine(0.1, -1.0)
+        .unwrap();
+    let spec = HookSpec::new().intervene(Site::MlpOut(1), Intervention::Add(shift.clone()));
+    let with_hook = model
+        .forward(&batch, &spec)
+        .unwrap()
+        .logits
+        .squeeze(0)
+        .unwrap();
+
+    let site = Site::MlpOut(1);
+    assert!(model
+        .set_overlay(site, Some(Box::new(ShiftOverlay(shift))))
+        .unwrap()
+        .is_none());
+    assert!(model.overlay(site).is_some());
+    let with_overlay = logits_alone(&model, &ids);
+    assert!(
+        max_abs_diff(&plain, &with_overlay) > 1e-3,
+        "the overlay changed nothing"
+    );
+    assert_eq!(max_abs_diff(&with_hook, &with_overlay), 0.0);
+
+    assert!(
+        model.set_overlay(site, None).unwrap().is_some(),
+        "removal returns the overlay"
+    );
+    assert_eq!(max_abs_diff(&plain, &logits_alone(&model, &ids)), 0.0);
+    assert!(
+        model.set_overlay(Site::Embed, None).is_err(),
+        "no overlay slot at the embeddings"
+    );
+    assert!(
+        model.set_overlay(Site::MlpOut(2), None).is_err(),
+        "layer out of range"
+    );
+}

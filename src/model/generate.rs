@@ -107,7 +107,8 @@ impl Model {
         let mut generated = Vec::with_capacity(max_new_tokens);
         let mut steps = Vec::with_capacity(max_new_tokens);
         for _ in 0..max_new_tokens {
-            let out = self.run(&next_input, &hooks, Some(&mut cache))?;
+            let lengths = [next_input.dim(1)?];
+            let out = self.run(&next_input, &lengths, &hooks, Some(&mut cache))?;
             let last = out.logits.dim(1)? - 1;
             let logits: Vec<f32> = out
                 .logits

@@ -83,13 +83,28 @@ impl ForwardOut {
     }
 }
 
-/// A learned addition to the model at an MLP, installed as a value (GRACE's codebook, WISE's side
-/// memory, CaliNet's calibration neurons, LoRA). It sees the input of the down-projection and
-/// its output, and returns the MLP output to use instead.
-pub trait MlpOverlay: Send + Sync {
+/// What an overlay can read: the activations of its layer computed before its site.
+#[derive(Debug)]
+pub struct OverlayInput<'a> {
+    /// `[b, s, d_model]`: the residual stream entering the layer.
+    pub resid_pre: &'a Tensor,
+    /// `[b, s, d_model]`: the normalised input of the MLP (absent at `AttnOut`).
+    pub mlp_in: Option<&'a Tensor>,
+    /// `[b, s, d_mlp]`: the input of the down-projection (present at `MlpOut` and `ResidPost`).
+    pub mlp_act: Option<&'a Tensor>,
+    /// Real length of every row of this pass's tokens (right padding; with a KV cache, the new
+    /// tokens only), for overlays that key on a row's last token.
+    pub lengths: &'a [usize],
+}
+
+/// A learned addition to the model installed as a value at a site (GRACE's codebook, WISE's side
+/// memory, CaliNet's calibration neurons, LoRA adapters). It returns the activation to use
+/// instead of `output`. Overlays may sit at `AttnOut(l)`, `MlpAct(l)`, `MlpOut(l)` and `ResidPost(l)`;
+/// they run before that site's hooks, so hooks see their effect.
+pub trait Overlay: Send + Sync {
     /// # Shapes
-    /// `mlp_act: [b, s, d_mlp]`, `mlp_out: [b, s, d_model]` → `[b, s, d_model]`
-    fn forward(&self, mlp_act: &Tensor, mlp_out: &Tensor) -> candle_core::Result<Tensor>;
+    /// `output` and the result have the site's shape.
+    fn forward(&self, input: &OverlayInput<'_>, output: &Tensor) -> candle_core::Result<Tensor>;
 }
 
 /// Where a model came from, for `inspect` and for cache keys.
@@ -106,7 +121,7 @@ pub struct ModelOrigin {
 pub struct Model {
     spec: ModelSpec,
     weights: BTreeMap<WeightId, Tensor>,
-    overlays: BTreeMap<usize, Box<dyn MlpOverlay>>,
+    overlays: BTreeMap<Site, Box<dyn Overlay>>,
     tokenizer: Tokenizer,
     device: Device,
     dtype: DType,
@@ -218,22 +233,35 @@ impl Model {
         self.weights.insert(id, w).ok_or(Error::UnknownWeight(id))
     }
 
-    /// The overlay slot at layer `layer`'s MLP.
-    pub fn mlp_overlay(&mut self, layer: usize) -> Result<Option<&mut Box<dyn MlpOverlay>>> {
-        self.check_layer(layer)?;
-        Ok(self.overlays.get_mut(&layer))
+    /// The overlay installed at `site`, if any.
+    pub fn overlay(&self, site: Site) -> Option<&dyn Overlay> {
+        self.overlays.get(&site).map(|o| o.as_ref())
     }
 
-    /// Installs an overlay at layer `layer`'s MLP and returns the one it displaced.
-    pub fn set_mlp_overlay(
+    /// Installs an overlay at `site` (or removes it with `None`) and returns the one it displaced,
+    /// which is the undo record.
+    ///
+    /// # Errors
+    /// A site that takes no overlay, or a layer out of range.
+    pub fn set_overlay(
         &mut self,
-        layer: usize,
-        overlay: Option<Box<dyn MlpOverlay>>,
-    ) -> Result<Option<Box<dyn MlpOverlay>>> {
-        self.check_layer(layer)?;
+        site: Site,
+        overlay: Option<Box<dyn Overlay>>,
+    ) -> Result<Option<Box<dyn Overlay>>> {
+        match site {
+            Site::AttnOut(l) | Site::MlpAct(l) | Site::MlpOut(l) | Site::ResidPost(l) => {
+                self.check_layer(l)?
+            }
+            other => {
+                return Err(Error::Unsupported {
+                    what: format!("an overlay at {other}"),
+                    why: "overlays sit at attn_out, mlp_act, mlp_out or resid_post".into(),
+                })
+            }
+        }
         Ok(match overlay {
-            Some(o) => self.overlays.insert(layer, o),
-            None => self.overlays.remove(&layer),
+            Some(o) => self.overlays.insert(site, o),
+            None => self.overlays.remove(&site),
         })
     }
 
@@ -278,13 +306,14 @@ impl Model {
     /// A hook at a layer that does not exist, a sequence longer than the model's context, or a
     /// shape error from an intervention.
     pub fn forward(&self, batch: &TokenBatch, hooks: &HookSpec) -> Result<ForwardOut> {
-        self.run(&batch.ids, hooks, None)
+        self.run(&batch.ids, &batch.lengths, hooks, None)
     }
 
     /// The decoder loop. With a cache, `ids` are the new tokens after the cached ones.
     pub(crate) fn run(
         &self,
         ids: &Tensor,
+        lengths: &[usize],
         hooks: &HookSpec,
         mut cache: Option<&mut KvCache>,
     ) -> Result<ForwardOut> {
@@ -320,22 +349,32 @@ impl Model {
         let mut xs = hooks.visit(Site::Embed, xs, &mut captures)?;
         for l in 0..self.spec.n_layers {
             xs = hooks.visit(Site::ResidPre(l), xs, &mut captures)?;
+            let resid_pre = xs.clone();
+            let mut input = OverlayInput {
+                resid_pre: &resid_pre,
+                mlp_in: None,
+                mlp_act: None,
+                lengths,
+            };
             let h = self.norm(&xs, WeightId::layer(l, Module::AttnNorm))?;
             let layer_cache = cache.as_deref_mut().map(|c| c.layer_mut(l));
             let attn = self.attention(l, &h, rope.as_ref(), &mask, layer_cache)?;
+            let attn = self.overlaid(Site::AttnOut(l), &input, attn)?;
             let attn = hooks.visit(Site::AttnOut(l), attn, &mut captures)?;
             xs = (xs + attn)?;
 
             let h = self.norm(&xs, WeightId::layer(l, Module::MlpNorm))?;
-            let h = hooks.visit(Site::MlpIn(l), h, &mut captures)?;
-            let act = self.mlp_act(l, &h)?;
+            let mlp_in = hooks.visit(Site::MlpIn(l), h, &mut captures)?;
+            input.mlp_in = Some(&mlp_in);
+            let act = self.mlp_act(l, &mlp_in)?;
+            let act = self.overlaid(Site::MlpAct(l), &input, act)?;
             let act = hooks.visit(Site::MlpAct(l), act, &mut captures)?;
-            let mut out = self.proj(&act, WeightId::layer(l, Module::MlpDown))?;
-            if let Some(overlay) = self.overlays.get(&l) {
-                out = overlay.forward(&act, &out)?;
-            }
+            input.mlp_act = Some(&act);
+            let out = self.proj(&act, WeightId::layer(l, Module::MlpDown))?;
+            let out = self.overlaid(Site::MlpOut(l), &input, out)?;
             let out = hooks.visit(Site::MlpOut(l), out, &mut captures)?;
             xs = (xs + out)?;
+            xs = self.overlaid(Site::ResidPost(l), &input, xs)?;
             xs = hooks.visit(Site::ResidPost(l), xs, &mut captures)?;
         }
         let xs = self.norm(&xs, WeightId::global(Module::FinalNorm))?;
@@ -345,6 +384,18 @@ impl Model {
             cache.advance(s);
         }
         Ok(ForwardOut { logits, captures })
+    }
+
+    fn overlaid(
+        &self,
+        site: Site,
+        input: &OverlayInput<'_>,
+        xs: Tensor,
+    ) -> candle_core::Result<Tensor> {
+        match self.overlays.get(&site) {
+            Some(overlay) => overlay.forward(input, &xs),
+            None => Ok(xs),
+        }
     }
 
     fn embed(&self, ids: &Tensor, offset: usize) -> candle_core::Result<Tensor> {
