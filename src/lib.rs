@@ -1,6 +1,7 @@
 //! kedit: knowledge editing for GPT-2 and LLaMA language models on candle.
 
 pub mod cli;
+pub mod data;
 pub mod error;
 pub mod model;
 
