@@ -3,6 +3,7 @@
 pub mod cli;
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod model;
 
 pub use error::{Error, Result};

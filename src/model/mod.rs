@@ -501,6 +501,16 @@ impl Model {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Tokenises `text` with the tokenizer's default special tokens (LLaMA-2 adds BOS; GPT-2 and
+    /// SmolLM2 add nothing), as EasyEdit's metrics tokenise.
+    pub fn encode_with_special_tokens(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.tokenizer
             .decode(ids, false)

@@ -1,0 +1,122 @@
+//! Teacher-forced token accuracy, EasyEdit's core primitive (SPEC-eval §2.1).
+
+use candle_core::D;
+
+use crate::error::{Error, Result};
+use crate::model::{HookSpec, Model, TokenBatch};
+
+/// The argmax predictions and the answer tokens at the answer positions of one `prompt + " " + answer`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scored {
+    /// Argmax of the logits one position before each answer token.
+    pub preds: Vec<u32>,
+    /// The answer tokens of the joint tokenisation.
+    pub labels: Vec<u32>,
+}
+
+impl Scored {
+    /// Fraction of answer positions where the prediction is the answer token (NaN with no answer tokens).
+    pub fn accuracy(&self) -> f64 {
+        let hits = self
+            .preds
+            .iter()
+            .zip(&self.labels)
+            .filter(|(p, l)| p == l)
+            .count();
+        hits as f64 / self.labels.len() as f64
+    }
+}
+
+/// Scores every `(prompt, answer)` pair in one forward pass.
+///
+/// The text is `prompt + " " + answer` (one ASCII space, nothing stripped), tokenised with the
+/// tokenizer's default special tokens; the answer starts after as many tokens as the prompt alone
+/// has (a count, not a string split, as EasyEdit does). kedit pads on the right, so a pair's
+/// numbers are those it has alone.
+pub fn teacher_forced(model: &Model, pairs: &[(&str, &str)]) -> Result<Vec<Scored>> {
+    if pairs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut sequences = Vec::with_capacity(pairs.len());
+    let mut starts = Vec::with_capacity(pairs.len());
+    for (prompt, answer) in pairs {
+        let n_prompt = model.encode_with_special_tokens(prompt)?.len();
+        if n_prompt == 0 {
+            return Err(Error::Invalid(
+                "cannot score an answer after an empty prompt".into(),
+            ));
+        }
+        sequences.push(model.encode_with_special_tokens(&format!("{prompt} {answer}"))?);
+        starts.push(n_prompt);
+    }
+    let pad = model.spec().eos_id.or(model.spec().pad_id).unwrap_or(0);
+    let batch = TokenBatch::new(&sequences, pad, model.device())?;
+    let logits = model.forward(&batch, &HookSpec::new())?.logits;
+    let argmax: Vec<Vec<u32>> = logits.argmax(D::Minus1)?.to_vec2()?;
+    Ok(sequences
+        .iter()
+        .zip(starts)
+        .zip(argmax)
+        .map(|((ids, start), pred)| {
+            let start = start.min(ids.len());
+            Scored {
+                labels: ids[start..].to_vec(),
+                preds: pred[start - 1..ids.len() - 1].to_vec(),
+            }
+        })
+        .collect())
+}
+
+/// Per-prompt accuracies as EasyEdit reports them: with several prompts, a prompt without answer
+/// tokens (NaN) is dropped; a lone prompt keeps its NaN.
+pub fn accuracies(scored: &[Scored]) -> Vec<f64> {
+    let all: Vec<f64> = scored.iter().map(Scored::accuracy).collect();
+    if all.len() > 1 {
+        all.into_iter().filter(|a| !a.is_nan()).collect()
+    } else {
+        all
+    }
+}
+
+/// Locality agreement: the fraction of answer positions whose post-edit argmax equals the
+/// pre-edit one.
+pub fn agreement(pre: &[u32], post: &[u32]) -> Result<f64> {
+    if pre.len() != post.len() {
+        return Err(Error::Invalid(format!(
+            "locality outputs differ in length before ({}) and after ({}) the edit",
+            pre.len(),
+            post.len()
+        )));
+    }
+    let same = pre.iter().zip(post).filter(|(a, b)| a == b).count();
+    Ok(same as f64 / pre.len() as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accuracy_counts_matching_positions() {
+        let s = Scored {
+            preds: vec![1, 2, 3],
+            labels: vec![1, 5, 3],
+        };
+        assert!((s.accuracy() - 2.0 / 3.0).abs() < 1e-12);
+        let empty = Scored {
+            preds: vec![],
+            labels: vec![],
+        };
+        assert!(empty.accuracy().is_nan());
+        assert_eq!(accuracies(&[s.clone(), empty.clone()]).len(), 1);
+        assert!(accuracies(&[empty])[0].is_nan());
+    }
+
+    #[test]
+    fn agreement_is_knowedits_worked_example() {
+        // KnowEdit README: pre [29, 234, 334] vs post [29, 234, 333] → 66.67
+        let a = agreement(&[29, 234, 334], &[29, 234, 333]).unwrap();
+        assert!((a * 100.0 - 66.6667).abs() < 1e-3);
+        assert!(agreement(&[1], &[1, 2]).is_err());
+    }
+}
