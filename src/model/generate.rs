@@ -108,7 +108,7 @@ impl Model {
         let mut steps = Vec::with_capacity(max_new_tokens);
         for _ in 0..max_new_tokens {
             let lengths = [next_input.dim(1)?];
-            let out = self.run(&next_input, &lengths, &hooks, Some(&mut cache))?;
+            let out = self.run(&next_input, &lengths, &hooks, Some(&mut cache), None)?;
             let last = out.logits.dim(1)? - 1;
             let logits: Vec<f32> = out
                 .logits

@@ -71,7 +71,8 @@ impl TokenBatch {
 /// What a forward pass returns.
 #[derive(Debug)]
 pub struct ForwardOut {
-    /// `[b, s, vocab]` logits at every position (pads included; ignore them).
+    /// `[b, s, vocab]` logits at every position (pads included; ignore them), or `[n, vocab]` at the
+    /// positions asked of [`Model::forward_at`].
     pub logits: Tensor,
     pub captures: BTreeMap<Site, Tensor>,
 }
@@ -265,6 +266,58 @@ impl Model {
         })
     }
 
+    /// The Hugging Face checkpoint name of a weight (`transformer.h.5.mlp.c_proj.weight`,
+    /// `model.layers.5.mlp.down_proj.weight`), for EasyEdit's string templates and for saved edits.
+    pub fn checkpoint_name(&self, id: WeightId) -> Option<String> {
+        match self.spec.arch {
+            Arch::Gpt2 => gpt2::checkpoint_name(id, load::Format::Hf).map(|n| match id.module {
+                Module::LmHead => n,
+                _ => format!("transformer.{n}"),
+            }),
+            Arch::Llama => llama::checkpoint_name(id, load::Format::Hf),
+        }
+    }
+
+    /// The weight with a given Hugging Face checkpoint name.
+    pub fn weight_id_by_name(&self, name: &str) -> Option<WeightId> {
+        self.weights
+            .keys()
+            .copied()
+            .find(|id| self.checkpoint_name(*id).as_deref() == Some(name))
+    }
+
+    /// The weights an EasyEdit module template selects for `layer`: every weight whose checkpoint
+    /// name contains the template with `{}` replaced by the layer (EasyEdit's substring rule, so
+    /// `transformer.h.{}.mlp.c_proj` selects weight and bias, `...down_proj.weight` the weight only).
+    ///
+    /// # Errors
+    /// A layer out of range, a template without `{}`, or one that selects nothing.
+    pub fn weights_matching(&self, template: &str, layer: usize) -> Result<Vec<WeightId>> {
+        self.check_layer(layer)?;
+        if !template.contains("{}") {
+            return Err(Error::Invalid(format!(
+                "module template {template:?} has no {{}} for the layer index"
+            )));
+        }
+        let needle = template.replace("{}", &layer.to_string());
+        let ids: Vec<WeightId> = self
+            .weights
+            .keys()
+            .copied()
+            .filter(|id| {
+                self.checkpoint_name(*id)
+                    .is_some_and(|n| n.contains(&needle))
+            })
+            .collect();
+        if ids.is_empty() {
+            return Err(Error::Invalid(format!(
+                "module template {template:?} matches no weight of this {:?} model at layer {layer}",
+                self.spec.arch
+            )));
+        }
+        Ok(ids)
+    }
+
     fn check_layer(&self, layer: usize) -> Result<()> {
         if layer >= self.spec.n_layers {
             return Err(Error::Invalid(format!(
@@ -306,7 +359,21 @@ impl Model {
     /// A hook at a layer that does not exist, a sequence longer than the model's context, or a
     /// shape error from an intervention.
     pub fn forward(&self, batch: &TokenBatch, hooks: &HookSpec) -> Result<ForwardOut> {
-        self.run(&batch.ids, &batch.lengths, hooks, None)
+        self.run(&batch.ids, &batch.lengths, hooks, None, None)
+    }
+
+    /// Like [`Model::forward`], but computes logits only at the given `(row, position)` pairs, which
+    /// saves the LM head's work (and its gradient) at every other position.
+    ///
+    /// # Shapes
+    /// `batch.ids: [b, s]` → `logits: [positions.len(), vocab]`, in the order given
+    pub fn forward_at(
+        &self,
+        batch: &TokenBatch,
+        hooks: &HookSpec,
+        positions: &[(usize, usize)],
+    ) -> Result<ForwardOut> {
+        self.run(&batch.ids, &batch.lengths, hooks, None, Some(positions))
     }
 
     /// The decoder loop. With a cache, `ids` are the new tokens after the cached ones.
@@ -316,6 +383,7 @@ impl Model {
         lengths: &[usize],
         hooks: &HookSpec,
         mut cache: Option<&mut KvCache>,
+        logit_positions: Option<&[(usize, usize)]>,
     ) -> Result<ForwardOut> {
         for site in hooks.sites() {
             if let Some(l) = site.layer() {
@@ -379,7 +447,25 @@ impl Model {
         }
         let xs = self.norm(&xs, WeightId::global(Module::FinalNorm))?;
         let xs = hooks.visit(Site::FinalNorm, xs, &mut captures)?;
-        let logits = linear(&xs, self.w(WeightId::global(Module::LmHead))?, None)?;
+        let head = self.w(WeightId::global(Module::LmHead))?;
+        let logits = match logit_positions {
+            None => linear(&xs, head, None)?,
+            Some(positions) => {
+                let (b, s, d) = xs.dims3()?;
+                let mut rows = Vec::with_capacity(positions.len());
+                for &(row, pos) in positions {
+                    if row >= b || pos >= s {
+                        return Err(Error::Invalid(format!(
+                            "logit position ({row}, {pos}) is outside the batch [{b}, {s}]"
+                        )));
+                    }
+                    rows.push((row * s + pos) as u32);
+                }
+                let rows = Tensor::from_vec(rows, positions.len(), &self.device)?;
+                let picked = xs.reshape((b * s, d))?.index_select(&rows, 0)?;
+                ops::matmul_t(&picked, head)?
+            }
+        };
         if let Some(cache) = cache {
             cache.advance(s);
         }

@@ -6,8 +6,19 @@
 //! that candle can differentiate (`tests/gradients.rs` checks them against finite differences).
 //! Normalisations and softmax run in at least f32 whatever the model's dtype, as transformers does
 //! (and in f64 for an f64 model, which the finite-difference tests use).
+//!
+//! Where no gradient can flow (the input tracks no `Var`: inference, statistics, the layers below
+//! an optimised weight) the fused kernels are used instead: on short sequences the composed forms
+//! cost mostly per-op overhead. The two agree to float rounding (`tests/reference_outputs.rs` holds
+//! both paths to the transformers fixtures).
 
 use candle_core::{DType, Device, Result, Tensor, D};
+
+/// Whether a gradient can flow through any of `ts` (f64 always takes the composed path, which the
+/// finite-difference tests rely on, and the fused kernels do not all support).
+fn needs_grad(ts: &[&Tensor]) -> bool {
+    ts.iter().any(|t| t.track_op() || t.dtype() == DType::F64)
+}
 
 /// The dtype to compute reductions in: f16/bf16 are widened to f32, f32/f64 are kept.
 fn wide(dtype: DType) -> DType {
@@ -22,6 +33,9 @@ fn wide(dtype: DType) -> DType {
 /// # Shapes
 /// `xs: [.., d]`, `weight, bias: [d]` → `[.., d]`
 pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if !needs_grad(&[xs, weight, bias]) {
+        return candle_nn::ops::layer_norm(&xs.contiguous()?, weight, bias, eps as f32);
+    }
     let dtype = xs.dtype();
     let xs = xs.to_dtype(wide(dtype))?;
     let mean = xs.mean_keepdim(D::Minus1)?;
@@ -39,6 +53,9 @@ pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resu
 /// # Shapes
 /// `xs: [.., d]`, `weight: [d]` → `[.., d]`
 pub fn rms_norm(xs: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if !needs_grad(&[xs, weight]) {
+        return candle_nn::ops::rms_norm(&xs.contiguous()?, weight, eps as f32);
+    }
     let dtype = xs.dtype();
     let xs = xs.to_dtype(wide(dtype))?;
     let ms = xs.sqr()?.mean_keepdim(D::Minus1)?;
@@ -49,6 +66,10 @@ pub fn rms_norm(xs: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 /// Softmax over the last dimension, computed in f32 (the non-fused, differentiable form).
 pub fn softmax_last(xs: &Tensor) -> Result<Tensor> {
     let dtype = xs.dtype();
+    if !needs_grad(&[xs]) {
+        return candle_nn::ops::softmax_last_dim(&xs.to_dtype(wide(dtype))?.contiguous()?)?
+            .to_dtype(dtype);
+    }
     candle_nn::ops::softmax(&xs.to_dtype(wide(dtype))?, D::Minus1)?.to_dtype(dtype)
 }
 
@@ -59,14 +80,67 @@ pub fn softmax_last(xs: &Tensor) -> Result<Tensor> {
 pub fn linear(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let (b, s, d_in) = xs.dims3()?;
     let d_out = weight.dim(0)?;
-    let ys = xs
-        .contiguous()?
-        .reshape((b * s, d_in))?
-        .matmul(&weight.t()?)?
-        .reshape((b, s, d_out))?;
+    let ys = matmul_t(&xs.contiguous()?.reshape((b * s, d_in))?, weight)?.reshape((b, s, d_out))?;
     match bias {
         Some(bias) => ys.broadcast_add(bias),
         None => Ok(ys),
+    }
+}
+
+/// `x @ wᵀ` for a 2-D `x`. When a gradient flows through `x` but `w` is a constant, candle's
+/// matmul backward would still build the full `[out, in]` gradient of `w` (for the LM head, a
+/// vocabulary-sized matrix) on every backward pass and throw it away; [`ConstWeightMatmul`]
+/// returns only the gradient of `x`.
+///
+/// # Shapes
+/// `xs: [n, in]`, `weight: [out, in]` → `[n, out]`
+pub fn matmul_t(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    if xs.track_op() && !weight.track_op() && xs.device().is_cpu() {
+        xs.contiguous()?.apply_op1(ConstWeightMatmul {
+            weight: weight.clone(),
+        })
+    } else {
+        xs.matmul(&weight.t()?)
+    }
+}
+
+/// `x @ wᵀ` with `w` held constant: the backward pass yields `∂x` only.
+struct ConstWeightMatmul {
+    weight: Tensor,
+}
+
+impl candle_core::CustomOp1 for ConstWeightMatmul {
+    fn name(&self) -> &'static str {
+        "const-weight-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage as S;
+        let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg("const-weight-matmul needs a contiguous input".into())
+        })?;
+        let dims = layout.shape().dims();
+        let xs = match storage {
+            S::F32(v) => Tensor::from_slice(&v[start..end], dims, &Device::Cpu)?,
+            S::F64(v) => Tensor::from_slice(&v[start..end], dims, &Device::Cpu)?,
+            S::F16(v) => Tensor::from_slice(&v[start..end], dims, &Device::Cpu)?,
+            S::BF16(v) => Tensor::from_slice(&v[start..end], dims, &Device::Cpu)?,
+            _ => candle_core::bail!("const-weight-matmul: unsupported dtype"),
+        };
+        let ys = xs.matmul(&self.weight.t()?)?;
+        let (storage, _) = ys.storage_and_layout();
+        match &*storage {
+            candle_core::Storage::Cpu(cpu) => Ok((cpu.clone(), ys.shape().clone())),
+            _ => candle_core::bail!("const-weight-matmul: the weight is not on the CPU"),
+        }
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad_res.contiguous()?.matmul(&self.weight)?))
     }
 }
 
@@ -74,6 +148,8 @@ pub fn linear(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Ten
 pub struct RopeTables {
     cos: Tensor,
     sin: Tensor,
+    cos_half: Tensor,
+    sin_half: Tensor,
 }
 
 impl RopeTables {
@@ -96,11 +172,13 @@ impl RopeTables {
         let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
         let positions: Vec<f32> = (offset..offset + len).map(|p| p as f32).collect();
         let positions = Tensor::from_vec(positions, (len, 1), device)?;
-        let freqs = positions.broadcast_mul(&inv_freq)?;
-        let freqs = Tensor::cat(&[&freqs, &freqs], 1)?;
+        let half_freqs = positions.broadcast_mul(&inv_freq)?;
+        let freqs = Tensor::cat(&[&half_freqs, &half_freqs], 1)?;
         Ok(Self {
             cos: freqs.cos()?.to_dtype(dtype)?,
             sin: freqs.sin()?.to_dtype(dtype)?,
+            cos_half: half_freqs.cos()?.to_dtype(dtype)?,
+            sin_half: half_freqs.sin()?.to_dtype(dtype)?,
         })
     }
 
@@ -109,6 +187,9 @@ impl RopeTables {
     /// # Shapes
     /// `xs: [b, heads, len, head_dim]` → same
     pub fn apply(&self, xs: &Tensor) -> Result<Tensor> {
+        if !needs_grad(&[xs]) {
+            return candle_nn::rotary_emb::rope(&xs.contiguous()?, &self.cos_half, &self.sin_half);
+        }
         let half = xs.dim(D::Minus1)? / 2;
         let x1 = xs.narrow(D::Minus1, 0, half)?;
         let x2 = xs.narrow(D::Minus1, half, half)?;
@@ -182,6 +263,26 @@ mod tests {
         let rms = 12.5f32.sqrt();
         assert!((got[0][0] - 3.0 / rms).abs() < 1e-6);
         assert!((got[0][1] - 8.0 / rms).abs() < 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn const_weight_matmul_gives_the_plain_input_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f64, 1.0, (5, 3), &dev)?;
+        let x = candle_core::Var::randn(0f64, 1.0, (4, 3), &dev)?;
+        let fused = matmul_t(x.as_tensor(), &w)?;
+        let plain = x.as_tensor().matmul(&w.t()?)?;
+        assert_eq!(fused.to_vec2::<f64>()?, plain.to_vec2::<f64>()?);
+        let g1 = fused.sqr()?.sum_all()?.backward()?;
+        let g2 = plain.sqr()?.sum_all()?.backward()?;
+        let (a, b) = (
+            g1.get(x.as_tensor()).unwrap(),
+            g2.get(x.as_tensor()).unwrap(),
+        );
+        let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert!(diff < 1e-12, "{diff}");
+        assert!(g1.get(&w).is_none(), "no gradient for the constant weight");
         Ok(())
     }
 
