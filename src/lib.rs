@@ -2,6 +2,7 @@
 
 pub mod cli;
 pub mod data;
+pub mod editors;
 pub mod error;
 pub mod eval;
 pub mod model;

@@ -1,5 +1,6 @@
 //! The command line: parsing, printing and exit codes. Each subcommand is one file.
 
+mod eval;
 mod generate;
 mod inspect;
 
@@ -28,6 +29,9 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Describe a model: architecture, widths, parameter count, dtype and source
     Inspect(inspect::InspectArgs),
+    /// Run an editor over a benchmark file and report reliability, generalization, locality and
+    /// portability, pre and post, per case (JSON lines) and in summary
+    Eval(eval::EvalArgs),
 }
 
 /// Where the model comes from and how to hold it; shared by every subcommand that loads one.
@@ -103,6 +107,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Eval(args) => eval::run(args),
     };
     match result {
         Ok(code) => code,

@@ -51,17 +51,32 @@ pub fn teacher_forced(model: &Model, pairs: &[(&str, &str)]) -> Result<Vec<Score
     }
     let pad = model.spec().eos_id.or(model.spec().pad_id).unwrap_or(0);
     let batch = TokenBatch::new(&sequences, pad, model.device())?;
-    let logits = model.forward(&batch, &HookSpec::new())?.logits;
-    let argmax: Vec<Vec<u32>> = logits.argmax(D::Minus1)?.to_vec2()?;
+    // Logits only where an answer token is predicted: position t-1 for each answer token t.
+    let mut positions = Vec::new();
+    for (row, (ids, &start)) in sequences.iter().zip(&starts).enumerate() {
+        positions.extend((start.min(ids.len())..ids.len()).map(|t| (row, t - 1)));
+    }
+    if positions.is_empty() {
+        return Ok(starts
+            .iter()
+            .map(|_| Scored {
+                preds: Vec::new(),
+                labels: Vec::new(),
+            })
+            .collect());
+    }
+    let logits = model
+        .forward_at(&batch, &HookSpec::new(), &positions)?
+        .logits;
+    let mut argmax = logits.argmax(D::Minus1)?.to_vec1::<u32>()?.into_iter();
     Ok(sequences
         .iter()
         .zip(starts)
-        .zip(argmax)
-        .map(|((ids, start), pred)| {
+        .map(|(ids, start)| {
             let start = start.min(ids.len());
             Scored {
                 labels: ids[start..].to_vec(),
-                preds: pred[start - 1..ids.len() - 1].to_vec(),
+                preds: argmax.by_ref().take(ids.len() - start).collect(),
             }
         })
         .collect())

@@ -4,6 +4,8 @@
 
 pub mod accuracy;
 pub mod fluency;
+pub mod runner;
+pub mod summary;
 
 use std::collections::BTreeMap;
 

@@ -1,0 +1,219 @@
+use std::collections::BTreeSet;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+
+use super::ModelArgs;
+use crate::data::{read_dataset, Format};
+use crate::editors::{build_editor, default_hparams, EditCtx};
+use crate::eval::runner::{run_cases, CaseResult, Observer, Protocol, RunOptions};
+use crate::eval::summary::summarize;
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Editing method: FT-L, FT-M (FT takes the objective from the hparams file)
+    #[arg(long)]
+    editor: String,
+    /// EasyEdit hyperparameter YAML (default: hparams/<METHOD>/<model>.yaml for known models)
+    #[arg(long)]
+    hparams: Option<PathBuf>,
+    /// Benchmark file (KnowEdit, CounterFact, ZsRE layouts)
+    #[arg(long)]
+    data: PathBuf,
+    /// Force the record layout instead of detecting it
+    #[arg(long, value_enum)]
+    format: Option<Format>,
+    /// Evaluate at most N records
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Skip the first N records
+    #[arg(long, default_value_t = 0)]
+    offset: usize,
+    /// Requests per edit call (batch editing)
+    #[arg(long, default_value_t = 1)]
+    batch_size: usize,
+    /// Keep edits (lifelong editing): evaluate each case right after its edit (`each`, EasyEdit
+    /// today) or every case after the last edit (`end`, the published lifelong protocol)
+    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "each")]
+    sequential: Option<SequentialArg>,
+    /// Also measure fluency (n-gram entropy of sampled text)
+    #[arg(long)]
+    fluency: bool,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Write one JSON line per case here (default: stdout)
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue a run whose --out file already holds some cases
+    #[arg(long, requires = "out")]
+    resume: bool,
+    /// Print the summary as JSON on stdout instead of a table on stderr
+    #[arg(long)]
+    json: bool,
+    /// No progress bar and no summary table
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum SequentialArg {
+    Each,
+    End,
+}
+
+struct Sink {
+    out: Box<dyn Write>,
+    results: Vec<CaseResult>,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Observer for Sink {
+    fn case_done(&mut self, result: CaseResult) -> crate::Result<()> {
+        let mut line = serde_json::to_string(&result)
+            .map_err(|e| crate::Error::Invalid(format!("cannot serialise a result: {e}")))?;
+        line.push('\n');
+        // One write per line, flushed: an interrupted run leaves whole lines (and at worst one
+        // partial last line, which --resume drops).
+        self.out
+            .write_all(line.as_bytes())
+            .and_then(|_| self.out.flush())
+            .map_err(|e| crate::Error::io("results", e))?;
+        self.results.push(result);
+        Ok(())
+    }
+
+    fn progress(&mut self, stage: &'static str, done: usize, total: usize) {
+        if let Some(bar) = &self.bar {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+            bar.set_message(stage);
+        }
+    }
+}
+
+/// Reads the cases an earlier run wrote, dropping a partial last line (an interrupted write).
+fn read_previous(path: &Path) -> anyhow::Result<Vec<CaseResult>> {
+    let file = File::open(path).with_context(|| format!("{}", path.display()))?;
+    let mut results = Vec::new();
+    let mut good_bytes = 0u64;
+    let mut reader = BufReader::new(file);
+    let mut line = String::new();
+    let mut n = 0;
+    loop {
+        line.clear();
+        let read = reader.read_line(&mut line)?;
+        if read == 0 {
+            break;
+        }
+        n += 1;
+        if !line.ends_with('\n') {
+            break;
+        }
+        let result: CaseResult = serde_json::from_str(&line)
+            .with_context(|| format!("{} line {n}: not a kedit result", path.display()))?;
+        results.push(result);
+        good_bytes += read as u64;
+    }
+    let file = OpenOptions::new().write(true).open(path)?;
+    file.set_len(good_bytes)?;
+    Ok(results)
+}
+
+pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
+    if args.fluency {
+        bail!("--fluency is not implemented yet (it needs NLTK's word tokenizer, which kedit does not have yet)");
+    }
+    if args.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let dataset = read_dataset(&args.data, args.format)?;
+    let cases: Vec<_> = dataset
+        .cases
+        .into_iter()
+        .skip_while(|(i, _)| *i < args.offset)
+        .take(args.limit.unwrap_or(usize::MAX))
+        .collect();
+    if cases.is_empty() {
+        bail!(
+            "{}: no records to evaluate after --offset {} and --limit",
+            args.data.display(),
+            args.offset
+        );
+    }
+    let mut model = args.model.load()?;
+    let hparams = match &args.hparams {
+        Some(p) => p.clone(),
+        None => default_hparams(&args.editor, model.spec())?,
+    };
+    let mut editor = build_editor(&args.editor, &hparams)?;
+
+    let mut previous = Vec::new();
+    let out: Box<dyn Write> = match &args.out {
+        Some(path) => {
+            if path.exists() && std::fs::metadata(path)?.len() > 0 {
+                if !args.resume {
+                    bail!("{} already holds results; pass --resume to continue it or choose another --out", path.display());
+                }
+                previous = read_previous(path)?;
+            }
+            Box::new(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .with_context(|| format!("{}", path.display()))?,
+            )
+        }
+        None => Box::new(std::io::stdout()),
+    };
+    let done: BTreeSet<usize> = previous.iter().map(|r| r.case_id).collect();
+    let bar = (!args.quiet && std::io::stderr().is_terminal()).then(|| {
+        let bar = indicatif::ProgressBar::new(cases.len() as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg:>5} [{bar:40}] {pos}/{len} {elapsed}<{eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    let mut sink = Sink {
+        out,
+        results: previous,
+        bar,
+    };
+    let opts = RunOptions {
+        batch_size: args.batch_size,
+        protocol: match args.sequential {
+            None => Protocol::Single,
+            Some(SequentialArg::Each) => Protocol::SequentialEvalEach,
+            Some(SequentialArg::End) => Protocol::SequentialEvalAtEnd,
+        },
+        ctx: EditCtx { seed: args.seed },
+    };
+    run_cases(&mut model, editor.as_mut(), &cases, &done, &opts, &mut sink)?;
+    if let Some(bar) = &sink.bar {
+        bar.finish_and_clear();
+    }
+    let summary = summarize(&sink.results);
+    if args.json {
+        let mut stdout = std::io::stdout().lock();
+        serde_json::to_writer(&mut stdout, &summary)?;
+        writeln!(stdout)?;
+    } else if !args.quiet {
+        eprint!(
+            "{} on {} ({})\n{}",
+            editor.name(),
+            args.data.display(),
+            hparams.display(),
+            summary.table()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

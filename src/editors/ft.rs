@@ -1,0 +1,286 @@
+//! FT-L and FT-M: constrained fine-tuning of chosen weights (SPEC-editors §6).
+//!
+//! FT-L (`objective_optimization: prompt_last`, the ROME paper's baseline) scores every target token
+//! against the next-token distribution after the prompt; FT-M (`target_new`, the KnowEdit survey)
+//! is ordinary teacher-forced cross-entropy on the target tokens. Both train with torch-style Adam
+//! and optionally clamp each weight into an L∞ box around its original value.
+
+use std::path::Path;
+
+use candle_core::{DType, Tensor, Var, D};
+use serde::Deserialize;
+
+use super::hparams::{float, float_or_false, read_yaml};
+use super::optim::Adam;
+use super::{Edit, EditCtx, Editor, WeightChange};
+use crate::data::EditRequest;
+use crate::error::{Error, Result};
+use crate::model::{HookSpec, Model, TokenBatch, WeightId};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum Objective {
+    /// FT-L.
+    #[serde(rename = "prompt_last")]
+    PromptLast,
+    /// FT-M.
+    #[serde(rename = "target_new")]
+    TargetNew,
+}
+
+/// EasyEdit's `FTHyperParams`, read from `hparams/FT/*.yaml` unchanged.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FtParams {
+    pub alg_name: String,
+    #[serde(default)]
+    pub model_name: Option<String>,
+    #[serde(default)]
+    pub device: Option<serde_yaml::Value>,
+    pub layers: Vec<usize>,
+    pub num_steps: usize,
+    pub batch_size: usize,
+    #[serde(default = "default_max_length")]
+    pub max_length: usize,
+    #[serde(deserialize_with = "float")]
+    pub lr: f64,
+    #[serde(deserialize_with = "float")]
+    pub weight_decay: f64,
+    /// Read but unused, as in EasyEdit.
+    #[serde(default, deserialize_with = "float_or_false")]
+    pub kl_factor: Option<f64>,
+    #[serde(default, deserialize_with = "float_or_false")]
+    pub norm_constraint: Option<f64>,
+    pub objective_optimization: Objective,
+    pub rewrite_module_tmp: String,
+    #[serde(default)]
+    pub layer_module_tmp: Option<String>,
+    #[serde(default)]
+    pub mlp_module_tmp: Option<String>,
+    #[serde(default)]
+    pub attn_module_tmp: Option<String>,
+    #[serde(default)]
+    pub ln_f_module: Option<String>,
+    #[serde(default)]
+    pub lm_head_module: Option<String>,
+    #[serde(default)]
+    pub model_parallel: bool,
+}
+
+fn default_max_length() -> usize {
+    40
+}
+
+/// Training stops once an epoch's mean loss is below this, and a chunk below it takes no step.
+const LOSS_FLOOR: f64 = 1e-2;
+
+pub struct Ft {
+    params: FtParams,
+}
+
+impl Ft {
+    pub fn new(params: FtParams) -> Result<Self> {
+        if params.batch_size == 0 || params.layers.is_empty() {
+            return Err(Error::Invalid(
+                "FT needs batch_size ≥ 1 and at least one layer".into(),
+            ));
+        }
+        Ok(Self { params })
+    }
+
+    pub fn from_yaml(path: &Path) -> Result<Self> {
+        Self::new(read_yaml(path)?)
+    }
+
+    pub fn params(&self) -> &FtParams {
+        &self.params
+    }
+
+    fn loss(&self, model: &Model, requests: &[EditRequest]) -> Result<Tensor> {
+        match self.params.objective_optimization {
+            Objective::PromptLast => prompt_last_loss(model, requests),
+            Objective::TargetNew => target_new_loss(model, requests),
+        }
+    }
+
+    /// The training loop, with the trainable weights already replaced by `vars`.
+    fn train(&self, model: &Model, requests: &[EditRequest], vars: &[(Var, Tensor)]) -> Result<()> {
+        let mut opt = Adam::new(
+            vars.iter().map(|(v, _)| v.clone()).collect(),
+            self.params.lr,
+            self.params.weight_decay,
+        )?;
+        for step in 0..self.params.num_steps {
+            let mut total = 0.0;
+            let chunks = requests.chunks(self.params.batch_size);
+            let n_chunks = chunks.len();
+            for chunk in chunks {
+                let loss = self.loss(model, chunk)?;
+                let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                if !value.is_finite() {
+                    return Err(Error::Invalid(format!(
+                        "FT: the loss is {value} at step {step}; lower lr ({})",
+                        self.params.lr
+                    )));
+                }
+                total += value;
+                if value >= LOSS_FLOOR {
+                    opt.backward_step(&loss)?;
+                    if let Some(eps) = self.params.norm_constraint {
+                        for (var, original) in vars {
+                            let lo = (original - eps)?;
+                            let hi = (original + eps)?;
+                            var.set(&var.as_tensor().maximum(&lo)?.minimum(&hi)?)?;
+                        }
+                    }
+                }
+            }
+            if total / (n_chunks as f64) < LOSS_FLOOR {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Editor for Ft {
+    fn name(&self) -> &'static str {
+        match self.params.objective_optimization {
+            Objective::PromptLast => "FT-L",
+            Objective::TargetNew => "FT-M",
+        }
+    }
+
+    fn max_batch(&self) -> usize {
+        usize::MAX
+    }
+
+    fn apply(
+        &mut self,
+        model: &mut Model,
+        requests: &[EditRequest],
+        _ctx: &EditCtx,
+    ) -> Result<Edit> {
+        let mut ids: Vec<WeightId> = Vec::new();
+        for &layer in &self.params.layers {
+            ids.extend(model.weights_matching(&self.params.rewrite_module_tmp, layer)?);
+        }
+        let mut vars = Vec::with_capacity(ids.len());
+        for &id in &ids {
+            let original = model.weight(id)?;
+            let var = Var::from_tensor(&original)?;
+            model.replace_weight(id, var.as_tensor().clone())?;
+            vars.push((var, original));
+        }
+        let trained = self.train(model, requests, &vars);
+        let mut changes = Vec::with_capacity(ids.len());
+        for (&id, (var, original)) in ids.iter().zip(&vars) {
+            // A plain copy: later forwards must not track gradients into the finished edit.
+            let after = var.as_tensor().detach().copy()?;
+            let put = if trained.is_ok() {
+                after.clone()
+            } else {
+                original.clone()
+            };
+            model.replace_weight(id, put)?;
+            changes.push(WeightChange {
+                id,
+                before: original.clone(),
+                after,
+            });
+        }
+        trained?;
+        Ok(Edit { changes })
+    }
+}
+
+/// The target's tokens as FT scores them: `" " + target`, with the tokenizer's default special
+/// tokens (so LLaMA-2's BOS is among them, as in EasyEdit).
+fn target_ids(model: &Model, request: &EditRequest) -> Result<Vec<u32>> {
+    let ids = model.encode_with_special_tokens(&format!(" {}", request.target_new))?;
+    if ids.is_empty() {
+        return Err(Error::Invalid(format!(
+            "target {:?} has no tokens",
+            request.target_new
+        )));
+    }
+    Ok(ids)
+}
+
+fn pad_id(model: &Model) -> u32 {
+    model.spec().eos_id.or(model.spec().pad_id).unwrap_or(0)
+}
+
+/// FT-L: `−Σ_j log p(t_j | prompt) / #t` at the last prompt token, every target token against the
+/// same distribution; unknown-token targets are masked; mean over requests.
+fn prompt_last_loss(model: &Model, requests: &[EditRequest]) -> Result<Tensor> {
+    let prompts = requests
+        .iter()
+        .map(|r| model.encode_with_special_tokens(&r.prompt))
+        .collect::<Result<Vec<_>>>()?;
+    let batch = TokenBatch::new(&prompts, pad_id(model), model.device())?;
+    let positions: Vec<(usize, usize)> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (i, p.len() - 1))
+        .collect();
+    let logits = model
+        .forward_at(&batch, &HookSpec::new(), &positions)?
+        .logits;
+    let log_probs = Model::log_probs(&logits)?;
+    let unk = model.tokenizer().token_to_id("<unk>");
+    let mut losses = Vec::with_capacity(requests.len());
+    for (row, request) in requests.iter().enumerate() {
+        let targets: Vec<u32> = target_ids(model, request)?
+            .into_iter()
+            .filter(|&t| Some(t) != unk)
+            .collect();
+        let n = targets.len().max(1) as f64;
+        let idx = Tensor::new(targets.as_slice(), model.device())?;
+        let picked = log_probs.get(row)?.index_select(&idx, 0)?;
+        losses.push((picked.sum_all()? * (-1.0 / n))?);
+    }
+    Ok((Tensor::stack(&losses, 0)?.sum_all()? / requests.len() as f64)?)
+}
+
+/// FT-M: teacher-forced cross-entropy on the target tokens of `prompt + " " + target`, averaged per
+/// request, then over requests. The target starts after as many tokens as the prompt alone has.
+fn target_new_loss(model: &Model, requests: &[EditRequest]) -> Result<Tensor> {
+    let mut sequences = Vec::with_capacity(requests.len());
+    let mut positions = Vec::new();
+    let mut labels = Vec::new();
+    let mut rows = Vec::new();
+    for (row, r) in requests.iter().enumerate() {
+        let n_prompt = model.encode_with_special_tokens(&r.prompt)?.len();
+        let ids = model.encode_with_special_tokens(&format!("{} {}", r.prompt, r.target_new))?;
+        if n_prompt == 0 || n_prompt >= ids.len() {
+            return Err(Error::Invalid(format!(
+                "prompt {:?} leaves no target tokens to train on",
+                r.prompt
+            )));
+        }
+        for (t, &label) in ids.iter().enumerate().skip(n_prompt) {
+            positions.push((row, t - 1));
+            labels.push(label);
+            rows.push(row);
+        }
+        sequences.push(ids);
+    }
+    let batch = TokenBatch::new(&sequences, pad_id(model), model.device())?;
+    let logits = model
+        .forward_at(&batch, &HookSpec::new(), &positions)?
+        .logits;
+    let log_probs = Model::log_probs(&logits)?;
+    let labels = Tensor::new(labels.as_slice(), model.device())?.unsqueeze(1)?;
+    let nll = log_probs.gather(&labels, D::Minus1)?.squeeze(1)?.neg()?;
+    // Per-request mean, then mean over requests: weight each position by 1 / (its request's count).
+    let mut counts = vec![0usize; requests.len()];
+    for &r in &rows {
+        counts[r] += 1;
+    }
+    let weights: Vec<f32> = rows
+        .iter()
+        .map(|&r| 1.0 / (counts[r] * requests.len()) as f32)
+        .collect();
+    let weights = Tensor::new(weights.as_slice(), model.device())?.to_dtype(nll.dtype())?;
+    Ok((nll * weights)?.sum_all()?)
+}

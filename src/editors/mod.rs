@@ -1,0 +1,140 @@
+//! Editors: one trait, one request type, one `Edit` that undoes, saves and re-applies itself.
+//! A method is one file plus one line in [`registry`].
+
+mod ft;
+pub mod hparams;
+pub mod optim;
+pub mod registry;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+
+use crate::data::EditRequest;
+use crate::error::{Error, Result};
+use crate::model::{Model, WeightId};
+
+pub use ft::{Ft, FtParams, Objective};
+pub use registry::{build_editor, default_hparams, editor_from_hparams, EditorKind};
+
+/// What an editor needs besides the model and the requests; everything EasyEdit kept in globals.
+#[derive(Debug, Clone)]
+pub struct EditCtx {
+    pub seed: u64,
+}
+
+impl Default for EditCtx {
+    fn default() -> Self {
+        Self { seed: 42 }
+    }
+}
+
+pub trait Editor {
+    fn name(&self) -> &'static str;
+
+    /// Largest number of requests one `apply` takes (1 for single-edit methods).
+    fn max_batch(&self) -> usize {
+        1
+    }
+
+    /// Applies the requests (one, a batch, or the next of a sequence) and returns what changed.
+    fn apply(&mut self, model: &mut Model, requests: &[EditRequest], ctx: &EditCtx)
+        -> Result<Edit>;
+}
+
+/// The weights an edit changed, before and after, by role.
+#[derive(Debug, Clone)]
+pub struct Edit {
+    pub changes: Vec<WeightChange>,
+}
+
+#[derive(Debug, Clone)]
+pub struct WeightChange {
+    pub id: WeightId,
+    pub before: Tensor,
+    pub after: Tensor,
+}
+
+impl Edit {
+    /// Puts back every weight as it was before the edit (the model's own tensors, no copy).
+    pub fn undo(&self, model: &mut Model) -> Result<()> {
+        for change in self.changes.iter().rev() {
+            model.replace_weight(change.id, change.before.clone())?;
+        }
+        Ok(())
+    }
+
+    /// Applies the edit's new weights to a model (for instance a fresh one).
+    pub fn reapply(&self, model: &mut Model) -> Result<Edit> {
+        let mut done = Vec::with_capacity(self.changes.len());
+        for change in &self.changes {
+            let after = change
+                .after
+                .to_device(model.device())?
+                .to_dtype(model.dtype())?;
+            let before = model.replace_weight(change.id, after.clone())?;
+            done.push(WeightChange {
+                id: change.id,
+                before,
+                after,
+            });
+        }
+        Ok(Edit { changes: done })
+    }
+
+    /// Writes the changed tensors (after the edit) as safetensors under their checkpoint names,
+    /// through a temporary file renamed into place, so a crash never leaves a half-written file.
+    pub fn save(&self, model: &Model, path: &Path) -> Result<()> {
+        let mut tensors = HashMap::new();
+        for change in &self.changes {
+            let name = model
+                .checkpoint_name(change.id)
+                .ok_or(Error::UnknownWeight(change.id))?;
+            tensors.insert(name, change.after.to_device(&Device::Cpu)?);
+        }
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let tmp = dir.join(format!(
+            ".{}.partial",
+            path.file_name().and_then(|n| n.to_str()).unwrap_or("edit")
+        ));
+        candle_core::safetensors::save(&tensors, &tmp)?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    }
+
+    /// Reads an edit saved by [`Edit::save`] for `model` (whose current weights become `before`).
+    pub fn load(model: &Model, path: &Path) -> Result<Edit> {
+        let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+            .map_err(|e| Error::file(path, format!("not a saved edit: {}", Error::from(e))))?;
+        let mut changes = Vec::with_capacity(tensors.len());
+        let mut names: Vec<&String> = tensors.keys().collect();
+        names.sort();
+        for name in names {
+            let id = model.weight_id_by_name(name).ok_or_else(|| {
+                Error::file(
+                    path,
+                    format!("tensor `{name}` is not a weight of this model"),
+                )
+            })?;
+            let before = model.weight(id)?;
+            let after = tensors[name]
+                .to_device(model.device())?
+                .to_dtype(model.dtype())?;
+            if after.dims() != before.dims() {
+                return Err(Error::file(
+                    path,
+                    format!(
+                        "tensor `{name}` has shape {:?}, the model's is {:?}",
+                        after.dims(),
+                        before.dims()
+                    ),
+                ));
+            }
+            changes.push(WeightChange { id, before, after });
+        }
+        Ok(Edit { changes })
+    }
+}

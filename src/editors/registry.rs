@@ -1,0 +1,105 @@
+//! The one place that maps a method's name to its implementation.
+
+use std::path::Path;
+
+use super::hparams::alg_name;
+use super::{Editor, Ft};
+use crate::error::{Error, Result};
+
+/// The editing methods kedit implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EditorKind {
+    /// FT-L or FT-M, chosen by `objective_optimization`.
+    Ft,
+}
+
+impl EditorKind {
+    /// EasyEdit's `alg_name` → method.
+    pub fn from_alg_name(name: &str) -> Result<Self> {
+        match name {
+            "FT" | "FT-L" | "FT-M" => Ok(EditorKind::Ft),
+            other => Err(Error::Unsupported {
+                what: format!("editing method {other:?}"),
+                why: "kedit implements FT (FT-L, FT-M) so far".into(),
+            }),
+        }
+    }
+}
+
+/// Builds the editor an EasyEdit hyperparameter file describes (its `alg_name` picks the method).
+pub fn editor_from_hparams(path: &Path) -> Result<Box<dyn Editor>> {
+    let kind = EditorKind::from_alg_name(&alg_name(path)?)
+        .map_err(|e| Error::file(path, e.to_string()))?;
+    Ok(match kind {
+        EditorKind::Ft => Box::new(Ft::from_yaml(path)?),
+    })
+}
+
+impl EditorKind {
+    /// The folder of `hparams/` holding this method's files (EasyEdit's layout).
+    pub fn hparams_dir(self) -> &'static str {
+        match self {
+            EditorKind::Ft => "FT",
+        }
+    }
+}
+
+/// Builds the editor `name` (`FT-L`, `FT-M`, `FT`, ...) from a hyperparameter file. A name that
+/// fixes a variant (FT-L, FT-M) overrides the file's choice of it.
+pub fn build_editor(name: &str, hparams: &Path) -> Result<Box<dyn Editor>> {
+    let kind = EditorKind::from_alg_name(name)?;
+    let file_kind = EditorKind::from_alg_name(&alg_name(hparams)?)
+        .map_err(|e| Error::file(hparams, e.to_string()))?;
+    if kind != file_kind {
+        return Err(Error::file(
+            hparams,
+            format!("is a {file_kind:?} file, not one for {name}"),
+        ));
+    }
+    Ok(match kind {
+        EditorKind::Ft => {
+            let mut params: super::FtParams = super::hparams::read_yaml(hparams)?;
+            match name {
+                "FT-L" => params.objective_optimization = super::Objective::PromptLast,
+                "FT-M" => params.objective_optimization = super::Objective::TargetNew,
+                _ => {}
+            }
+            Box::new(Ft::new(params)?)
+        }
+    })
+}
+
+/// The shipped hyperparameter file for `name` on a known model (GPT-2 XL, LLaMA-2-7B, SmolLM2-135M),
+/// looked for in `$KEDIT_HPARAMS`, `./hparams`, then the source tree kedit was built from.
+pub fn default_hparams(name: &str, spec: &crate::model::ModelSpec) -> Result<std::path::PathBuf> {
+    use crate::model::Arch;
+    let kind = EditorKind::from_alg_name(name)?;
+    let model = match (spec.arch, spec.n_layers, spec.d_model) {
+        (Arch::Gpt2, 48, 1600) => "gpt2-xl",
+        (Arch::Llama, 32, 4096) => "llama-7b",
+        (Arch::Llama, 30, 576) => "smollm2-135m",
+        _ => {
+            return Err(Error::Invalid(format!(
+            "no shipped hyperparameters for this {:?} model ({} layers, width {}); pass --hparams",
+            spec.arch, spec.n_layers, spec.d_model
+        )))
+        }
+    };
+    let roots = [
+        std::env::var_os("KEDIT_HPARAMS").map(std::path::PathBuf::from),
+        Some(std::path::PathBuf::from("hparams")),
+        Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("hparams")),
+    ];
+    let rel = Path::new(kind.hparams_dir()).join(format!("{model}.yaml"));
+    roots
+        .into_iter()
+        .flatten()
+        .map(|root| root.join(&rel))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            Error::Invalid(format!(
+                "{} not found in $KEDIT_HPARAMS, ./hparams or kedit's source tree; pass --hparams",
+                rel.display()
+            ))
+        })
+}
