@@ -152,7 +152,7 @@ fn bad_records_name_file_record_and_field() {
             "record 1: field \"target_new\" should be a string, found a number",
         ),
         ("[{\"prompt\": ".to_string(), "invalid JSON"),
-        ("{}".to_string(), "expected a JSON array"),
+        ("3".to_string(), "expected a JSON array"),
         ("[]".to_string(), "holds no records"),
         ("[{\"foo\": 1}]".to_string(), "cannot tell the layout"),
     ];

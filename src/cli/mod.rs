@@ -1,5 +1,6 @@
 //! The command line: parsing, printing and exit codes. Each subcommand is one file.
 
+mod apply;
 mod eval;
 mod generate;
 mod inspect;
@@ -32,6 +33,8 @@ enum Command {
     /// Run an editor over a benchmark file and report reliability, generalization, locality and
     /// portability, pre and post, per case (JSON lines) and in summary
     Eval(eval::EvalArgs),
+    /// Edit one fact and show the metrics and the greedy continuation before and after
+    Apply(Box<apply::ApplyArgs>),
 }
 
 /// Where the model comes from and how to hold it; shared by every subcommand that loads one.
@@ -108,6 +111,7 @@ pub fn main() -> ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Apply(args) => apply::run(*args),
     };
     match result {
         Ok(code) => code,

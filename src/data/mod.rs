@@ -123,7 +123,13 @@ pub fn read_dataset(path: &Path, format: Option<Format>) -> Result<Dataset, Data
                 "the KnowEdit Sanitation layout is not supported yet".into(),
             ))
         }
-        _ => return Err(file_err("expected a JSON array of records".into())),
+        // A single record on its own (`kedit apply --request`).
+        record @ Value::Object(_) => vec![record],
+        _ => {
+            return Err(file_err(
+                "expected a JSON array of records or one record".into(),
+            ))
+        }
     };
     let first = records
         .first()

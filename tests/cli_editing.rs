@@ -1,0 +1,218 @@
+//! `kedit eval` and `kedit apply` as a user runs them: resuming an interrupted run, saving an
+//! edit and re-applying it to a fresh model, and refusing bad input.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::*;
+
+fn kedit(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kedit"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+/// The result lines with the (timing-dependent) `time` field removed.
+fn results_without_time(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().remove("time");
+            v
+        })
+        .collect()
+}
+
+#[test]
+fn an_interrupted_eval_resumes_to_the_same_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = smollm2_path();
+    let hparams = fixture("hparams/ft-l-smollm2-quick.yaml");
+    let data = fixture("data/counterfact_easyedit_edit.json");
+    let run = |out: &std::path::Path, extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "-m",
+            model.to_str().unwrap(),
+            "--editor",
+            "FT-L",
+            "--hparams",
+            hparams.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--limit",
+            "3",
+            "--quiet",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        kedit(&args)
+    };
+    let full = tmp.path().join("full.jsonl");
+    ok(&run(&full, &[]));
+    let full_text = std::fs::read_to_string(&full).unwrap();
+    assert_eq!(full_text.lines().count(), 3);
+
+    // An interruption after one case, in the middle of writing the second line.
+    let cut = tmp.path().join("cut.jsonl");
+    let first_len = full_text.find('\n').unwrap() + 1;
+    std::fs::write(&cut, &full_text[..first_len + 40]).unwrap();
+    let refused = run(&cut, &[]);
+    assert_eq!(
+        refused.status.code(),
+        Some(2),
+        "an existing file needs --resume"
+    );
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--resume"));
+    ok(&run(&cut, &["--resume"]));
+    let resumed = std::fs::read_to_string(&cut).unwrap();
+    assert_eq!(
+        results_without_time(&resumed),
+        results_without_time(&full_text)
+    );
+}
+
+#[test]
+fn a_saved_edit_reapplied_to_a_fresh_model_gives_the_same_post_metrics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = smollm2_path();
+    let edit = tmp.path().join("edit.safetensors");
+    let m = model.to_str().unwrap();
+    let common_args = |extra: Vec<&'static str>| -> Vec<String> {
+        let mut args: Vec<String> = [
+            "apply",
+            "-m",
+            m,
+            "--json",
+            "--prompt",
+            "The mother tongue of Danielle Darrieux is",
+            "--subject",
+            "Danielle Darrieux",
+            "--target",
+            "English",
+            "--rephrase",
+            "Where Danielle Darrieux is from, people speak the language of",
+            "--locality-prompt",
+            "The capital of France is",
+            "--locality-answer",
+            "Paris",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    let kedit = |args: Vec<String>| {
+        Command::new(env!("CARGO_BIN_EXE_kedit"))
+            .args(&args)
+            .output()
+            .unwrap()
+    };
+    let hparams = fixture("hparams/ft-l-smollm2-quick.yaml");
+    let mut with_editor = common_args(vec!["--editor", "FT-L", "--hparams"]);
+    with_editor.extend([
+        hparams.to_str().unwrap().to_string(),
+        "--save-edit".into(),
+        edit.to_str().unwrap().to_string(),
+    ]);
+    let first: serde_json::Value = serde_json::from_str(&ok(&kedit(with_editor))).unwrap();
+    assert!(edit.is_file());
+    let mut with_patch = common_args(vec!["--patch"]);
+    with_patch.push(edit.to_str().unwrap().to_string());
+    let again: serde_json::Value = serde_json::from_str(&ok(&kedit(with_patch))).unwrap();
+    assert_eq!(first["post"], again["post"]);
+    assert_eq!(first["generation_after"], again["generation_after"]);
+    assert_ne!(
+        first["pre"]["rewrite_acc"], first["post"]["rewrite_acc"],
+        "the edit changed nothing"
+    );
+}
+
+#[test]
+fn apply_refuses_a_subject_outside_the_prompt_and_unpaired_answers() {
+    let model = smollm2_path();
+    let m = model.to_str().unwrap();
+    let out = kedit(&[
+        "apply",
+        "-m",
+        m,
+        "--editor",
+        "FT-L",
+        "--prompt",
+        "The capital of France is",
+        "--subject",
+        "Germany",
+        "--target",
+        "Berlin",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not occur"));
+    let out = kedit(&[
+        "apply",
+        "-m",
+        m,
+        "--editor",
+        "FT-L",
+        "--prompt",
+        "P",
+        "--target",
+        "T",
+        "--locality-prompt",
+        "L",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--locality-answer"));
+}
+
+#[test]
+fn unknown_hparams_fields_and_methods_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("ft.yaml");
+    let text = std::fs::read_to_string(fixture("hparams/ft-l-smollm2-quick.yaml")).unwrap();
+    std::fs::write(&bad, format!("{text}learning_rate: 0.1\n")).unwrap();
+    let model = smollm2_path();
+    let data = fixture("data/counterfact_easyedit_edit.json");
+    let out = kedit(&[
+        "eval",
+        "-m",
+        model.to_str().unwrap(),
+        "--editor",
+        "FT-L",
+        "--hparams",
+        bad.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--limit",
+        "1",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("ft.yaml") && err.contains("learning_rate"),
+        "{err}"
+    );
+    let out = kedit(&[
+        "eval",
+        "-m",
+        model.to_str().unwrap(),
+        "--editor",
+        "SORCERY",
+        "--data",
+        data.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("SORCERY"));
+}
