@@ -33,6 +33,7 @@ fn ft_l_on_20_counterfact_records_is_reliable_and_local() {
     let mut editor = build_editor("FT-L", &hparams()).unwrap();
     let opts = RunOptions {
         batch_size: 1,
+        scoring: kedit::eval::Scoring::TokenAccuracy,
         protocol: Protocol::Single,
         ctx: EditCtx::default(),
     };

@@ -10,7 +10,7 @@ use super::ModelArgs;
 use crate::data::{read_dataset, EditRequest, PromptSet};
 use crate::editors::{build_editor, default_hparams, Edit, EditCtx};
 use crate::eval::summary::summarize;
-use crate::eval::{evaluate, finalize_locality, runner::CaseResult};
+use crate::eval::{evaluate_with, finalize_locality, runner::CaseResult};
 use crate::model::Sampling;
 
 #[derive(Args, Debug)]
@@ -62,6 +62,12 @@ pub struct ApplyArgs {
     max_new_tokens: usize,
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Scoring: token (teacher-forced accuracy), ppl or gen-em, as for `kedit eval`
+    #[arg(long, value_enum, default_value_t = super::eval::MetricArg::Token)]
+    metric: super::eval::MetricArg,
+    /// With --metric gen-em: score `" " + answer`
+    #[arg(long)]
+    gen_em_leading_space: bool,
     /// Print JSON instead of text
     #[arg(long)]
     json: bool,
@@ -144,7 +150,8 @@ pub fn run(args: ApplyArgs) -> anyhow::Result<ExitCode> {
                 .text,
         )
     };
-    let pre = evaluate(&model, &request)?;
+    let scoring = args.metric.scoring(args.gen_em_leading_space);
+    let pre = evaluate_with(&model, &request, scoring)?;
     let generation_before = greedy(&model)?;
     let start = std::time::Instant::now();
     let (edit, name) = match (&args.patch, &args.editor) {
@@ -168,7 +175,7 @@ pub fn run(args: ApplyArgs) -> anyhow::Result<ExitCode> {
         (None, None) => bail!("give --editor or --patch"),
     };
     let seconds = start.elapsed().as_secs_f64();
-    let mut post = evaluate(&model, &request)?;
+    let mut post = evaluate_with(&model, &request, scoring)?;
     finalize_locality(&pre, &mut post)?;
     let generation_after = greedy(&model)?;
     if let Some(path) = &args.save_edit {

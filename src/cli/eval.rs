@@ -12,6 +12,7 @@ use crate::data::{read_dataset, Format};
 use crate::editors::{build_editor, default_hparams, EditCtx};
 use crate::eval::runner::{run_cases, CaseResult, Observer, Protocol, RunOptions};
 use crate::eval::summary::summarize;
+use crate::eval::Scoring;
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
@@ -42,6 +43,15 @@ pub struct EvalArgs {
     /// today) or every case after the last edit (`end`, the published lifelong protocol)
     #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "each")]
     sequential: Option<SequentialArg>,
+    /// Scoring of reliability, generalization and portability: teacher-forced token accuracy
+    /// (EasyEdit's default), perplexity of the target (`ppl`), or greedy generation compared with
+    /// the answer (`gen-em`, EasyEdit's GRACE protocol)
+    #[arg(long, value_enum, default_value_t = MetricArg::Token)]
+    metric: MetricArg,
+    /// With --metric gen-em: score `" " + answer` (EasyEdit scores the answer without the space,
+    /// which byte-level BPE models never generate)
+    #[arg(long)]
+    gen_em_leading_space: bool,
     /// Also measure fluency (n-gram entropy of sampled text)
     #[arg(long)]
     fluency: bool,
@@ -59,6 +69,23 @@ pub struct EvalArgs {
     /// No progress bar and no summary table
     #[arg(long, short)]
     quiet: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum MetricArg {
+    Token,
+    Ppl,
+    GenEm,
+}
+
+impl MetricArg {
+    pub fn scoring(self, leading_space: bool) -> Scoring {
+        match self {
+            MetricArg::Token => Scoring::TokenAccuracy,
+            MetricArg::Ppl => Scoring::Perplexity,
+            MetricArg::GenEm => Scoring::GenerationMatch { leading_space },
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -190,6 +217,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     };
     let opts = RunOptions {
         batch_size: args.batch_size,
+        scoring: args.metric.scoring(args.gen_em_leading_space),
         protocol: match args.sequential {
             None => Protocol::Single,
             Some(SequentialArg::Each) => Protocol::SequentialEvalEach,

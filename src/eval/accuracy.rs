@@ -82,6 +82,54 @@ pub fn teacher_forced(model: &Model, pairs: &[(&str, &str)]) -> Result<Vec<Score
         .collect())
 }
 
+/// Generation-based token match (EasyEdit's GRACE protocol, SPEC-eval §2.7.3): greedy-generate as
+/// many tokens as the answer has (the answer tokenised alone, without a leading space or special
+/// tokens) and compare them with it position by position.
+pub fn generation_match(model: &Model, prompt: &str, answer: &str) -> Result<Scored> {
+    let labels = model.encode(answer)?;
+    let prompt_ids = model.encode_with_special_tokens(prompt)?;
+    if labels.is_empty() {
+        return Ok(Scored {
+            preds: Vec::new(),
+            labels,
+        });
+    }
+    let generated =
+        model.generate_ids(&prompt_ids, labels.len(), crate::model::Sampling::Greedy)?;
+    let mut preds = generated.generated_ids;
+    // An early end-of-sequence stops generation; the missing positions cannot match.
+    preds.resize(labels.len(), u32::MAX);
+    Ok(Scored { preds, labels })
+}
+
+/// Perplexity of the answer after the prompt (SPEC-eval §2.7.1): `exp` of the mean negative
+/// log-likelihood of the answer tokens of `prompt + " " + answer`. Tokens equal to the pad id
+/// (the end-of-sequence id) are not scored, as in EasyEdit, where pad = eos masks them.
+pub fn perplexity(model: &Model, prompt: &str, answer: &str) -> Result<f64> {
+    let n_prompt = model.encode_with_special_tokens(prompt)?.len();
+    let ids = model.encode_with_special_tokens(&format!("{prompt} {answer}"))?;
+    let pad = model.spec().eos_id.or(model.spec().pad_id);
+    let scored: Vec<usize> = (n_prompt.max(1)..ids.len())
+        .filter(|&t| Some(ids[t]) != pad)
+        .collect();
+    if scored.is_empty() {
+        return Ok(f64::NAN);
+    }
+    let batch = TokenBatch::new(std::slice::from_ref(&ids), pad.unwrap_or(0), model.device())?;
+    let positions: Vec<(usize, usize)> = scored.iter().map(|&t| (0, t - 1)).collect();
+    let logits = model
+        .forward_at(&batch, &HookSpec::new(), &positions)?
+        .logits;
+    let log_probs: Vec<Vec<f32>> = Model::log_probs(&logits)?.to_vec2()?;
+    let nll: f64 = scored
+        .iter()
+        .zip(&log_probs)
+        .map(|(&t, row)| -f64::from(row[ids[t] as usize]))
+        .sum::<f64>()
+        / scored.len() as f64;
+    Ok(nll.exp())
+}
+
 /// Per-prompt accuracies as EasyEdit reports them: with several prompts, a prompt without answer
 /// tokens (NaN) is dropped; a lone prompt keeps its NaN.
 pub fn accuracies(scored: &[Scored]) -> Vec<f64> {

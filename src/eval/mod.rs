@@ -15,7 +15,23 @@ use crate::data::EditRequest;
 use crate::error::Result;
 use crate::model::Model;
 
-pub use accuracy::{accuracies, agreement, teacher_forced, Scored};
+pub use accuracy::{accuracies, agreement, generation_match, perplexity, teacher_forced, Scored};
+
+/// How reliability, generalisation and portability are scored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Scoring {
+    /// Teacher-forced token accuracy (EasyEdit's default).
+    #[default]
+    TokenAccuracy,
+    /// Perplexity of the target for rewrite and rephrase prompts (`rewrite_ppl`, `rephrase_ppl`);
+    /// locality and portability stay teacher-forced, as in EasyEdit's `eval_metric='ppl'`.
+    Perplexity,
+    /// Greedy generation compared token by token with the answer, for every metric (EasyEdit's
+    /// GRACE protocol); locality compares the generated ids before and after. EasyEdit tokenises
+    /// the answer without a leading space, which with byte-level BPE (GPT-2, SmolLM2) never matches
+    /// a generated word; `leading_space` scores `" " + answer` instead.
+    GenerationMatch { leading_space: bool },
+}
 
 /// A locality entry: the argmax ids at the answer positions (`<key>_output`, pre and post) or the
 /// agreement of post with pre (`<key>_acc`, post only).
@@ -34,6 +50,7 @@ pub struct Fluency {
 /// The metrics of one phase (pre or post) of one case, with EasyEdit's keys and key order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PhaseMetrics {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rewrite_acc: Vec<f64>,
     pub locality: BTreeMap<String, LocalityEntry>,
     pub portability: BTreeMap<String, Vec<f64>>,
@@ -41,6 +58,10 @@ pub struct PhaseMetrics {
     pub rephrase_acc: Option<Vec<f64>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fluency: Option<Fluency>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewrite_ppl: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rephrase_ppl: Option<f64>,
 }
 
 /// Where each scored pair of a case belongs.
@@ -54,6 +75,15 @@ enum Slot {
 /// Every teacher-forced metric of `request` on `model` in one forward pass (the batch is
 /// right-padded, so batching changes no number).
 pub fn evaluate(model: &Model, request: &EditRequest) -> Result<PhaseMetrics> {
+    evaluate_with(model, request, Scoring::TokenAccuracy)
+}
+
+/// The metrics of `request` under a chosen scoring protocol.
+pub fn evaluate_with(
+    model: &Model,
+    request: &EditRequest,
+    scoring: Scoring,
+) -> Result<PhaseMetrics> {
     let mut pairs: Vec<(&str, &str)> = vec![(&request.prompt, &request.target_new)];
     let mut slots = vec![Slot::Rewrite];
     if let Some(rephrase) = &request.rephrase_prompt {
@@ -72,7 +102,38 @@ pub fn evaluate(model: &Model, request: &EditRequest) -> Result<PhaseMetrics> {
             slots.push(Slot::Portability(key.clone()));
         }
     }
-    let scored = teacher_forced(model, &pairs)?;
+    let mut rewrite_ppl = None;
+    let mut rephrase_ppl = None;
+    let scored = match scoring {
+        Scoring::TokenAccuracy => teacher_forced(model, &pairs)?,
+        Scoring::GenerationMatch { leading_space } => pairs
+            .iter()
+            .map(|(p, a)| {
+                let answer = if leading_space {
+                    format!(" {a}")
+                } else {
+                    a.to_string()
+                };
+                generation_match(model, p, &answer)
+            })
+            .collect::<Result<Vec<_>>>()?,
+        Scoring::Perplexity => {
+            let mut kept_pairs = Vec::new();
+            let mut kept_slots = Vec::new();
+            for (pair, slot) in pairs.iter().zip(slots) {
+                match slot {
+                    Slot::Rewrite => rewrite_ppl = Some(perplexity(model, pair.0, pair.1)?),
+                    Slot::Rephrase => rephrase_ppl = Some(perplexity(model, pair.0, pair.1)?),
+                    other => {
+                        kept_pairs.push(*pair);
+                        kept_slots.push(other);
+                    }
+                }
+            }
+            slots = kept_slots;
+            teacher_forced(model, &kept_pairs)?
+        }
+    };
 
     let mut rewrite = Vec::new();
     let mut rephrase = Vec::new();
@@ -98,6 +159,8 @@ pub fn evaluate(model: &Model, request: &EditRequest) -> Result<PhaseMetrics> {
             .collect(),
         rephrase_acc: (!rephrase.is_empty()).then(|| accuracies(&rephrase)),
         fluency: None,
+        rewrite_ppl,
+        rephrase_ppl,
     })
 }
 

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use super::{evaluate, finalize_locality, PhaseMetrics};
+use super::{evaluate_with, finalize_locality, PhaseMetrics, Scoring};
 use crate::data::EditRequest;
 use crate::editors::{Edit, EditCtx, Editor};
 use crate::error::Result;
@@ -40,6 +40,7 @@ pub struct CaseResult {
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     pub batch_size: usize,
+    pub scoring: Scoring,
     pub protocol: Protocol,
     pub ctx: EditCtx,
 }
@@ -71,13 +72,13 @@ pub fn run_cases(
             for (n, chunk) in todo.chunks(batch).enumerate() {
                 let pre = chunk
                     .iter()
-                    .map(|(_, r)| evaluate(model, r))
+                    .map(|(_, r)| evaluate_with(model, r, opts.scoring))
                     .collect::<Result<Vec<_>>>()?;
                 let requests: Vec<EditRequest> = chunk.iter().map(|(_, r)| r.clone()).collect();
                 let (edit, seconds) = timed_apply(model, editor, &requests, &opts.ctx)?;
                 let posts = chunk
                     .iter()
-                    .map(|(_, r)| evaluate(model, r))
+                    .map(|(_, r)| evaluate_with(model, r, opts.scoring))
                     .collect::<Result<Vec<_>>>();
                 edit.undo(model)?;
                 for ((&(case_id, ref request), pre), post) in
@@ -94,7 +95,7 @@ pub fn run_cases(
             for (n, (i, r)) in cases.iter().enumerate() {
                 pre.push(
                     (!done.contains(i))
-                        .then(|| evaluate(model, r))
+                        .then(|| evaluate_with(model, r, opts.scoring))
                         .transpose()?,
                 );
                 observer.progress("pre", n + 1, total);
@@ -108,7 +109,7 @@ pub fn run_cases(
                         continue;
                     };
                     if opts.protocol == Protocol::SequentialEvalEach {
-                        let post = evaluate(model, request)?;
+                        let post = evaluate_with(model, request, opts.scoring)?;
                         observer.case_done(finish(*case_id, request, pre, post, seconds)?)?;
                     } else {
                         pending.push((*case_id, request, pre, seconds));
@@ -117,7 +118,7 @@ pub fn run_cases(
                 observer.progress("edit", ((n + 1) * batch).min(total), total);
             }
             for (case_id, request, pre, seconds) in pending {
-                let post = evaluate(model, request)?;
+                let post = evaluate_with(model, request, opts.scoring)?;
                 observer.case_done(finish(case_id, request, pre, post, seconds)?)?;
             }
         }

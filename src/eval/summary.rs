@@ -12,6 +12,9 @@ pub struct PhaseSummary {
     pub locality: Option<f64>,
     pub portability: Option<f64>,
     pub fluency: Option<f64>,
+    /// Mean perplexities (not ×100), with `--metric ppl`.
+    pub rewrite_ppl: Option<f64>,
+    pub rephrase_ppl: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -72,6 +75,8 @@ fn phase(metrics: &[&PhaseMetrics]) -> PhaseSummary {
                 .iter()
                 .filter_map(|m| m.fluency.as_ref().map(|f| f.ngram_entropy)),
         )),
+        rewrite_ppl: mean(metrics.iter().filter_map(|m| m.rewrite_ppl)),
+        rephrase_ppl: mean(metrics.iter().filter_map(|m| m.rephrase_ppl)),
     }
 }
 
@@ -106,6 +111,12 @@ impl Summary {
             ("locality", self.pre.locality, self.post.locality),
             ("portability", self.pre.portability, self.post.portability),
             ("fluency", self.pre.fluency, self.post.fluency),
+            ("rewrite ppl", self.pre.rewrite_ppl, self.post.rewrite_ppl),
+            (
+                "rephrase ppl",
+                self.pre.rephrase_ppl,
+                self.post.rephrase_ppl,
+            ),
         ];
         for (name, pre, post) in rows {
             out.push_str(&format!("{name:<16}{:>10}{:>10}\n", cell(pre), cell(post)));
@@ -140,6 +151,8 @@ mod tests {
                 .collect(),
             rephrase_acc: None,
             fluency: None,
+            rewrite_ppl: None,
+            rephrase_ppl: None,
         }
     }
 

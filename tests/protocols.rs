@@ -1,0 +1,113 @@
+//! The alternative scoring protocols: perplexity against a hand computation from full logits, and
+//! generation-based exact match with and without EasyEdit's missing leading space.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use candle_core::{IndexOp, D};
+use common::*;
+use kedit::data::EditRequest;
+use kedit::eval::{evaluate_with, generation_match, perplexity, Scoring};
+use kedit::model::Model;
+
+fn request(prompt: &str, target: &str) -> EditRequest {
+    EditRequest {
+        prompt: prompt.into(),
+        target_new: target.into(),
+        ground_truth: None,
+        portability: BTreeMap::new(),
+        locality: BTreeMap::new(),
+        subject: None,
+        rephrase_prompt: None,
+    }
+}
+
+#[test]
+fn perplexity_equals_the_hand_computation_from_full_logits() {
+    let model = tiny_gpt2();
+    let (prompt, answer) = ("The capital of France is", "Paris and Lyon");
+    let n_prompt = model.encode(prompt).unwrap().len();
+    let ids = model.encode(&format!("{prompt} {answer}")).unwrap();
+    let logits = logits_alone(&model, &ids);
+    let log_probs = Model::log_probs(&logits).unwrap();
+    let mut nll = 0.0;
+    for t in n_prompt..ids.len() {
+        let lp = log_probs
+            .i((t - 1, ids[t] as usize))
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        nll -= f64::from(lp);
+    }
+    let want = (nll / (ids.len() - n_prompt) as f64).exp();
+    let got = perplexity(&model, prompt, answer).unwrap();
+    assert!((got - want).abs() / want < 1e-5, "{got} vs {want}");
+    // the tiny model is random: its perplexity is near the vocabulary size, far above 1
+    assert!(got > 100.0, "{got}");
+}
+
+#[test]
+fn perplexity_prefers_the_true_answer_on_a_real_model() {
+    let model = smollm2();
+    let paris = perplexity(&model, "The capital of France is", "Paris").unwrap();
+    let london = perplexity(&model, "The capital of France is", "London").unwrap();
+    assert!(
+        paris < 2.0 && london > 10.0 * paris,
+        "Paris {paris}, London {london}"
+    );
+    let m = evaluate_with(
+        &model,
+        &request("The capital of France is", "Paris"),
+        Scoring::Perplexity,
+    )
+    .unwrap();
+    assert!(
+        m.rewrite_acc.is_empty(),
+        "ppl replaces rewrite_acc, as in EasyEdit"
+    );
+    assert!((m.rewrite_ppl.unwrap() - paris).abs() < 1e-9);
+}
+
+#[test]
+fn generation_match_compares_greedy_tokens_with_the_answer() {
+    let model = smollm2();
+    let greedy = model
+        .generate(
+            "The capital of France is",
+            1,
+            kedit::model::Sampling::Greedy,
+        )
+        .unwrap();
+    assert_eq!(greedy.text, " Paris");
+    let with_space = generation_match(&model, "The capital of France is", " Paris").unwrap();
+    assert_eq!(with_space.accuracy(), 1.0);
+    // EasyEdit encodes the bare answer: "Paris" is a different byte-level token from " Paris".
+    let bare = generation_match(&model, "The capital of France is", "Paris").unwrap();
+    assert_eq!(bare.accuracy(), 0.0);
+    let r = request("The capital of France is", "Paris");
+    let fixed = evaluate_with(
+        &model,
+        &r,
+        Scoring::GenerationMatch {
+            leading_space: true,
+        },
+    )
+    .unwrap();
+    let published = evaluate_with(
+        &model,
+        &r,
+        Scoring::GenerationMatch {
+            leading_space: false,
+        },
+    )
+    .unwrap();
+    assert_eq!((fixed.rewrite_acc[0], published.rewrite_acc[0]), (1.0, 0.0));
+    // and the teacher-forced argmax agrees with greedy generation on the first token
+    let ids = model.encode("The capital of France is").unwrap();
+    let last = logits_alone(&model, &ids).i(ids.len() - 1).unwrap();
+    assert_eq!(
+        last.argmax(D::Minus1).unwrap().to_scalar::<u32>().unwrap(),
+        greedy.generated_ids[0]
+    );
+}
