@@ -32,9 +32,9 @@ fn perplexity_equals_the_hand_computation_from_full_logits() {
     let logits = logits_alone(&model, &ids);
     let log_probs = Model::log_probs(&logits).unwrap();
     let mut nll = 0.0;
-    for t in n_prompt..ids.len() {
+    for (t, &id) in ids.iter().enumerate().skip(n_prompt) {
         let lp = log_probs
-            .i((t - 1, ids[t] as usize))
+            .i((t - 1, id as usize))
             .unwrap()
             .to_scalar::<f32>()
             .unwrap();
