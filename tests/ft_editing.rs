@@ -110,3 +110,64 @@ fn ft_m_raises_the_target_likelihood() {
     );
     assert_eq!(post.rewrite_acc[0], 1.0);
 }
+
+#[test]
+fn sequential_protocols_keep_edits_and_evaluate_when_they_say() {
+    let data = read_dataset(&fixture("data/counterfact_easyedit_edit.json"), None).unwrap();
+    let cases = &data.cases[..2];
+    let quick = fixture("hparams/ft-l-smollm2-quick.yaml");
+    let run = |protocol| {
+        let mut model = smollm2();
+        let mut editor = build_editor("FT-L", &quick).unwrap();
+        let opts = RunOptions {
+            batch_size: 1,
+            scoring: kedit::eval::Scoring::TokenAccuracy,
+            protocol,
+            ctx: EditCtx::default(),
+        };
+        let mut results = Collect(Vec::new());
+        run_cases(
+            &mut model,
+            editor.as_mut(),
+            cases,
+            &BTreeSet::new(),
+            &opts,
+            &mut results,
+        )
+        .unwrap();
+        (model, results.0)
+    };
+    let unedited = smollm2();
+    let (after_each, each) = run(Protocol::SequentialEvalEach);
+    let (after_all, at_end) = run(Protocol::SequentialEvalAtEnd);
+    for results in [&each, &at_end] {
+        assert_eq!(results.len(), 2);
+        for r in results.iter() {
+            // pre is always the unedited model's
+            let pre = kedit::eval::evaluate(&unedited, &r.requested_rewrite).unwrap();
+            assert_eq!(r.pre, pre, "case {}", r.case_id);
+        }
+    }
+    // edits are kept: both final models hold both edits, and they agree
+    let last = &cases[1].1;
+    let final_each = kedit::eval::evaluate(&after_each, last).unwrap();
+    assert_eq!(final_each, kedit::eval::evaluate(&after_all, last).unwrap());
+    // at the end, case 0 is measured on the model holding both edits; right after its own edit,
+    // on the model holding only the first
+    let first = &cases[0].1;
+    let mut on_final = kedit::eval::evaluate(&after_all, first).unwrap();
+    kedit::eval::finalize_locality(&at_end[0].pre, &mut on_final).unwrap();
+    assert_eq!(at_end[0].post, on_final);
+    let mut only_first = smollm2();
+    let mut editor = build_editor("FT-L", &quick).unwrap();
+    editor
+        .apply(
+            &mut only_first,
+            std::slice::from_ref(first),
+            &EditCtx::default(),
+        )
+        .unwrap();
+    let mut after_first = kedit::eval::evaluate(&only_first, first).unwrap();
+    kedit::eval::finalize_locality(&each[0].pre, &mut after_first).unwrap();
+    assert_eq!(each[0].post, after_first);
+}
