@@ -3,35 +3,8 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
 
 use common::*;
-
-fn kedit(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kedit"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-/// The command failed with exit code 2 and one line on stderr containing every `needle`.
-fn assert_one_line_error(out: &Output, needles: &[&str]) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
-    assert_eq!(
-        stderr.trim_end().lines().count(),
-        1,
-        "not one line: {stderr}"
-    );
-    for n in needles {
-        assert!(stderr.contains(n), "{n:?} not in: {stderr}");
-    }
-    assert!(
-        out.stdout.is_empty(),
-        "stdout on error: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-}
 
 /// A copy of the tiny GPT-2 folder in `dir`, with `edit` applied to it.
 fn tiny_copy(dir: &Path, edit: impl FnOnce(&Path)) -> String {

@@ -3,24 +3,25 @@
 
 mod common;
 
-use std::process::{Command, Output};
-
 use common::*;
 
-fn kedit(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kedit"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).unwrap()
+/// `kedit eval` of FT-L with `hparams` on the first `limit` CounterFact records, plus `extra`.
+fn eval_args(hparams: &std::path::Path, limit: &str, extra: &[&str]) -> Vec<String> {
+    let model = smollm2_path();
+    let data = fixture("data/counterfact_easyedit_edit.json");
+    let mut args: Vec<String> = ["eval", "-m", model.to_str().unwrap(), "--editor", "FT-L"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    for (flag, value) in [
+        ("--hparams", hparams.to_str().unwrap()),
+        ("--data", data.to_str().unwrap()),
+        ("--limit", limit),
+    ] {
+        args.extend([flag.to_string(), value.to_string()]);
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
 }
 
 /// The result lines with the (timing-dependent) `time` field removed.
@@ -37,28 +38,11 @@ fn results_without_time(text: &str) -> Vec<serde_json::Value> {
 #[test]
 fn an_interrupted_eval_resumes_to_the_same_file() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = smollm2_path();
     let hparams = fixture("hparams/ft-l-smollm2-quick.yaml");
-    let data = fixture("data/counterfact_easyedit_edit.json");
     let run = |out: &std::path::Path, extra: &[&str]| {
-        let mut args = vec![
-            "eval",
-            "-m",
-            model.to_str().unwrap(),
-            "--editor",
-            "FT-L",
-            "--hparams",
-            hparams.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--limit",
-            "3",
-            "--quiet",
-            "--out",
-            out.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        kedit(&args)
+        let mut more = vec!["--quiet", "--out", out.to_str().unwrap()];
+        more.extend_from_slice(extra);
+        kedit(&eval_args(&hparams, "3", &more))
     };
     let full = tmp.path().join("full.jsonl");
     ok(&run(&full, &[]));
@@ -115,12 +99,6 @@ fn a_saved_edit_reapplied_to_a_fresh_model_gives_the_same_post_metrics() {
         args.extend(extra.iter().map(|s| s.to_string()));
         args
     };
-    let kedit = |args: Vec<String>| {
-        Command::new(env!("CARGO_BIN_EXE_kedit"))
-            .args(&args)
-            .output()
-            .unwrap()
-    };
     let hparams = fixture("hparams/ft-l-smollm2-quick.yaml");
     let mut with_editor = common_args(vec!["--editor", "FT-L", "--hparams"]);
     with_editor.extend([
@@ -128,11 +106,11 @@ fn a_saved_edit_reapplied_to_a_fresh_model_gives_the_same_post_metrics() {
         "--save-edit".into(),
         edit.to_str().unwrap().to_string(),
     ]);
-    let first: serde_json::Value = serde_json::from_str(&ok(&kedit(with_editor))).unwrap();
+    let first: serde_json::Value = serde_json::from_str(&ok(&kedit(&with_editor))).unwrap();
     assert!(edit.is_file());
     let mut with_patch = common_args(vec!["--patch"]);
     with_patch.push(edit.to_str().unwrap().to_string());
-    let again: serde_json::Value = serde_json::from_str(&ok(&kedit(with_patch))).unwrap();
+    let again: serde_json::Value = serde_json::from_str(&ok(&kedit(&with_patch))).unwrap();
     assert_eq!(first["post"], again["post"]);
     assert_eq!(first["generation_after"], again["generation_after"]);
     assert_ne!(
@@ -144,37 +122,28 @@ fn a_saved_edit_reapplied_to_a_fresh_model_gives_the_same_post_metrics() {
 #[test]
 fn apply_refuses_a_subject_outside_the_prompt_and_unpaired_answers() {
     let model = smollm2_path();
-    let m = model.to_str().unwrap();
-    let out = kedit(&[
-        "apply",
-        "-m",
-        m,
-        "--editor",
-        "FT-L",
-        "--prompt",
-        "The capital of France is",
-        "--subject",
-        "Germany",
-        "--target",
-        "Berlin",
-    ]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("does not occur"));
-    let out = kedit(&[
-        "apply",
-        "-m",
-        m,
-        "--editor",
-        "FT-L",
-        "--prompt",
-        "P",
-        "--target",
-        "T",
-        "--locality-prompt",
-        "L",
-    ]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--locality-answer"));
+    let cases: [(&[&str], &str); 2] = [
+        (
+            &[
+                "--prompt",
+                "The capital of France is",
+                "--subject",
+                "Germany",
+                "--target",
+                "Berlin",
+            ],
+            "does not occur",
+        ),
+        (
+            &["--prompt", "P", "--target", "T", "--locality-prompt", "L"],
+            "--locality-answer",
+        ),
+    ];
+    for (flags, needle) in cases {
+        let mut args = vec!["apply", "-m", model.to_str().unwrap(), "--editor", "FT-L"];
+        args.extend_from_slice(flags);
+        assert_one_line_error(&kedit(&args), &[needle]);
+    }
 }
 
 #[test]
@@ -183,36 +152,16 @@ fn unknown_hparams_fields_and_methods_are_named() {
     let bad = tmp.path().join("ft.yaml");
     let text = std::fs::read_to_string(fixture("hparams/ft-l-smollm2-quick.yaml")).unwrap();
     std::fs::write(&bad, format!("{text}learning_rate: 0.1\n")).unwrap();
-    let model = smollm2_path();
-    let data = fixture("data/counterfact_easyedit_edit.json");
-    let out = kedit(&[
-        "eval",
-        "-m",
-        model.to_str().unwrap(),
-        "--editor",
-        "FT-L",
-        "--hparams",
-        bad.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--limit",
-        "1",
-    ]);
+    let out = kedit(&eval_args(&bad, "1", &[]));
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("ft.yaml") && err.contains("learning_rate"),
         "{err}"
     );
-    let out = kedit(&[
-        "eval",
-        "-m",
-        model.to_str().unwrap(),
-        "--editor",
-        "SORCERY",
-        "--data",
-        data.to_str().unwrap(),
-    ]);
+    let mut args = eval_args(&bad, "1", &[]);
+    args[4] = "SORCERY".into();
+    let out = kedit(&args);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("SORCERY"));
 }

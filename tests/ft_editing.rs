@@ -21,20 +21,18 @@ impl Observer for Collect {
     }
 }
 
-fn hparams() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("hparams/FT/smollm2-135m.yaml")
-}
-
-#[test]
-fn ft_l_on_20_counterfact_records_is_reliable_and_local() {
+/// Runs FT-L with `hparams` over `cases` under `protocol`; the model afterwards and the results.
+fn run_ft(
+    hparams: &Path,
+    cases: &[(usize, kedit::data::EditRequest)],
+    protocol: Protocol,
+) -> (kedit::model::Model, Vec<CaseResult>) {
     let mut model = smollm2();
-    let data = read_dataset(&fixture("data/counterfact_easyedit_edit.json"), None).unwrap();
-    let cases = &data.cases[..20];
-    let mut editor = build_editor("FT-L", &hparams()).unwrap();
+    let mut editor = build_editor("FT-L", hparams).unwrap();
     let opts = RunOptions {
         batch_size: 1,
         scoring: kedit::eval::Scoring::TokenAccuracy,
-        protocol: Protocol::Single,
+        protocol,
         ctx: EditCtx::default(),
     };
     let mut results = Collect(Vec::new());
@@ -47,7 +45,18 @@ fn ft_l_on_20_counterfact_records_is_reliable_and_local() {
         &mut results,
     )
     .unwrap();
-    let summary = summarize(&results.0);
+    (model, results.0)
+}
+
+fn hparams() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("hparams/FT/smollm2-135m.yaml")
+}
+
+#[test]
+fn ft_l_on_20_counterfact_records_is_reliable_and_local() {
+    let data = read_dataset(&fixture("data/counterfact_easyedit_edit.json"), None).unwrap();
+    let (_, results) = run_ft(&hparams(), &data.cases[..20], Protocol::Single);
+    let summary = summarize(&results);
     eprintln!("{}", summary.table());
     let pre = summary.pre.rewrite_acc.unwrap();
     let post = summary.post.rewrite_acc.unwrap();
@@ -116,27 +125,7 @@ fn sequential_protocols_keep_edits_and_evaluate_when_they_say() {
     let data = read_dataset(&fixture("data/counterfact_easyedit_edit.json"), None).unwrap();
     let cases = &data.cases[..2];
     let quick = fixture("hparams/ft-l-smollm2-quick.yaml");
-    let run = |protocol| {
-        let mut model = smollm2();
-        let mut editor = build_editor("FT-L", &quick).unwrap();
-        let opts = RunOptions {
-            batch_size: 1,
-            scoring: kedit::eval::Scoring::TokenAccuracy,
-            protocol,
-            ctx: EditCtx::default(),
-        };
-        let mut results = Collect(Vec::new());
-        run_cases(
-            &mut model,
-            editor.as_mut(),
-            cases,
-            &BTreeSet::new(),
-            &opts,
-            &mut results,
-        )
-        .unwrap();
-        (model, results.0)
-    };
+    let run = |protocol| run_ft(&quick, cases, protocol);
     let unedited = smollm2();
     let (after_each, each) = run(Protocol::SequentialEvalEach);
     let (after_all, at_end) = run(Protocol::SequentialEvalAtEnd);

@@ -2,14 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use super::{EditRequest, Parsed, PromptSet, Record};
-
-fn single(prompt: String, answer: String) -> PromptSet {
-    PromptSet {
-        prompt: vec![prompt],
-        ground_truth: vec![answer],
-    }
-}
+use super::{one_hop_portability, single, EditRequest, Parsed, PromptSet, Record};
 
 /// EasyEdit's flattened CounterFact: locality key `neighborhood` from `locality_prompt`.
 pub(super) fn parse_easyedit(record: &Record<'_>) -> Result<Parsed, String> {
@@ -77,15 +70,8 @@ pub(super) fn parse_rome(record: &Record<'_>) -> Result<Parsed, String> {
         );
     }
     let mut portability = BTreeMap::new();
-    if record.get("portability").is_some() {
-        let p = record.object("portability")?;
-        let q = p
-            .string("New Question")
-            .map_err(|e| format!("portability: {e}"))?;
-        let a = p
-            .string("New Answer")
-            .map_err(|e| format!("portability: {e}"))?;
-        portability.insert("one_hop".to_string(), single(q, a));
+    if let Some(set) = one_hop_portability(record)? {
+        portability.insert("one_hop".to_string(), set);
     }
     if record.get("alternative_subject").is_some() {
         let alias = record.string("alternative_subject")?;

@@ -253,6 +253,25 @@ impl<'a> Record<'a> {
     }
 }
 
+/// One prompt with its answer.
+pub(crate) fn single(prompt: String, answer: String) -> PromptSet {
+    PromptSet {
+        prompt: vec![prompt],
+        ground_truth: vec![answer],
+    }
+}
+
+/// The EasyEdit bundle's GPT-4 one-hop question (`portability: {"New Question", "New Answer"}`),
+/// shared by its CounterFact and ZsRE portability files.
+pub(crate) fn one_hop_portability(record: &Record<'_>) -> Result<Option<PromptSet>, String> {
+    if record.get("portability").is_none() {
+        return Ok(None);
+    }
+    let p = record.object("portability")?;
+    let field = |k: &str| p.string(k).map_err(|e| format!("portability: {e}"));
+    Ok(Some(single(field("New Question")?, field("New Answer")?)))
+}
+
 /// The first string of a ground truth that may be a string, a list of aliases, or a list of
 /// alias lists (KnowEdit mixes all three).
 pub(crate) fn first_string(v: &Value) -> Option<&str> {

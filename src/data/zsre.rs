@@ -2,14 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use super::{EditRequest, Parsed, PromptSet, Record};
-
-fn single(prompt: String, answer: String) -> PromptSet {
-    PromptSet {
-        prompt: vec![prompt],
-        ground_truth: vec![answer],
-    }
-}
+use super::{one_hop_portability, single, EditRequest, Parsed, Record};
 
 /// `src` → prompt, `alt` → target, `answers[0]` → ground truth, `rephrase`; locality
 /// `neighborhood` from `loc`/`loc_ans` (kept with its `nq question:` prefix, as EasyEdit passes it);
@@ -30,15 +23,8 @@ pub(super) fn parse(record: &Record<'_>) -> Result<Parsed, String> {
         );
     }
     let mut portability = BTreeMap::new();
-    if record.get("portability").is_some() {
-        let p = record.object("portability")?;
-        let q = p
-            .string("New Question")
-            .map_err(|e| format!("portability: {e}"))?;
-        let a = p
-            .string("New Answer")
-            .map_err(|e| format!("portability: {e}"))?;
-        portability.insert("one_hop".to_string(), single(q, a));
+    if let Some(set) = one_hop_portability(record)? {
+        portability.insert("one_hop".to_string(), set);
     }
     if record.get("inverse question").is_some() {
         portability.insert(

@@ -110,3 +110,40 @@ pub fn rel_l2(a: &[f32], b: &[f32]) -> f32 {
     let den: f32 = b.iter().map(|y| y * y).sum::<f32>().sqrt();
     num / den
 }
+
+/// Runs the `kedit` binary.
+pub fn kedit<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_kedit"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// The command succeeded; its stdout.
+pub fn ok(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+/// The command failed with exit code 2 and one line on stderr containing every `needle`.
+pub fn assert_one_line_error(out: &std::process::Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "not one line: {stderr}"
+    );
+    for n in needles {
+        assert!(stderr.contains(n), "{n:?} not in: {stderr}");
+    }
+    assert!(
+        out.stdout.is_empty(),
+        "stdout on error: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
