@@ -32,6 +32,7 @@ fn run_ft(
     let opts = RunOptions {
         batch_size: 1,
         scoring: kedit::eval::Scoring::TokenAccuracy,
+        fluency_seed: None,
         protocol,
         ctx: EditCtx::default(),
     };

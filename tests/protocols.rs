@@ -111,3 +111,28 @@ fn generation_match_compares_greedy_tokens_with_the_answer() {
         greedy.generated_ids[0]
     );
 }
+
+#[test]
+fn fluency_samples_100_tokens_with_the_prompt_seeded() {
+    use kedit::eval::fluency::{fluency, fluency_sample, ngram_entropy};
+    use kedit::eval::word_tokenize::word_tokenize;
+    let model = smollm2();
+    let prompt = "The mother tongue of Danielle Darrieux is";
+    let a = fluency_sample(&model, prompt, 100, 7).unwrap();
+    assert!(a.starts_with(prompt), "{a:?}");
+    assert_eq!(
+        a,
+        fluency_sample(&model, prompt, 100, 7).unwrap(),
+        "same seed, same text"
+    );
+    assert_ne!(a, fluency_sample(&model, prompt, 100, 8).unwrap());
+    // 100 tokens in all, prompt included (re-tokenising decoded text can merge a token or two)
+    let n = model.encode(&a).unwrap().len();
+    assert!((95..=105).contains(&n), "{n} tokens");
+    let tokens = word_tokenize(&a).unwrap();
+    let refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
+    let f = fluency(&model, prompt, 7).unwrap();
+    assert_eq!(f.ngram_entropy, ngram_entropy(&refs));
+    // a fluent 100-token sample has varied trigrams: entropy well above a repetitive text's
+    assert!(f.ngram_entropy > 4.0, "{}", f.ngram_entropy);
+}

@@ -9,6 +9,7 @@ use serde::Serialize;
 use super::ModelArgs;
 use crate::data::{read_dataset, EditRequest, PromptSet};
 use crate::editors::{build_editor, default_hparams, Edit, EditCtx};
+use crate::eval::fluency::fluency;
 use crate::eval::summary::summarize;
 use crate::eval::{evaluate_with, finalize_locality, runner::CaseResult};
 use crate::model::Sampling;
@@ -60,6 +61,7 @@ pub struct ApplyArgs {
     /// Tokens of greedy continuation to show before and after
     #[arg(long, default_value_t = 16)]
     max_new_tokens: usize,
+    /// Seed of the fluency sample (the same before and after the edit)
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// Scoring: token (teacher-forced accuracy), ppl or gen-em, as for `kedit eval`
@@ -151,7 +153,12 @@ pub fn run(args: ApplyArgs) -> anyhow::Result<ExitCode> {
         )
     };
     let scoring = args.metric.scoring(args.gen_em_leading_space);
-    let pre = evaluate_with(&model, &request, scoring)?;
+    let measure = |m: &crate::model::Model| -> anyhow::Result<crate::eval::PhaseMetrics> {
+        let mut metrics = evaluate_with(m, &request, scoring)?;
+        metrics.fluency = Some(fluency(m, &request.prompt, args.seed)?);
+        Ok(metrics)
+    };
+    let pre = measure(&model)?;
     let generation_before = greedy(&model)?;
     let start = std::time::Instant::now();
     let (edit, name) = match (&args.patch, &args.editor) {
@@ -175,7 +182,7 @@ pub fn run(args: ApplyArgs) -> anyhow::Result<ExitCode> {
         (None, None) => bail!("give --editor or --patch"),
     };
     let seconds = start.elapsed().as_secs_f64();
-    let mut post = evaluate_with(&model, &request, scoring)?;
+    let mut post = measure(&model)?;
     finalize_locality(&pre, &mut post)?;
     let generation_after = greedy(&model)?;
     if let Some(path) = &args.save_edit {

@@ -52,7 +52,8 @@ pub struct EvalArgs {
     /// which byte-level BPE models never generate)
     #[arg(long)]
     gen_em_leading_space: bool,
-    /// Also measure fluency (n-gram entropy of sampled text)
+    /// Also measure fluency: n-gram entropy of a top-5 sample of 100 tokens (prompt included),
+    /// seeded with --seed, pre and post
     #[arg(long)]
     fluency: bool,
     #[arg(long, default_value_t = 42)]
@@ -153,9 +154,6 @@ fn read_previous(path: &Path) -> anyhow::Result<Vec<CaseResult>> {
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
-    if args.fluency {
-        bail!("--fluency is not implemented yet (it needs NLTK's word tokenizer, which kedit does not have yet)");
-    }
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
@@ -218,6 +216,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let opts = RunOptions {
         batch_size: args.batch_size,
         scoring: args.metric.scoring(args.gen_em_leading_space),
+        fluency_seed: args.fluency.then_some(args.seed),
         protocol: match args.sequential {
             None => Protocol::Single,
             Some(SequentialArg::Each) => Protocol::SequentialEvalEach,

@@ -2,6 +2,50 @@
 
 use std::collections::HashMap;
 
+use unicode_normalization::UnicodeNormalization;
+
+use super::word_tokenize::word_tokenize;
+use super::Fluency;
+use crate::error::Result;
+use crate::model::{Model, Sampling};
+
+/// EasyEdit's fluency sample: top-5 sampling at temperature 1 until the sequence, prompt included,
+/// holds `max_len` tokens (100), with no stop at end-of-sequence; the whole text is decoded without
+/// special tokens, NFKD-normalised, with "\n\n" turned into a space and `<|endoftext|>` removed.
+pub fn fluency_sample(model: &Model, prompt: &str, max_len: usize, seed: u64) -> Result<String> {
+    let prompt_ids = model.encode_with_special_tokens(prompt)?;
+    let new_tokens = max_len.saturating_sub(prompt_ids.len());
+    let mut ids = prompt_ids.clone();
+    if new_tokens > 0 {
+        let gen = model.generate_ids_until(
+            &prompt_ids,
+            new_tokens,
+            Sampling::TopK { k: 5, seed },
+            false,
+        )?;
+        ids.extend(gen.generated_ids);
+    }
+    let text = model
+        .tokenizer()
+        .decode(&ids, true)
+        .map_err(|e| crate::Error::Tokenizer(e.to_string()))?;
+    Ok(text
+        .nfkd()
+        .collect::<String>()
+        .replace("\n\n", " ")
+        .replace("<|endoftext|>", ""))
+}
+
+/// The fluency of `prompt`'s continuation: n-gram entropy of NLTK word tokens of the sample.
+pub fn fluency(model: &Model, prompt: &str, seed: u64) -> Result<Fluency> {
+    let text = fluency_sample(model, prompt, 100, seed)?;
+    let tokens = word_tokenize(&text)?;
+    let refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
+    Ok(Fluency {
+        ngram_entropy: ngram_entropy(&refs),
+    })
+}
+
 /// Entropy in bits of the n-gram distribution of `tokens` (0 when there are no n-grams).
 pub fn ngram_entropy_n(tokens: &[&str], n: usize) -> f64 {
     if tokens.len() < n {

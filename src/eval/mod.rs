@@ -6,6 +6,7 @@ pub mod accuracy;
 pub mod fluency;
 pub mod runner;
 pub mod summary;
+pub mod word_tokenize;
 
 use std::collections::BTreeMap;
 

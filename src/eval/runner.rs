@@ -41,6 +41,8 @@ pub struct CaseResult {
 pub struct RunOptions {
     pub batch_size: usize,
     pub scoring: Scoring,
+    /// Measure fluency too, sampling with this seed (the same for pre and post).
+    pub fluency_seed: Option<u64>,
     pub protocol: Protocol,
     pub ctx: EditCtx,
 }
@@ -72,13 +74,13 @@ pub fn run_cases(
             for (n, chunk) in todo.chunks(batch).enumerate() {
                 let pre = chunk
                     .iter()
-                    .map(|(_, r)| evaluate_with(model, r, opts.scoring))
+                    .map(|(_, r)| measure(model, r, opts))
                     .collect::<Result<Vec<_>>>()?;
                 let requests: Vec<EditRequest> = chunk.iter().map(|(_, r)| r.clone()).collect();
                 let (edit, seconds) = timed_apply(model, editor, &requests, &opts.ctx)?;
                 let posts = chunk
                     .iter()
-                    .map(|(_, r)| evaluate_with(model, r, opts.scoring))
+                    .map(|(_, r)| measure(model, r, opts))
                     .collect::<Result<Vec<_>>>();
                 edit.undo(model)?;
                 for ((&(case_id, ref request), pre), post) in
@@ -95,7 +97,7 @@ pub fn run_cases(
             for (n, (i, r)) in cases.iter().enumerate() {
                 pre.push(
                     (!done.contains(i))
-                        .then(|| evaluate_with(model, r, opts.scoring))
+                        .then(|| measure(model, r, opts))
                         .transpose()?,
                 );
                 observer.progress("pre", n + 1, total);
@@ -109,7 +111,7 @@ pub fn run_cases(
                         continue;
                     };
                     if opts.protocol == Protocol::SequentialEvalEach {
-                        let post = evaluate_with(model, request, opts.scoring)?;
+                        let post = measure(model, request, opts)?;
                         observer.case_done(finish(*case_id, request, pre, post, seconds)?)?;
                     } else {
                         pending.push((*case_id, request, pre, seconds));
@@ -118,12 +120,21 @@ pub fn run_cases(
                 observer.progress("edit", ((n + 1) * batch).min(total), total);
             }
             for (case_id, request, pre, seconds) in pending {
-                let post = evaluate_with(model, request, opts.scoring)?;
+                let post = measure(model, request, opts)?;
                 observer.case_done(finish(case_id, request, pre, post, seconds)?)?;
             }
         }
     }
     Ok(())
+}
+
+/// One phase's metrics of a request, fluency included when asked for.
+fn measure(model: &Model, request: &EditRequest, opts: &RunOptions) -> Result<PhaseMetrics> {
+    let mut metrics = evaluate_with(model, request, opts.scoring)?;
+    if let Some(seed) = opts.fluency_seed {
+        metrics.fluency = Some(super::fluency::fluency(model, &request.prompt, seed)?);
+    }
+    Ok(metrics)
 }
 
 fn timed_apply(

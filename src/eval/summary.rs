@@ -119,6 +119,9 @@ impl Summary {
             ),
         ];
         for (name, pre, post) in rows {
+            if name.ends_with("ppl") && pre.is_none() && post.is_none() {
+                continue;
+            }
             out.push_str(&format!("{name:<16}{:>10}{:>10}\n", cell(pre), cell(post)));
         }
         if let Some(s) = self.edit_seconds {

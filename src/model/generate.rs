@@ -85,6 +85,18 @@ impl Model {
         max_new_tokens: usize,
         sampling: Sampling,
     ) -> Result<Generation> {
+        self.generate_ids_until(prompt_ids, max_new_tokens, sampling, true)
+    }
+
+    /// Like [`Model::generate_ids`]; with `stop_at_eos` false an end-of-sequence token is kept and
+    /// generation goes on (EasyEdit's fluency sampler does not stop).
+    pub fn generate_ids_until(
+        &self,
+        prompt_ids: &[u32],
+        max_new_tokens: usize,
+        sampling: Sampling,
+        stop_at_eos: bool,
+    ) -> Result<Generation> {
         if prompt_ids.is_empty() {
             return Err(Error::Invalid(
                 "cannot generate from an empty prompt".into(),
@@ -128,7 +140,7 @@ impl Model {
                 _ => ranked[0].0,
             };
             generated.push(next);
-            if Some(next) == self.spec.eos_id {
+            if stop_at_eos && Some(next) == self.spec.eos_id {
                 break;
             }
             next_input = Tensor::new(&[next], &self.device)?.unsqueeze(0)?;
