@@ -21,8 +21,7 @@ use crate::error::{Error, Result};
 /// # Errors
 /// Only if the built-in Punkt parameters or patterns fail to load, which tests rule out.
 pub fn word_tokenize(text: &str) -> Result<Vec<String>> {
-    let punkt = english_punkt()?;
-    let rules = treebank()?;
+    let (punkt, rules) = nltk()?;
     Ok(punkt
         .sentences(text)
         .into_iter()
@@ -68,10 +67,9 @@ const MULTI_CHAR: &str = r"(?:\-{2,}|\.{2,}|(?:\.\s){2,}\.)";
 const WORD_START: &str = r#"[^\("`{\[:;&\#\*@\)}\]\-,]"#;
 
 /// The built-in parameters and patterns, loaded once; a failure is kept and reported every time.
-fn english_punkt() -> Result<&'static Punkt> {
-    static PUNKT: OnceLock<std::result::Result<Punkt, String>> = OnceLock::new();
-    PUNKT
-        .get_or_init(load_punkt)
+fn nltk() -> Result<&'static (Punkt, Treebank)> {
+    static NLTK: OnceLock<std::result::Result<(Punkt, Treebank), String>> = OnceLock::new();
+    NLTK.get_or_init(|| Ok((load_punkt()?, load_treebank()?)))
         .as_ref()
         .map_err(|e| Error::Invalid(e.clone()))
 }
@@ -288,6 +286,14 @@ impl Punkt {
         let mut out = Vec::new();
         let mut previous: Option<(usize, usize, Option<usize>, String)> = None; // (start, end, next, after)
         let mut previous_slice = (0usize, 0usize);
+        // The word before the mark, the mark, and what follows it: what Punkt decides on.
+        let context = |word: (usize, usize), mark_start: usize, mark_end: usize, after: &str| {
+            format!(
+                "{}{}{after}",
+                &text[word.0..word.1],
+                &text[mark_start..mark_end]
+            )
+        };
         for (start, c) in text.char_indices() {
             if !matches!(c, '.' | '?' | '!') {
                 continue;
@@ -306,26 +312,22 @@ impl Punkt {
             };
             if let Some((p_start, p_end, p_next, p_after)) = previous.take() {
                 if previous_slice.1 <= word_start {
-                    let ctx = format!(
-                        "{}{}{}",
-                        &text[previous_slice.0..previous_slice.1],
-                        &text[p_start..p_end],
-                        p_after
-                    );
-                    out.push((p_end, p_next, ctx));
+                    out.push((
+                        p_end,
+                        p_next,
+                        context(previous_slice, p_start, p_end, &p_after),
+                    ));
                 }
             }
             previous = Some((start, end, next.map(|n| end + n), after.to_string()));
             previous_slice = (word_start, start);
         }
         if let Some((p_start, p_end, p_next, p_after)) = previous {
-            let ctx = format!(
-                "{}{}{}",
-                &text[previous_slice.0..previous_slice.1],
-                &text[p_start..p_end],
-                p_after
-            );
-            out.push((p_end, p_next, ctx));
+            out.push((
+                p_end,
+                p_next,
+                context(previous_slice, p_start, p_end, &p_after),
+            ));
         }
         out
     }
@@ -444,14 +446,6 @@ struct Treebank {
     double_dashes: Rule,
     ending_quotes: Vec<Rule>,
     contractions: Vec<Rule>,
-}
-
-fn treebank() -> Result<&'static Treebank> {
-    static RULES: OnceLock<std::result::Result<Treebank, String>> = OnceLock::new();
-    RULES
-        .get_or_init(load_treebank)
-        .as_ref()
-        .map_err(|e| Error::Invalid(e.clone()))
 }
 
 fn load_treebank() -> std::result::Result<Treebank, String> {
