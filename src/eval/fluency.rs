@@ -56,8 +56,12 @@ pub fn ngram_entropy_n(tokens: &[&str], n: usize) -> f64 {
         *counts.entry(gram).or_default() += 1;
     }
     let total = (tokens.len() + 1 - n) as f64;
+    // Summed in a fixed order: HashMap order changes from process to process, and float sums
+    // with it, which would make the same text score differently in the last digit.
+    let mut counts: Vec<usize> = counts.into_values().collect();
+    counts.sort_unstable();
     counts
-        .values()
+        .iter()
         .map(|&c| {
             let p = c as f64 / total;
             -p * p.log2()
