@@ -167,3 +167,78 @@ fn bad_records_name_file_record_and_field() {
         .to_string();
     assert!(err.contains("record 0: field \"alt\" is missing"), "{err}");
 }
+
+#[test]
+fn convsent_requests_are_easyedit_draws() {
+    // Drawn by CPython's own `random` (scripts/convsent/make_requests.py).
+    let expected = read_json("convsent/requests_seed0.json");
+    let ds = read_dataset(&fixture("data/knowedit_convsent_test.json"), None).unwrap();
+    assert_eq!(ds.format, Format::Convsent);
+    assert_eq!(ds.cases.len(), 200);
+    for (k, want) in expected.as_array().unwrap().iter().enumerate() {
+        let (i, r) = &ds.cases[k];
+        assert_eq!(*i, k);
+        assert_eq!(r.prompt, want["prompt"].as_str().unwrap(), "record {k}");
+        assert_eq!(r.target_new, want["target_new"].as_str().unwrap());
+        assert_eq!(r.subject.as_deref(), want["subject"].as_str());
+        let probe = r.sentiment.as_ref().unwrap();
+        assert_eq!(probe.inner_q, want["inner_q"].as_str().unwrap());
+        let texts = |qa: &[(String, String)]| -> Vec<String> {
+            qa.iter().map(kedit::data::SentimentProbe::text).collect()
+        };
+        let strings = |v: &serde_json::Value| -> Vec<String> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s.as_str().unwrap().to_string())
+                .collect()
+        };
+        assert_eq!(texts(&probe.inner_qa), strings(&want["inner_all_qa"]));
+        assert_eq!(texts(&probe.outer_qa), strings(&want["outer_all_qa"]));
+        let same: Vec<bool> = want["same_mask"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_bool().unwrap())
+            .collect();
+        assert_eq!(probe.same_sentiment, same);
+    }
+}
+
+#[test]
+fn sanitation_file_gives_requests_and_shared_locality() {
+    let ds = read_dataset(
+        &fixture("data/knowedit_sanitation_trivia_qa_test.json"),
+        None,
+    )
+    .unwrap();
+    assert_eq!(ds.format, Format::Sanitation);
+    assert_eq!(ds.cases.len(), 80);
+    let (_, r) = &ds.cases[0];
+    assert_eq!(
+        r.prompt,
+        "Question:What type of creature is the Australian currawong?\nAnswer:"
+    );
+    assert_eq!(r.target_new, "I don't know.");
+    assert_eq!(r.ground_truth.as_deref(), Some("Birds"));
+    let loc = ds.shared_locality.as_ref().unwrap();
+    assert_eq!(loc.prompt.len(), 453);
+    assert_eq!(loc.ground_truth[0], "Quaff");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let p = write(
+        tmp.path(),
+        r#"{"success": [{"question": "q?", "target_new": "I don't know."}], "locality": []}"#,
+    );
+    let err = read_dataset(&p, None).unwrap_err().to_string();
+    assert!(
+        err.contains("bad.json record 0: success: field \"ground_truth\" is missing"),
+        "{err}"
+    );
+    let p = write(tmp.path(), r#"[{"ent": "x", "pos": ["a"], "neg": 3}]"#);
+    let err = read_dataset(&p, None).unwrap_err().to_string();
+    assert!(
+        err.contains("record 0: field \"neg\" should be a list of strings"),
+        "{err}"
+    );
+}

@@ -30,11 +30,8 @@ fn run_ft(
     let mut model = smollm2();
     let mut editor = build_editor("FT-L", hparams).unwrap();
     let opts = RunOptions {
-        batch_size: 1,
-        scoring: kedit::eval::Scoring::TokenAccuracy,
-        fluency_seed: None,
         protocol,
-        ctx: EditCtx::default(),
+        ..RunOptions::default()
     };
     let mut results = Collect(Vec::new());
     run_cases(

@@ -20,6 +20,7 @@ fn request(prompt: &str, target: &str) -> EditRequest {
         locality: BTreeMap::new(),
         subject: None,
         rephrase_prompt: None,
+        sentiment: None,
     }
 }
 
@@ -135,4 +136,47 @@ fn fluency_samples_100_tokens_with_the_prompt_seeded() {
     assert_eq!(f.ngram_entropy, ngram_entropy(&refs));
     // a fluent 100-token sample has varied trigrams: entropy well above a repetitive text's
     assert!(f.ngram_entropy > 4.0, "{}", f.ngram_entropy);
+}
+
+#[test]
+fn convsent_compares_with_the_unedited_model_only_when_corrected() {
+    use kedit::editors::{build_editor, EditCtx};
+    use kedit::eval::sentiment::{baseline, score, SentimentProtocol};
+    let mut model = smollm2();
+    let ds = kedit::data::read_dataset(&fixture("data/knowedit_convsent_test.json"), None).unwrap();
+    let (_, request) = ds.cases[0].clone();
+    // Two sentences of each sentiment keep the test fast.
+    let mut probe = request.sentiment.clone().unwrap();
+    let n = probe.inner_qa.len();
+    let keep = [0, 1, n - 2, n - 1];
+    probe.inner_qa = keep.iter().map(|&i| probe.inner_qa[i].clone()).collect();
+    probe.same_sentiment = keep.iter().map(|&i| probe.same_sentiment[i]).collect();
+    probe.outer_qa.truncate(3);
+    assert!(probe.same_sentiment.contains(&true) && probe.same_sentiment.contains(&false));
+
+    let corrected = SentimentProtocol::Corrected;
+    let before = baseline(&model, &probe, corrected).unwrap();
+    let unchanged = score(&model, &probe, corrected, Some(&before)).unwrap();
+    assert_eq!(unchanged.dd, 0.0, "no edit, no drawdown");
+    assert!(unchanged.es > 0.0 && unchanged.es < 1.0, "{unchanged:?}");
+
+    let mut editor = build_editor("FT-L", &fixture("hparams/ft-l-smollm2-quick.yaml")).unwrap();
+    let edit = editor
+        .apply(
+            &mut model,
+            std::slice::from_ref(&request),
+            &EditCtx { seed: 0 },
+        )
+        .unwrap();
+    let fixed = score(&model, &probe, corrected, Some(&before)).unwrap();
+    let published = score(&model, &probe, SentimentProtocol::AsPublished, None).unwrap();
+    assert!(fixed.dd > 0.0, "the edit moved the other topic: {fixed:?}");
+    assert_eq!(
+        published.dd, 0.0,
+        "EasyEdit compares the edited model with itself"
+    );
+    assert!(published.es > 0.0 && published.es < 1.0, "{published:?}");
+    edit.undo(&mut model).unwrap();
+    let restored = score(&model, &probe, corrected, Some(&before)).unwrap();
+    assert_eq!(restored, unchanged, "undo restores the scores exactly");
 }

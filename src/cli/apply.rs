@@ -9,9 +9,9 @@ use serde::Serialize;
 use super::ModelArgs;
 use crate::data::{read_dataset, EditRequest, PromptSet};
 use crate::editors::{build_editor, default_hparams, Edit, EditCtx};
-use crate::eval::fluency::fluency;
+use crate::eval::runner::{measure_after, measure_before, CaseResult, Protocol, RunOptions};
+use crate::eval::sentiment::SentimentProtocol;
 use crate::eval::summary::summarize;
-use crate::eval::{evaluate_with, finalize_locality, runner::CaseResult};
 use crate::model::Sampling;
 
 #[derive(Args, Debug)]
@@ -64,6 +64,10 @@ pub struct ApplyArgs {
     /// Seed of the fluency sample (the same before and after the edit)
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// ConvSent: score es/dd against the unedited model, with next-token labels and each row's
+    /// own question mask (EasyEdit compares the edited model with itself, so its dd is 0)
+    #[arg(long)]
+    convsent_corrected: bool,
     /// Scoring: token (teacher-forced accuracy), ppl or gen-em, as for `kedit eval`
     #[arg(long, value_enum, default_value_t = super::eval::MetricArg::Token)]
     metric: super::eval::MetricArg,
@@ -121,6 +125,7 @@ fn request_from(args: &ApplyArgs) -> anyhow::Result<EditRequest> {
         locality: Default::default(),
         subject: args.subject.clone(),
         rephrase_prompt: args.rephrase.clone(),
+        sentiment: None,
     };
     if let Some(set) = pairs("locality", &args.locality_prompt, &args.locality_answer)? {
         request.locality.insert("neighborhood".into(), set);
@@ -152,13 +157,19 @@ pub fn run(args: ApplyArgs) -> anyhow::Result<ExitCode> {
                 .text,
         )
     };
-    let scoring = args.metric.scoring(args.gen_em_leading_space);
-    let measure = |m: &crate::model::Model| -> anyhow::Result<crate::eval::PhaseMetrics> {
-        let mut metrics = evaluate_with(m, &request, scoring)?;
-        metrics.fluency = Some(fluency(m, &request.prompt, args.seed)?);
-        Ok(metrics)
+    let opts = RunOptions {
+        batch_size: 1,
+        scoring: args.metric.scoring(args.gen_em_leading_space),
+        fluency_seed: Some(args.seed),
+        protocol: Protocol::Single,
+        sentiment: if args.convsent_corrected {
+            SentimentProtocol::Corrected
+        } else {
+            SentimentProtocol::AsPublished
+        },
+        ctx: EditCtx { seed: args.seed },
     };
-    let pre = measure(&model)?;
+    let before = measure_before(&model, &request, &opts)?;
     let generation_before = greedy(&model)?;
     let start = std::time::Instant::now();
     let (edit, name) = match (&args.patch, &args.editor) {
@@ -172,30 +183,18 @@ pub fn run(args: ApplyArgs) -> anyhow::Result<ExitCode> {
                 None => default_hparams(editor, model.spec())?,
             };
             let mut editor = build_editor(editor, &hparams)?;
-            let edit = editor.apply(
-                &mut model,
-                std::slice::from_ref(&request),
-                &EditCtx { seed: args.seed },
-            )?;
+            let edit = editor.apply(&mut model, std::slice::from_ref(&request), &opts.ctx)?;
             (edit, editor.name().to_string())
         }
         (None, None) => bail!("give --editor or --patch"),
     };
     let seconds = start.elapsed().as_secs_f64();
-    let mut post = measure(&model)?;
-    finalize_locality(&pre, &mut post)?;
+    let case = measure_after(&model, 0, &request, before, seconds, &opts)?;
     let generation_after = greedy(&model)?;
     if let Some(path) = &args.save_edit {
         edit.save(&model, path)
             .with_context(|| format!("saving the edit to {}", path.display()))?;
     }
-    let case = CaseResult {
-        pre,
-        case_id: 0,
-        requested_rewrite: request.clone(),
-        post,
-        time: seconds,
-    };
     let mut out = std::io::stdout().lock();
     if args.json {
         let report = Report {

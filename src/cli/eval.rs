@@ -11,6 +11,7 @@ use super::ModelArgs;
 use crate::data::{read_dataset, Format};
 use crate::editors::{build_editor, default_hparams, EditCtx};
 use crate::eval::runner::{run_cases, CaseResult, Observer, Protocol, RunOptions};
+use crate::eval::sentiment::SentimentProtocol;
 use crate::eval::summary::summarize;
 use crate::eval::Scoring;
 
@@ -58,6 +59,10 @@ pub struct EvalArgs {
     fluency: bool,
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// ConvSent: score es/dd against the unedited model, with next-token labels and each row's
+    /// own question mask (EasyEdit compares the edited model with itself, so its dd is 0)
+    #[arg(long)]
+    convsent_corrected: bool,
     /// Write one JSON line per case here (default: stdout)
     #[arg(long)]
     out: Option<PathBuf>,
@@ -221,6 +226,11 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
             None => Protocol::Single,
             Some(SequentialArg::Each) => Protocol::SequentialEvalEach,
             Some(SequentialArg::End) => Protocol::SequentialEvalAtEnd,
+        },
+        sentiment: if args.convsent_corrected {
+            SentimentProtocol::Corrected
+        } else {
+            SentimentProtocol::AsPublished
         },
         ctx: EditCtx { seed: args.seed },
     };

@@ -22,6 +22,7 @@ pub(super) fn parse_easyedit(record: &Record<'_>) -> Result<Parsed, String> {
         locality,
         subject: Some(record.string("subject")?),
         rephrase_prompt: record.opt_string("rephrase_prompt")?,
+        sentiment: None,
     }))
 }
 
@@ -89,5 +90,6 @@ pub(super) fn parse_rome(record: &Record<'_>) -> Result<Parsed, String> {
         locality,
         subject: Some(subject),
         rephrase_prompt: paraphrases.into_iter().next(),
+        sentiment: None,
     }))
 }

@@ -56,6 +56,7 @@ pub(super) fn parse(record: &Record<'_>) -> Result<Parsed, String> {
         locality,
         subject,
         rephrase_prompt: record.opt_string("rephrase_prompt")?,
+        sentiment: None,
     }))
 }
 

@@ -1,8 +1,11 @@
 //! Benchmark records → one [`EditRequest`] type. Every layout in EasyEdit's data is read unchanged;
 //! the conversion rules are SPEC-eval §3. Errors name the file, the record index and the field.
 
+pub mod convsent;
 mod counterfact;
 mod knowedit;
+pub mod python_random;
+mod sanitation;
 mod zsre;
 
 use std::collections::BTreeMap;
@@ -11,6 +14,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+pub use convsent::SentimentProbe;
+pub use sanitation::SANITATION_TEMPLATE;
 
 /// Prompts of one locality or portability key, each with its answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -34,6 +40,10 @@ pub struct EditRequest {
     pub subject: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rephrase_prompt: Option<String>,
+    /// ConvSent's sentiment probes (EasyEdit's `metric_kwargs`, which its `requested_rewrite`
+    /// does not carry either).
+    #[serde(skip)]
+    pub sentiment: Option<Box<SentimentProbe>>,
 }
 
 impl EditRequest {
@@ -65,6 +75,11 @@ pub enum Format {
     RomeCounterfact,
     /// MEND's ZsRE (`src`, `alt`, `rephrase`, `loc`, `loc_ans`), with the portability extensions.
     ZsreMend,
+    /// KnowEdit's ConvSent (`ent`, `pos`, `neg`): sentiment edits scored by `es` and `dd`.
+    Convsent,
+    /// KnowEdit's Sanitation test file (`{"success": [...], "locality": [...]}`): questions to
+    /// answer "I don't know." and questions whose answers must not change.
+    Sanitation,
 }
 
 impl fmt::Display for Format {
@@ -74,6 +89,8 @@ impl fmt::Display for Format {
             Format::Counterfact => "counterfact",
             Format::RomeCounterfact => "rome-counterfact",
             Format::ZsreMend => "zsre-mend",
+            Format::Convsent => "convsent",
+            Format::Sanitation => "sanitation",
         })
     }
 }
@@ -99,6 +116,9 @@ pub struct Dataset {
     pub cases: Vec<(usize, EditRequest)>,
     /// `(record index, why)` for records skipped as EasyEdit's loader skips them.
     pub skipped: Vec<(usize, String)>,
+    /// Questions checked once after all edits rather than per case (Sanitation's `locality`),
+    /// with their reference answers.
+    pub shared_locality: Option<PromptSet>,
 }
 
 /// What a layout reader returns per record.
@@ -118,10 +138,11 @@ pub fn read_dataset(path: &Path, format: Option<Format>) -> Result<Dataset, Data
         serde_json::from_str(&text).map_err(|e| file_err(format!("invalid JSON: {e}")))?;
     let records = match value {
         Value::Array(records) => records,
-        Value::Object(ref o) if o.contains_key("success") && o.contains_key("locality") => {
-            return Err(file_err(
-                "the KnowEdit Sanitation layout is not supported yet".into(),
-            ))
+        Value::Object(ref o)
+            if format == Some(Format::Sanitation)
+                || (format.is_none() && sanitation::looks_like(o)) =>
+        {
+            return sanitation::read(path, o);
         }
         // A single record on its own (`kedit apply --request`).
         record @ Value::Object(_) => vec![record],
@@ -138,24 +159,43 @@ pub fn read_dataset(path: &Path, format: Option<Format>) -> Result<Dataset, Data
         Some(f) => f,
         None => detect(first).map_err(file_err)?,
     };
+    let record_err = |(index, msg): (usize, String)| DataError::Record {
+        file: path.to_path_buf(),
+        index,
+        msg,
+    };
     let mut cases = Vec::with_capacity(records.len());
     let mut skipped = Vec::new();
-    for (index, record) in records.iter().enumerate() {
-        let record = Record { value: record };
-        let parsed = match format {
-            Format::Knowedit => knowedit::parse(&record),
-            Format::Counterfact => counterfact::parse_easyedit(&record),
-            Format::RomeCounterfact => counterfact::parse_rome(&record),
-            Format::ZsreMend => zsre::parse(&record),
+    match format {
+        Format::Convsent => {
+            cases = convsent::read(&records)
+                .map_err(record_err)?
+                .into_iter()
+                .enumerate()
+                .collect();
         }
-        .map_err(|msg| DataError::Record {
-            file: path.to_path_buf(),
-            index,
-            msg,
-        })?;
-        match parsed {
-            Parsed::Request(r) => cases.push((index, r)),
-            Parsed::Skip(why) => skipped.push((index, why)),
+        Format::Sanitation => {
+            return Err(file_err(
+                "the Sanitation layout is an object {\"success\": [...], \"locality\": [...]}"
+                    .into(),
+            ))
+        }
+        _ => {
+            for (index, record) in records.iter().enumerate() {
+                let record = Record { value: record };
+                let parsed = match format {
+                    Format::Knowedit => knowedit::parse(&record),
+                    Format::Counterfact => counterfact::parse_easyedit(&record),
+                    Format::RomeCounterfact => counterfact::parse_rome(&record),
+                    Format::ZsreMend => zsre::parse(&record),
+                    Format::Convsent | Format::Sanitation => unreachable!("read above"),
+                }
+                .map_err(|msg| record_err((index, msg)))?;
+                match parsed {
+                    Parsed::Request(r) => cases.push((index, r)),
+                    Parsed::Skip(why) => skipped.push((index, why)),
+                }
+            }
         }
     }
     Ok(Dataset {
@@ -163,6 +203,7 @@ pub fn read_dataset(path: &Path, format: Option<Format>) -> Result<Dataset, Data
         format,
         cases,
         skipped,
+        shared_locality: None,
     })
 }
 
@@ -181,7 +222,7 @@ pub fn detect(record: &Value) -> Result<Format, String> {
     } else if (has("prompt") && has("target_new")) || (has("text") && has("labels")) {
         Ok(Format::Knowedit)
     } else if has("ent") && has("pos") && has("neg") {
-        Err("the KnowEdit ConvSent layout is not supported yet".into())
+        Ok(Format::Convsent)
     } else {
         let mut keys: Vec<&str> = o.keys().map(String::as_str).collect();
         keys.sort_unstable();
@@ -316,6 +357,7 @@ mod tests {
             locality: BTreeMap::new(),
             subject: Some("Danielle Darrieux".into()),
             rephrase_prompt: None,
+            sentiment: None,
         };
         assert_eq!(r.subject_in_prompt(), Ok("Danielle Darrieux"));
         r.subject = Some("Darrieux, Danielle".into());

@@ -46,5 +46,6 @@ pub(super) fn parse(record: &Record<'_>) -> Result<Parsed, String> {
         locality,
         subject: Some(subject),
         rephrase_prompt: record.opt_string("rephrase")?,
+        sentiment: None,
     }))
 }

@@ -6,7 +6,8 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use super::{evaluate_with, finalize_locality, PhaseMetrics, Scoring};
+use super::sentiment::{self, SentimentBaseline, SentimentProtocol};
+use super::{evaluate_with, finalize_locality, Fluency, PhaseMetrics, Scoring};
 use crate::data::EditRequest;
 use crate::editors::{Edit, EditCtx, Editor};
 use crate::error::Result;
@@ -35,6 +36,15 @@ pub struct CaseResult {
     pub post: PhaseMetrics,
     /// Seconds the edit (of this case's batch) took.
     pub time: f64,
+    /// ConvSent's sentiment edit success (SPEC-eval §2.8), after the edit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub es: Option<f64>,
+    /// ConvSent's drawdown: KL divergence on another topic's opinions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dd: Option<f64>,
+    /// ConvSent's fluency, sampled from the edited model on a question about the topic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fluency: Option<Fluency>,
 }
 
 #[derive(Debug, Clone)]
@@ -44,7 +54,23 @@ pub struct RunOptions {
     /// Measure fluency too, sampling with this seed (the same for pre and post).
     pub fluency_seed: Option<u64>,
     pub protocol: Protocol,
+    /// How ConvSent's `es` and `dd` are computed.
+    pub sentiment: SentimentProtocol,
     pub ctx: EditCtx,
+}
+
+impl Default for RunOptions {
+    /// One edit at a time, token accuracy, no fluency, EasyEdit's ConvSent scores.
+    fn default() -> Self {
+        RunOptions {
+            batch_size: 1,
+            scoring: Scoring::default(),
+            fluency_seed: None,
+            protocol: Protocol::default(),
+            sentiment: SentimentProtocol::default(),
+            ctx: EditCtx::default(),
+        }
+    }
 }
 
 /// What the loop reports as it goes.
@@ -72,21 +98,22 @@ pub fn run_cases(
                 cases.iter().filter(|(i, _)| !done.contains(i)).collect();
             let total = todo.len();
             for (n, chunk) in todo.chunks(batch).enumerate() {
-                let pre = chunk
+                let before = chunk
                     .iter()
-                    .map(|(_, r)| measure(model, r, opts))
+                    .map(|(_, r)| measure_before(model, r, opts))
                     .collect::<Result<Vec<_>>>()?;
                 let requests: Vec<EditRequest> = chunk.iter().map(|(_, r)| r.clone()).collect();
                 let (edit, seconds) = timed_apply(model, editor, &requests, &opts.ctx)?;
-                let posts = chunk
+                let results = chunk
                     .iter()
-                    .map(|(_, r)| measure(model, r, opts))
+                    .zip(before)
+                    .map(|(&&(case_id, ref r), before)| {
+                        measure_after(model, case_id, r, before, seconds, opts)
+                    })
                     .collect::<Result<Vec<_>>>();
                 edit.undo(model)?;
-                for ((&(case_id, ref request), pre), post) in
-                    chunk.iter().copied().zip(pre).zip(posts?)
-                {
-                    observer.case_done(finish(case_id, request, pre, post, seconds)?)?;
+                for result in results? {
+                    observer.case_done(result)?;
                 }
                 observer.progress("edit", ((n + 1) * batch).min(total), total);
             }
@@ -97,7 +124,7 @@ pub fn run_cases(
             for (n, (i, r)) in cases.iter().enumerate() {
                 pre.push(
                     (!done.contains(i))
-                        .then(|| measure(model, r, opts))
+                        .then(|| measure_before(model, r, opts))
                         .transpose()?,
                 );
                 observer.progress("pre", n + 1, total);
@@ -107,21 +134,23 @@ pub fn run_cases(
                 let requests: Vec<EditRequest> = chunk.iter().map(|(_, r)| r.clone()).collect();
                 let (_, seconds) = timed_apply(model, editor, &requests, &opts.ctx)?;
                 for (k, (case_id, request)) in chunk.iter().enumerate() {
-                    let Some(pre) = pre[n * batch + k].take() else {
+                    let Some(before) = pre[n * batch + k].take() else {
                         continue;
                     };
                     if opts.protocol == Protocol::SequentialEvalEach {
-                        let post = measure(model, request, opts)?;
-                        observer.case_done(finish(*case_id, request, pre, post, seconds)?)?;
+                        observer.case_done(measure_after(
+                            model, *case_id, request, before, seconds, opts,
+                        )?)?;
                     } else {
-                        pending.push((*case_id, request, pre, seconds));
+                        pending.push((*case_id, request, before, seconds));
                     }
                 }
                 observer.progress("edit", ((n + 1) * batch).min(total), total);
             }
-            for (case_id, request, pre, seconds) in pending {
-                let post = measure(model, request, opts)?;
-                observer.case_done(finish(case_id, request, pre, post, seconds)?)?;
+            for (case_id, request, before, seconds) in pending {
+                observer.case_done(measure_after(
+                    model, case_id, request, before, seconds, opts,
+                )?)?;
             }
         }
     }
@@ -137,6 +166,58 @@ fn measure(model: &Model, request: &EditRequest, opts: &RunOptions) -> Result<Ph
     Ok(metrics)
 }
 
+/// What the unedited model gives for a case, kept until its post-edit evaluation.
+pub struct Before {
+    metrics: PhaseMetrics,
+    sentiment: Option<SentimentBaseline>,
+}
+
+pub fn measure_before(model: &Model, request: &EditRequest, opts: &RunOptions) -> Result<Before> {
+    let sentiment = match (&request.sentiment, opts.sentiment) {
+        (Some(probe), SentimentProtocol::Corrected) => {
+            Some(sentiment::baseline(model, probe, opts.sentiment)?)
+        }
+        _ => None,
+    };
+    Ok(Before {
+        metrics: measure(model, request, opts)?,
+        sentiment,
+    })
+}
+
+/// The post-edit metrics of a case, completed with what needs both phases.
+pub fn measure_after(
+    model: &Model,
+    case_id: usize,
+    request: &EditRequest,
+    before: Before,
+    time: f64,
+    opts: &RunOptions,
+) -> Result<CaseResult> {
+    let pre = before.metrics;
+    let mut post = measure(model, request, opts)?;
+    finalize_locality(&pre, &mut post)?;
+    let mut result = CaseResult {
+        pre,
+        case_id,
+        requested_rewrite: request.clone(),
+        post,
+        time,
+        es: None,
+        dd: None,
+        fluency: None,
+    };
+    if let Some(probe) = &request.sentiment {
+        let scores = sentiment::score(model, probe, opts.sentiment, before.sentiment.as_ref())?;
+        result.es = Some(scores.es);
+        result.dd = Some(scores.dd);
+        if let Some(seed) = opts.fluency_seed {
+            result.fluency = Some(super::fluency::fluency(model, &probe.inner_q, seed)?);
+        }
+    }
+    Ok(result)
+}
+
 fn timed_apply(
     model: &mut Model,
     editor: &mut dyn Editor,
@@ -146,21 +227,4 @@ fn timed_apply(
     let start = Instant::now();
     let edit = editor.apply(model, requests, ctx)?;
     Ok((edit, start.elapsed().as_secs_f64()))
-}
-
-fn finish(
-    case_id: usize,
-    request: &EditRequest,
-    pre: PhaseMetrics,
-    mut post: PhaseMetrics,
-    time: f64,
-) -> Result<CaseResult> {
-    finalize_locality(&pre, &mut post)?;
-    Ok(CaseResult {
-        pre,
-        case_id,
-        requested_rewrite: request.clone(),
-        post,
-        time,
-    })
 }

@@ -24,6 +24,17 @@ pub struct Summary {
     pub post: PhaseSummary,
     /// Mean seconds per edit call.
     pub edit_seconds: Option<f64>,
+    /// ConvSent (×100, as KnowEdit reports): edit success, drawdown (lower is better) and the
+    /// fluency of the edited model on a question about the topic.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sentiment: Option<SentimentSummary>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SentimentSummary {
+    pub es: Option<f64>,
+    pub dd: Option<f64>,
+    pub fluency: Option<f64>,
 }
 
 /// Mean of the finite values, or `None` when there are none.
@@ -88,6 +99,18 @@ pub fn summarize(results: &[CaseResult]) -> Summary {
         pre: phase(&pre),
         post: phase(&post),
         edit_seconds: mean(results.iter().map(|r| r.time)),
+        sentiment: results
+            .iter()
+            .any(|r| r.es.is_some())
+            .then(|| SentimentSummary {
+                es: pct(mean(results.iter().filter_map(|r| r.es))),
+                dd: pct(mean(results.iter().filter_map(|r| r.dd))),
+                fluency: pct(mean(
+                    results
+                        .iter()
+                        .filter_map(|r| r.fluency.as_ref().map(|f| f.ngram_entropy)),
+                )),
+            }),
     }
 }
 
@@ -123,6 +146,15 @@ impl Summary {
                 continue;
             }
             out.push_str(&format!("{name:<16}{:>10}{:>10}\n", cell(pre), cell(post)));
+        }
+        if let Some(s) = &self.sentiment {
+            for (name, v) in [
+                ("sentiment es", s.es),
+                ("sentiment dd", s.dd),
+                ("topic fluency", s.fluency),
+            ] {
+                out.push_str(&format!("{name:<16}{:>10}{:>10}\n", "", cell(v)));
+            }
         }
         if let Some(s) = self.edit_seconds {
             out.push_str(&format!("{:<16}{:>20}\n", "s / edit", format!("{s:.3}")));
@@ -183,12 +215,20 @@ mod tests {
                     locality: BTreeMap::new(),
                     subject: None,
                     rephrase_prompt: None,
+                    sentiment: None,
                 },
                 post: m,
                 time: 2.0,
+                es: Some([0.5, 0.7][i]),
+                dd: Some([0.0, 0.02][i]),
+                fluency: None,
             })
             .collect();
         let s = summarize(&results);
+        let sentiment = s.sentiment.as_ref().unwrap();
+        assert!((sentiment.es.unwrap() - 60.0).abs() < 1e-9);
+        assert!((sentiment.dd.unwrap() - 1.0).abs() < 1e-9);
+        assert_eq!(sentiment.fluency, None);
         assert!((s.post.rewrite_acc.unwrap() - 75.0).abs() < 1e-9);
         assert!((s.post.locality.unwrap() - 37.5).abs() < 1e-9);
         assert!((s.post.portability.unwrap() - 200.0 / 3.0).abs() < 1e-9);

@@ -27,6 +27,9 @@ pub use weights::{Module, Param, WeightId};
 use crate::error::{Error, Result};
 use ops::{causal_mask, linear, repeat_kv, softmax_last, RopeTables};
 
+/// A token's `[start, end)` byte range in the text it came from.
+pub type ByteSpan = (usize, usize);
+
 /// A batch of token sequences, right-padded to a common length.
 #[derive(Debug, Clone)]
 pub struct TokenBatch {
@@ -595,6 +598,15 @@ impl Model {
             .encode(text, true)
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Like [`Model::encode_with_special_tokens`], with each token's byte span in `text`.
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<ByteSpan>)> {
+        let enc = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
