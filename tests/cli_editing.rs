@@ -165,3 +165,64 @@ fn unknown_hparams_fields_and_methods_are_named() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("SORCERY"));
 }
+
+#[test]
+fn sanitation_edits_all_questions_then_judges_generations() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The first three "birds" questions and six locality questions, records unchanged.
+    let full = read_json("data/knowedit_sanitation_trivia_qa_test.json");
+    let part = serde_json::json!({
+        "success": full["success"].as_array().unwrap()[..3],
+        "locality": full["locality"].as_array().unwrap()[..6],
+    });
+    let data = tmp.path().join("sanitation.json");
+    std::fs::write(&data, part.to_string()).unwrap();
+    let model = smollm2_path();
+    let run = |editor: &str, hparams: Option<&std::path::Path>, out: &str| {
+        let out = tmp.path().join(out);
+        let mut args = vec![
+            "eval".to_string(),
+            "-m".into(),
+            model.to_str().unwrap().into(),
+            "--editor".into(),
+            editor.into(),
+            "--data".into(),
+            data.to_str().unwrap().into(),
+            "--batch-size".into(),
+            "3".into(),
+            "--json".into(),
+            "--out".into(),
+            out.to_str().unwrap().into(),
+        ];
+        if let Some(h) = hparams {
+            args.extend(["--hparams".into(), h.to_str().unwrap().into()]);
+        }
+        let summary: serde_json::Value = serde_json::from_str(&ok(&kedit(&args))).unwrap();
+        let lines = std::fs::read_to_string(out).unwrap();
+        (summary, lines)
+    };
+
+    // FT-M teaches the three questions to answer "I don't know.": the generations now contain it.
+    let (summary, lines) = run("FT-M", None, "ftm.jsonl");
+    assert_eq!(summary["cases"], 3);
+    assert_eq!(summary["edit_success_pre"], 0.0);
+    assert_eq!(summary["edit_success_post"], 100.0, "{summary}");
+    assert_eq!(summary["locality_questions"], 6);
+    for line in lines.lines() {
+        let case: serde_json::Value = serde_json::from_str(line).unwrap();
+        let post = case["post"]["generation"].as_str().unwrap();
+        let prompt = case["requested_rewrite"]["prompt"].as_str().unwrap();
+        assert!(
+            post.starts_with(prompt) && post.contains("I don't know."),
+            "{post:?}"
+        );
+    }
+
+    // An edit that changes nothing keeps every locality answer and every hit.
+    let still = tmp.path().join("lr0.yaml");
+    let quick = std::fs::read_to_string(fixture("hparams/ft-l-smollm2-quick.yaml")).unwrap();
+    std::fs::write(&still, quick.replace("lr: 5e-3", "lr: 0.0")).unwrap();
+    let (summary, _) = run("FT-L", Some(&still), "noop.jsonl");
+    assert_eq!(summary["locality"], 100.0, "{summary}");
+    assert_eq!(summary["edit_success_post"], summary["edit_success_pre"]);
+}

@@ -75,6 +75,10 @@ pub struct EvalArgs {
     /// No progress bar and no summary table
     #[arg(long, short)]
     quiet: bool,
+    /// Sanitation: edit only the questions whose answer is this (cheese, birds, paris,
+    /// "julius caesar", finland), as the script's --specify_answer; default all
+    #[arg(long)]
+    sanitation_answer: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -100,6 +104,17 @@ enum SequentialArg {
     End,
 }
 
+/// One JSON line, written in one call and flushed: an interrupted run leaves whole lines (and at
+/// worst one partial last line, which --resume drops).
+fn write_line(out: &mut dyn Write, value: &impl serde::Serialize) -> crate::Result<()> {
+    let mut line = serde_json::to_string(value)
+        .map_err(|e| crate::Error::Invalid(format!("cannot serialise a result: {e}")))?;
+    line.push('\n');
+    out.write_all(line.as_bytes())
+        .and_then(|_| out.flush())
+        .map_err(|e| crate::Error::io("results", e))
+}
+
 struct Sink {
     out: Box<dyn Write>,
     results: Vec<CaseResult>,
@@ -108,15 +123,7 @@ struct Sink {
 
 impl Observer for Sink {
     fn case_done(&mut self, result: CaseResult) -> crate::Result<()> {
-        let mut line = serde_json::to_string(&result)
-            .map_err(|e| crate::Error::Invalid(format!("cannot serialise a result: {e}")))?;
-        line.push('\n');
-        // One write per line, flushed: an interrupted run leaves whole lines (and at worst one
-        // partial last line, which --resume drops).
-        self.out
-            .write_all(line.as_bytes())
-            .and_then(|_| self.out.flush())
-            .map_err(|e| crate::Error::io("results", e))?;
+        write_line(self.out.as_mut(), &result)?;
         self.results.push(result);
         Ok(())
     }
@@ -158,6 +165,92 @@ fn read_previous(path: &Path) -> anyhow::Result<Vec<CaseResult>> {
     Ok(results)
 }
 
+fn open_results(path: &Path) -> anyhow::Result<Box<dyn Write>> {
+    Ok(Box::new(
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("{}", path.display()))?,
+    ))
+}
+
+fn progress_bar(args: &EvalArgs, len: usize) -> Option<indicatif::ProgressBar> {
+    (!args.quiet && std::io::stderr().is_terminal()).then(|| {
+        let bar = indicatif::ProgressBar::new(len as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg:>5} [{bar:40}] {pos}/{len} {elapsed}<{eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    })
+}
+
+/// Sanitation is one experiment over all selected questions (edits kept, judged at the end), so
+/// it is not resumable: an interrupted run is started again.
+fn run_sanitation(
+    args: &EvalArgs,
+    cases: Vec<(usize, crate::data::EditRequest)>,
+    locality: &crate::data::PromptSet,
+    model: &mut crate::model::Model,
+    editor: &mut dyn crate::editors::Editor,
+    hparams: &Path,
+) -> anyhow::Result<ExitCode> {
+    use crate::eval::sanitation::{self, SanitationOptions};
+    let mut out: Box<dyn Write> = match &args.out {
+        Some(path) => {
+            if path.exists() && std::fs::metadata(path)?.len() > 0 {
+                bail!(
+                    "{} already holds results, and a Sanitation run cannot be resumed (its edits are judged together); choose another --out",
+                    path.display()
+                );
+            }
+            open_results(path)?
+        }
+        None => Box::new(std::io::stdout()),
+    };
+    let bar = progress_bar(args, cases.len() + locality.prompt.len());
+    let opts = SanitationOptions {
+        batch_size: args.batch_size,
+        fluency_seed: args.fluency.then_some(args.seed),
+        ctx: EditCtx { seed: args.seed },
+    };
+    let summary = sanitation::run(
+        model,
+        editor,
+        &cases,
+        locality,
+        &opts,
+        &mut |case| write_line(out.as_mut(), case),
+        &mut |stage, done, total| {
+            if let Some(bar) = &bar {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+                bar.set_message(stage);
+            }
+        },
+    )?;
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    if args.json {
+        let mut stdout = std::io::stdout().lock();
+        serde_json::to_writer(&mut stdout, &summary)?;
+        writeln!(stdout)?;
+    } else if !args.quiet {
+        eprint!(
+            "{} on {} ({}), Sanitation protocol\n{}",
+            editor.name(),
+            args.data.display(),
+            hparams.display(),
+            summary.table()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
@@ -165,7 +258,15 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let dataset = read_dataset(&args.data, args.format)?;
     let cases: Vec<_> = dataset
         .cases
-        .into_iter()
+        .iter()
+        .cloned()
+        .filter(|(_, r)| match &args.sanitation_answer {
+            Some(answer) => r
+                .ground_truth
+                .as_deref()
+                .is_some_and(|gt| gt.eq_ignore_ascii_case(answer)),
+            None => true,
+        })
         .skip_while(|(i, _)| *i < args.offset)
         .take(args.limit.unwrap_or(usize::MAX))
         .collect();
@@ -182,6 +283,16 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         None => default_hparams(&args.editor, model.spec())?,
     };
     let mut editor = build_editor(&args.editor, &hparams)?;
+    if let Some(locality) = &dataset.shared_locality {
+        return run_sanitation(
+            &args,
+            cases,
+            locality,
+            &mut model,
+            editor.as_mut(),
+            &hparams,
+        );
+    }
 
     let mut previous = Vec::new();
     let out: Box<dyn Write> = match &args.out {
@@ -192,27 +303,12 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
                 }
                 previous = read_previous(path)?;
             }
-            Box::new(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .with_context(|| format!("{}", path.display()))?,
-            )
+            open_results(path)?
         }
         None => Box::new(std::io::stdout()),
     };
     let done: BTreeSet<usize> = previous.iter().map(|r| r.case_id).collect();
-    let bar = (!args.quiet && std::io::stderr().is_terminal()).then(|| {
-        let bar = indicatif::ProgressBar::new(cases.len() as u64);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{msg:>5} [{bar:40}] {pos}/{len} {elapsed}<{eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        bar
-    });
+    let bar = progress_bar(&args, cases.len());
     let mut sink = Sink {
         out,
         results: previous,

@@ -5,6 +5,7 @@
 pub mod accuracy;
 pub mod fluency;
 pub mod runner;
+pub mod sanitation;
 pub mod sentiment;
 pub mod summary;
 pub mod word_tokenize;
