@@ -256,10 +256,10 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         bail!("--batch-size must be at least 1");
     }
     let dataset = read_dataset(&args.data, args.format)?;
+    let shared_locality = dataset.shared_locality;
     let cases: Vec<_> = dataset
         .cases
-        .iter()
-        .cloned()
+        .into_iter()
         .filter(|(_, r)| match &args.sanitation_answer {
             Some(answer) => r
                 .ground_truth
@@ -272,7 +272,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         .collect();
     if cases.is_empty() {
         bail!(
-            "{}: no records to evaluate after --offset {} and --limit",
+            "{}: no records to evaluate after --offset {}, --limit and --sanitation-answer",
             args.data.display(),
             args.offset
         );
@@ -283,7 +283,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         None => default_hparams(&args.editor, model.spec())?,
     };
     let mut editor = build_editor(&args.editor, &hparams)?;
-    if let Some(locality) = &dataset.shared_locality {
+    if let Some(locality) = &shared_locality {
         return run_sanitation(
             &args,
             cases,
