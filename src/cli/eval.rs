@@ -336,6 +336,11 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     }
     let summary = summarize(&sink.results);
     if args.json {
+        if !args.quiet {
+            for warning in summary.warnings() {
+                eprintln!("{warning}");
+            }
+        }
         let mut stdout = std::io::stdout().lock();
         serde_json::to_writer(&mut stdout, &summary)?;
         writeln!(stdout)?;

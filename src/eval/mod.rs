@@ -36,6 +36,59 @@ pub enum Scoring {
     GenerationMatch { leading_space: bool },
 }
 
+impl Scoring {
+    /// EasyEdit's protocol tag for reliability and generalisation under this scoring
+    /// (SPEC-eval §2.10): `(protocol, scorer, comparable_group)`.
+    fn tag(self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            Scoring::TokenAccuracy => (
+                "decoder_only_teacher_forcing",
+                "token_accuracy",
+                "lm.decoder_only_teacher_forcing.token_accuracy",
+            ),
+            Scoring::Perplexity => (
+                "teacher_forcing_ppl",
+                "perplexity",
+                "lm.teacher_forcing.perplexity",
+            ),
+            Scoring::GenerationMatch { .. } => (
+                "vanilla_generation",
+                "token_match",
+                "lm.vanilla_generation.token_match",
+            ),
+        }
+    }
+
+    fn meta(self, section: &str) -> MetricMeta {
+        let (protocol, scorer, group) = self.tag();
+        let perplexity = self == Scoring::Perplexity;
+        MetricMeta {
+            result_key: format!("{section}_{}", if perplexity { "ppl" } else { "acc" }),
+            semantic: match section {
+                "rewrite" => "reliability",
+                "rephrase" => "generalization",
+                other => other,
+            }
+            .to_string(),
+            protocol: protocol.into(),
+            scorer: scorer.into(),
+            comparable_group: group.into(),
+            higher_is_better: !perplexity,
+        }
+    }
+}
+
+/// What a score means and which scores it may be compared with (EasyEdit's `metric_meta`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricMeta {
+    pub result_key: String,
+    pub semantic: String,
+    pub protocol: String,
+    pub scorer: String,
+    pub comparable_group: String,
+    pub higher_is_better: bool,
+}
+
 /// A locality entry: the argmax ids at the answer positions (`<key>_output`, pre and post) or the
 /// agreement of post with pre (`<key>_acc`, post only).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -55,6 +108,9 @@ pub struct Fluency {
 pub struct PhaseMetrics {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rewrite_acc: Vec<f64>,
+    /// Per section (`rewrite`, `rephrase`, `locality.<key>`): how it was scored.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metric_meta: BTreeMap<String, MetricMeta>,
     pub locality: BTreeMap<String, LocalityEntry>,
     pub portability: BTreeMap<String, Vec<f64>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -150,8 +206,13 @@ pub fn evaluate_with(
             Slot::Portability(k) => portability.entry(k).or_default().push(s),
         }
     }
+    let mut metric_meta = BTreeMap::from([("rewrite".to_string(), scoring.meta("rewrite"))]);
+    if request.rephrase_prompt.is_some() {
+        metric_meta.insert("rephrase".into(), scoring.meta("rephrase"));
+    }
     Ok(PhaseMetrics {
         rewrite_acc: accuracies(&rewrite),
+        metric_meta,
         locality: locality
             .into_iter()
             .map(|(k, v)| (format!("{k}_output"), LocalityEntry::Output(v)))
@@ -193,6 +254,31 @@ pub fn finalize_locality(pre: &PhaseMetrics, post: &mut PhaseMetrics) -> Result<
             .map(|(a, b)| agreement(a, b))
             .collect::<Result<Vec<f64>>>()?;
         accs.push((format!("{base}_acc"), LocalityEntry::Acc(acc)));
+    }
+    // Locality compares what the model produced before and after: argmax tokens under teacher
+    // forcing, or generated tokens when the other metrics are generation-based.
+    let generated = post
+        .metric_meta
+        .get("rewrite")
+        .is_some_and(|m| m.protocol == "vanilla_generation");
+    let protocol = if generated {
+        "pre_post_generated_token_match"
+    } else {
+        "pre_post_argmax_token_match"
+    };
+    for (key, _) in &accs {
+        let base = key.trim_end_matches("_acc");
+        post.metric_meta.insert(
+            format!("locality.{base}"),
+            MetricMeta {
+                result_key: format!("locality.{key}"),
+                semantic: "locality".into(),
+                protocol: protocol.into(),
+                scorer: "token_match".into(),
+                comparable_group: format!("locality.lm.{protocol}"),
+                higher_is_better: true,
+            },
+        );
     }
     post.locality.extend(accs);
     Ok(())

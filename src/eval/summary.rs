@@ -1,5 +1,7 @@
 //! Aggregation over cases as KnowEdit reports it: a mean of means (prompts → keys → cases), ×100.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use serde::Serialize;
 
 use super::runner::CaseResult;
@@ -28,6 +30,9 @@ pub struct Summary {
     /// fluency of the edited model on a question about the topic.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sentiment: Option<SentimentSummary>,
+    /// `phase.section` → the comparable groups of its scores. More than one means the cases were
+    /// scored differently (a run resumed with another --metric) and must not be averaged.
+    pub metric_protocols: BTreeMap<String, BTreeSet<String>>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -91,6 +96,20 @@ fn phase(metrics: &[&PhaseMetrics]) -> PhaseSummary {
     }
 }
 
+fn protocols(results: &[CaseResult]) -> BTreeMap<String, BTreeSet<String>> {
+    let mut seen: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for r in results {
+        for (phase, m) in [("pre", &r.pre), ("post", &r.post)] {
+            for (section, meta) in &m.metric_meta {
+                seen.entry(format!("{phase}.{section}"))
+                    .or_default()
+                    .insert(meta.comparable_group.clone());
+            }
+        }
+    }
+    seen
+}
+
 pub fn summarize(results: &[CaseResult]) -> Summary {
     let pre: Vec<&PhaseMetrics> = results.iter().map(|r| &r.pre).collect();
     let post: Vec<&PhaseMetrics> = results.iter().map(|r| &r.post).collect();
@@ -111,10 +130,26 @@ pub fn summarize(results: &[CaseResult]) -> Summary {
                         .filter_map(|r| r.fluency.as_ref().map(|f| f.ngram_entropy)),
                 )),
             }),
+        metric_protocols: protocols(results),
     }
 }
 
 impl Summary {
+    /// One line per section whose cases were scored under different protocols.
+    pub fn warnings(&self) -> Vec<String> {
+        self.metric_protocols
+            .iter()
+            .filter(|(_, groups)| groups.len() > 1)
+            .map(|(section, groups)| {
+                let groups: Vec<&str> = groups.iter().map(String::as_str).collect();
+                format!(
+                    "WARNING: {section} mixes {}; do not average or compare these scores directly",
+                    groups.join(" and ")
+                )
+            })
+            .collect()
+    }
+
     /// The human table.
     pub fn table(&self) -> String {
         let cell = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.2}"));
@@ -159,6 +194,10 @@ impl Summary {
         if let Some(s) = self.edit_seconds {
             out.push_str(&format!("{:<16}{:>20}\n", "s / edit", format!("{s:.3}")));
         }
+        for warning in self.warnings() {
+            out.push_str(&warning);
+            out.push('\n');
+        }
         out
     }
 }
@@ -166,7 +205,6 @@ impl Summary {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeMap;
 
     fn metrics(rewrite: f64, loc: &[(&str, Vec<f64>)], port: &[(&str, Vec<f64>)]) -> PhaseMetrics {
         PhaseMetrics {
@@ -185,6 +223,7 @@ mod tests {
                 .map(|(k, v)| (format!("{k}_acc"), v.clone()))
                 .collect(),
             rephrase_acc: None,
+            metric_meta: BTreeMap::new(),
             fluency: None,
             rewrite_ppl: None,
             rephrase_ppl: None,
@@ -235,5 +274,60 @@ mod tests {
         assert_eq!(s.post.rephrase_acc, None);
         assert_eq!(s.edit_seconds, Some(2.0));
         assert!(s.table().contains("locality"));
+        assert!(!s.table().contains("WARNING"));
+    }
+
+    #[test]
+    fn mixed_scoring_protocols_are_flagged() {
+        use crate::eval::Scoring;
+        let request = crate::data::EditRequest {
+            prompt: "p".into(),
+            target_new: "t".into(),
+            ground_truth: None,
+            portability: BTreeMap::new(),
+            locality: BTreeMap::new(),
+            subject: None,
+            rephrase_prompt: None,
+            sentiment: None,
+        };
+        let case = |case_id, scoring: Scoring| {
+            let mut m = metrics(1.0, &[], &[]);
+            m.metric_meta
+                .insert("rewrite".into(), scoring.meta("rewrite"));
+            CaseResult {
+                pre: m.clone(),
+                case_id,
+                requested_rewrite: request.clone(),
+                post: m,
+                time: 1.0,
+                es: None,
+                dd: None,
+                fluency: None,
+            }
+        };
+        let same = summarize(&[
+            case(0, Scoring::TokenAccuracy),
+            case(1, Scoring::TokenAccuracy),
+        ]);
+        assert_eq!(
+            same.metric_protocols["post.rewrite"],
+            BTreeSet::from(["lm.decoder_only_teacher_forcing.token_accuracy".to_string()])
+        );
+        assert!(!same.table().contains("WARNING"));
+        let mixed = summarize(&[
+            case(0, Scoring::TokenAccuracy),
+            case(
+                1,
+                Scoring::GenerationMatch {
+                    leading_space: true,
+                },
+            ),
+        ]);
+        assert_eq!(mixed.metric_protocols["pre.rewrite"].len(), 2);
+        let table = mixed.table();
+        assert!(
+            table.contains("WARNING: post.rewrite mixes lm.decoder_only_teacher_forcing.token_accuracy and lm.vanilla_generation.token_match"),
+            "{table}"
+        );
     }
 }
