@@ -180,3 +180,99 @@ fn convsent_compares_with_the_unedited_model_only_when_corrected() {
     let restored = score(&model, &probe, corrected, Some(&before)).unwrap();
     assert_eq!(restored, unchanged, "undo restores the scores exactly");
 }
+
+#[test]
+fn chat_templates_render_as_transformers_renders_them() {
+    use kedit::model::chat::render_user_turn;
+    // Rendered by jinja2 as apply_chat_template does (scripts/chat/make_vectors.py).
+    let templates = read_json("chat/templates.json");
+    let rendered = read_json("chat/rendered.json");
+    for (name, spec) in templates.as_object().unwrap() {
+        for case in rendered[name].as_array().unwrap() {
+            let got = render_user_turn(
+                spec["template"].as_str().unwrap(),
+                case["prompt"].as_str().unwrap(),
+                spec["bos_token"].as_str().unwrap(),
+                spec["eos_token"].as_str().unwrap(),
+            )
+            .unwrap();
+            assert_eq!(got, case["rendered"].as_str().unwrap(), "{name}");
+        }
+    }
+    // The GGUF carries SmolLM2's template, and its bos/eos are the tokens the template names.
+    let model = smollm2();
+    assert_eq!(
+        model.chat_template(),
+        templates["smollm2"]["template"].as_str()
+    );
+    let prompt = rendered["smollm2"][0]["prompt"].as_str().unwrap();
+    assert_eq!(
+        model.apply_chat_template(prompt).unwrap(),
+        rendered["smollm2"][0]["rendered"].as_str().unwrap()
+    );
+    let err = render_user_turn("{{ raise_exception('no system role') }}", "x", "", "").unwrap_err();
+    assert!(err.to_string().contains("no system role"), "{err}");
+}
+
+#[test]
+fn use_chat_template_wraps_scored_prompts_but_not_locality() {
+    use kedit::eval::runner::{measure_after, measure_before, RunOptions};
+    let model = smollm2();
+    let mut r = request("The capital of France is", "Paris");
+    r.rephrase_prompt = Some("France's capital city is".into());
+    r.locality.insert(
+        "neighborhood".into(),
+        kedit::data::PromptSet {
+            prompt: vec!["The capital of Italy is".into()],
+            ground_truth: vec!["Rome".into()],
+        },
+    );
+    let opts = RunOptions {
+        chat_template: true,
+        ..RunOptions::default()
+    };
+    let templated = measure_before(&model, &r, &opts).unwrap();
+    let case = measure_after(&model, 0, &r, templated, 0.0, &opts).unwrap();
+    // by hand: the same request with the prompts rendered, locality left plain
+    let mut by_hand = r.clone();
+    by_hand.prompt = model.apply_chat_template(&r.prompt).unwrap();
+    by_hand.rephrase_prompt = Some(
+        model
+            .apply_chat_template("France's capital city is")
+            .unwrap(),
+    );
+    let want = evaluate_with(&model, &by_hand, Scoring::TokenAccuracy).unwrap();
+    assert_eq!(case.pre.rewrite_acc, want.rewrite_acc);
+    assert_eq!(case.pre.rephrase_acc, want.rephrase_acc);
+    assert_eq!(case.pre.locality, want.locality);
+    let plain = measure_before(&model, &r, &RunOptions::default()).unwrap();
+    let plain = measure_after(&model, 0, &r, plain, 0.0, &RunOptions::default()).unwrap();
+    assert_eq!(
+        case.pre.locality, plain.pre.locality,
+        "locality is never templated"
+    );
+    assert_eq!(
+        case.requested_rewrite, r,
+        "the request itself is reported unchanged"
+    );
+    // perplexity tells the two prompts apart for sure
+    let ppl = |opts: &RunOptions| {
+        let before = measure_before(&model, &r, opts).unwrap();
+        measure_after(&model, 0, &r, before, 0.0, opts)
+            .unwrap()
+            .pre
+            .rewrite_ppl
+            .unwrap()
+    };
+    let ppl_opts = |chat_template| RunOptions {
+        chat_template,
+        scoring: Scoring::Perplexity,
+        ..RunOptions::default()
+    };
+    let templated_ppl = ppl(&ppl_opts(true));
+    assert_ne!(templated_ppl, ppl(&ppl_opts(false)));
+    assert_eq!(
+        templated_ppl,
+        perplexity(&model, &by_hand.prompt, "Paris").unwrap()
+    );
+}

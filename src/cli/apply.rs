@@ -68,6 +68,10 @@ pub struct ApplyArgs {
     /// own question mask (EasyEdit compares the edited model with itself, so its dd is 0)
     #[arg(long)]
     convsent_corrected: bool,
+    /// Score rewrite, rephrase and portability prompts wrapped in the model's chat template
+    /// (EasyEdit's use_chat_template; also read from the hparams file)
+    #[arg(long)]
+    chat_template: bool,
     /// Scoring: token (teacher-forced accuracy), ppl or gen-em, as for `kedit eval`
     #[arg(long, value_enum, default_value_t = super::eval::MetricArg::Token)]
     metric: super::eval::MetricArg,
@@ -167,6 +171,11 @@ pub fn run(args: ApplyArgs) -> anyhow::Result<ExitCode> {
         } else {
             SentimentProtocol::AsPublished
         },
+        chat_template: args.chat_template
+            || match &args.hparams {
+                Some(h) => crate::editors::hparams::wants_chat_template(h)?,
+                None => false,
+            },
         ctx: EditCtx { seed: args.seed },
     };
     let before = measure_before(&model, &request, &opts)?;

@@ -63,6 +63,10 @@ pub struct EvalArgs {
     /// own question mask (EasyEdit compares the edited model with itself, so its dd is 0)
     #[arg(long)]
     convsent_corrected: bool,
+    /// Score rewrite, rephrase and portability prompts wrapped in the model's chat template
+    /// (EasyEdit's use_chat_template; also read from the hparams file)
+    #[arg(long)]
+    chat_template: bool,
     /// Write one JSON line per case here (default: stdout)
     #[arg(long)]
     out: Option<PathBuf>,
@@ -328,6 +332,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         } else {
             SentimentProtocol::AsPublished
         },
+        chat_template: args.chat_template
+            || crate::editors::hparams::wants_chat_template(&hparams)?,
         ctx: EditCtx { seed: args.seed },
     };
     run_cases(&mut model, editor.as_mut(), &cases, &done, &opts, &mut sink)?;

@@ -27,6 +27,43 @@ pub enum Objective {
     TargetNew,
 }
 
+/// A weight being trained. Half-precision models train an f32 master copy (Adam's small steps
+/// vanish in bf16's 8-bit mantissa); the model sees it cast to its own dtype, recast before every
+/// loss so the gradient flows through the cast to the master.
+struct Trainable {
+    id: WeightId,
+    original: Tensor,
+    /// `original` in the training dtype: the centre of the norm-constraint box.
+    start: Tensor,
+    var: Var,
+}
+
+impl Trainable {
+    fn new(model: &mut Model, id: WeightId) -> Result<Self> {
+        let original = model.weight(id)?;
+        let wide = match original.dtype() {
+            DType::F16 | DType::BF16 => DType::F32,
+            other => other,
+        };
+        let start = original.to_dtype(wide)?;
+        let var = Var::from_tensor(&start)?;
+        let t = Trainable {
+            id,
+            original,
+            start,
+            var,
+        };
+        t.install(model)?;
+        Ok(t)
+    }
+
+    fn install(&self, model: &mut Model) -> Result<()> {
+        let seen = self.var.as_tensor().to_dtype(self.original.dtype())?;
+        model.replace_weight(self.id, seen)?;
+        Ok(())
+    }
+}
+
 /// EasyEdit's `FTHyperParams`, read from `hparams/FT/*.yaml` unchanged.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -39,6 +76,7 @@ pub struct FtParams {
     pub layers: Vec<usize>,
     pub num_steps: usize,
     pub batch_size: usize,
+    /// Read but unused: EasyEdit's `ft_main` tokenises without truncation.
     #[serde(default = "default_max_length")]
     pub max_length: usize,
     #[serde(deserialize_with = "float")]
@@ -64,6 +102,9 @@ pub struct FtParams {
     pub lm_head_module: Option<String>,
     #[serde(default)]
     pub model_parallel: bool,
+    /// Evaluation setting (score prompts in the chat template); the CLI reads it.
+    #[serde(default)]
+    pub use_chat_template: bool,
 }
 
 fn default_max_length() -> usize {
@@ -103,9 +144,9 @@ impl Ft {
     }
 
     /// The training loop, with the trainable weights already replaced by `vars`.
-    fn train(&self, model: &Model, requests: &[EditRequest], vars: &[(Var, Tensor)]) -> Result<()> {
+    fn train(&self, model: &mut Model, requests: &[EditRequest], vars: &[Trainable]) -> Result<()> {
         let mut opt = Adam::new(
-            vars.iter().map(|(v, _)| v.clone()).collect(),
+            vars.iter().map(|t| t.var.clone()).collect(),
             self.params.lr,
             self.params.weight_decay,
         )?;
@@ -114,6 +155,9 @@ impl Ft {
             let chunks = requests.chunks(self.params.batch_size);
             let n_chunks = chunks.len();
             for chunk in chunks {
+                for t in vars {
+                    t.install(model)?;
+                }
                 let loss = self.loss(model, chunk)?;
                 let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                 if !value.is_finite() {
@@ -126,10 +170,10 @@ impl Ft {
                 if value >= LOSS_FLOOR {
                     opt.backward_step(&loss)?;
                     if let Some(eps) = self.params.norm_constraint {
-                        for (var, original) in vars {
-                            let lo = (original - eps)?;
-                            let hi = (original + eps)?;
-                            var.set(&var.as_tensor().maximum(&lo)?.minimum(&hi)?)?;
+                        for t in vars {
+                            let lo = (&t.start - eps)?;
+                            let hi = (&t.start + eps)?;
+                            t.var.set(&t.var.as_tensor().maximum(&lo)?.minimum(&hi)?)?;
                         }
                     }
                 }
@@ -164,27 +208,29 @@ impl Editor for Ft {
         for &layer in &self.params.layers {
             ids.extend(model.weights_matching(&self.params.rewrite_module_tmp, layer)?);
         }
-        let mut vars = Vec::with_capacity(ids.len());
-        for &id in &ids {
-            let original = model.weight(id)?;
-            let var = Var::from_tensor(&original)?;
-            model.replace_weight(id, var.as_tensor().clone())?;
-            vars.push((var, original));
-        }
+        let vars = ids
+            .iter()
+            .map(|&id| Trainable::new(model, id))
+            .collect::<Result<Vec<_>>>()?;
         let trained = self.train(model, requests, &vars);
         let mut changes = Vec::with_capacity(ids.len());
-        for (&id, (var, original)) in ids.iter().zip(&vars) {
+        for t in &vars {
             // A plain copy: later forwards must not track gradients into the finished edit.
-            let after = var.as_tensor().detach().copy()?;
+            let after = t
+                .var
+                .as_tensor()
+                .detach()
+                .to_dtype(t.original.dtype())?
+                .copy()?;
             let put = if trained.is_ok() {
                 after.clone()
             } else {
-                original.clone()
+                t.original.clone()
             };
-            model.replace_weight(id, put)?;
+            model.replace_weight(t.id, put)?;
             changes.push(WeightChange {
-                id,
-                before: original.clone(),
+                id: t.id,
+                before: t.original.clone(),
                 after,
             });
         }

@@ -19,6 +19,17 @@ pub fn parse_yaml<T: DeserializeOwned>(text: &str) -> std::result::Result<T, Str
     serde_yaml::from_str(text).map_err(|e| e.to_string())
 }
 
+/// Whether the file sets EasyEdit's `use_chat_template` to a true value.
+pub fn wants_chat_template(path: &Path) -> Result<bool> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let value: serde_yaml::Value =
+        serde_yaml::from_str(&text).map_err(|e| Error::file(path, e.to_string()))?;
+    Ok(value
+        .get("use_chat_template")
+        .and_then(serde_yaml::Value::as_bool)
+        .unwrap_or(false))
+}
+
 /// The `alg_name` (editing files) or `alg` (training files) of a YAML file.
 pub fn alg_name(path: &Path) -> Result<String> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;

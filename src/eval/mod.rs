@@ -228,6 +228,22 @@ pub fn evaluate_with(
     })
 }
 
+/// `request` with its rewrite, rephrase and portability prompts in the model's chat template, as
+/// EasyEdit's `use_chat_template` scores them; locality prompts are never templated.
+pub fn chat_templated(model: &Model, request: &EditRequest) -> Result<EditRequest> {
+    let mut r = request.clone();
+    r.prompt = model.apply_chat_template(&r.prompt)?;
+    if let Some(p) = &r.rephrase_prompt {
+        r.rephrase_prompt = Some(model.apply_chat_template(p)?);
+    }
+    for set in r.portability.values_mut() {
+        for p in &mut set.prompt {
+            *p = model.apply_chat_template(p)?;
+        }
+    }
+    Ok(r)
+}
+
 /// Adds `<key>_acc` to the post-edit locality: per prompt, the agreement of post with pre argmax ids.
 pub fn finalize_locality(pre: &PhaseMetrics, post: &mut PhaseMetrics) -> Result<()> {
     let mut accs = Vec::new();

@@ -56,6 +56,9 @@ pub struct RunOptions {
     pub protocol: Protocol,
     /// How ConvSent's `es` and `dd` are computed.
     pub sentiment: SentimentProtocol,
+    /// Wrap rewrite, rephrase and portability prompts in the model's chat template (EasyEdit's
+    /// `use_chat_template`; locality prompts and fluency stay plain, as there).
+    pub chat_template: bool,
     pub ctx: EditCtx,
 }
 
@@ -68,6 +71,7 @@ impl Default for RunOptions {
             fluency_seed: None,
             protocol: Protocol::default(),
             sentiment: SentimentProtocol::default(),
+            chat_template: false,
             ctx: EditCtx::default(),
         }
     }
@@ -159,7 +163,11 @@ pub fn run_cases(
 
 /// One phase's metrics of a request, fluency included when asked for.
 fn measure(model: &Model, request: &EditRequest, opts: &RunOptions) -> Result<PhaseMetrics> {
-    let mut metrics = evaluate_with(model, request, opts.scoring)?;
+    let mut metrics = if opts.chat_template {
+        evaluate_with(model, &super::chat_templated(model, request)?, opts.scoring)?
+    } else {
+        evaluate_with(model, request, opts.scoring)?
+    };
     if let Some(seed) = opts.fluency_seed {
         metrics.fluency = Some(super::fluency::fluency(model, &request.prompt, seed)?);
     }

@@ -5,6 +5,7 @@
 //! ([`WeightId`]) in `[out, in]` orientation, so an editor can read, replace or optimise any of them
 //! without knowing the checkpoint's names or layout.
 
+pub mod chat;
 mod generate;
 mod gpt2;
 mod hooks;
@@ -127,6 +128,7 @@ pub struct Model {
     weights: BTreeMap<WeightId, Tensor>,
     overlays: BTreeMap<Site, Box<dyn Overlay>>,
     tokenizer: Tokenizer,
+    chat_template: Option<String>,
     device: Device,
     dtype: DType,
     origin: ModelOrigin,
@@ -174,6 +176,7 @@ impl Model {
             weights,
             overlays: BTreeMap::new(),
             tokenizer,
+            chat_template: None,
             device,
             dtype,
             origin,

@@ -43,10 +43,12 @@ pub(super) fn load_gguf(path: &Path, source: &str, opts: &LoadOptions) -> Result
         source: source.to_string(),
         files: vec![path.to_path_buf()],
     };
-    Model::new(spec, weights, tokenizer, origin).map_err(|e| match e {
+    let mut model = Model::new(spec, weights, tokenizer, origin).map_err(|e| match e {
         Error::Invalid(msg) => bad(msg),
         other => other,
-    })
+    })?;
+    model.set_chat_template(get_str(&content.metadata, "tokenizer.chat_template").ok());
+    Ok(model)
 }
 
 fn spec_from_metadata(content: &Content) -> std::result::Result<ModelSpec, String> {

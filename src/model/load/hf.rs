@@ -70,10 +70,12 @@ pub(super) fn load_folder(
         source: source.to_string(),
         files,
     };
-    Model::new(spec, weights, tokenizer, origin).map_err(|e| match e {
+    let mut model = Model::new(spec, weights, tokenizer, origin).map_err(|e| match e {
         Error::Invalid(msg) => Error::file(folder, msg),
         other => other,
-    })
+    })?;
+    model.set_chat_template(chat_template(&folder.join("tokenizer_config.json"))?);
+    Ok(model)
 }
 
 fn to_float(t: candle_core::Tensor) -> Result<candle_core::Tensor> {
@@ -133,4 +135,24 @@ fn map_file(path: &Path) -> Result<memmap2::Mmap> {
     // SAFETY: the map is read-only and lives only while the weights are copied out of it; a
     // checkpoint changed on disk during that time gives wrong numbers, not memory unsafety in our code.
     unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))
+}
+
+/// The chat template of `tokenizer_config.json`: a string, or a list of named templates of which
+/// `default` is the one `apply_chat_template` uses. No file or no template is not an error.
+fn chat_template(path: &Path) -> Result<Option<String>> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(None);
+    };
+    let config: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::file(path, format!("invalid JSON: {e}")))?;
+    Ok(match config.get("chat_template") {
+        Some(serde_json::Value::String(t)) => Some(t.clone()),
+        Some(serde_json::Value::Array(named)) => named
+            .iter()
+            .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+            .and_then(|t| t.get("template"))
+            .and_then(|t| t.as_str())
+            .map(str::to_string),
+        _ => None,
+    })
 }
