@@ -4,7 +4,9 @@
 mod ft;
 pub mod hparams;
 pub mod optim;
+pub mod rank_one;
 pub mod registry;
+mod rome;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -17,6 +19,7 @@ use crate::model::{Model, WeightId};
 
 pub use ft::{Ft, FtParams, Objective};
 pub use registry::{build_editor, default_hparams, editor_from_hparams, EditorKind};
+pub use rome::{Rome, RomeParams};
 
 /// What an editor needs besides the model and the requests; everything EasyEdit kept in globals.
 #[derive(Debug, Clone)]

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use super::hparams::alg_name;
-use super::{Editor, Ft};
+use super::{Editor, Ft, Rome};
 use crate::error::{Error, Result};
 
 /// The editing methods kedit implements.
@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 pub enum EditorKind {
     /// FT-L or FT-M, chosen by `objective_optimization`.
     Ft,
+    Rome,
 }
 
 impl EditorKind {
@@ -18,9 +19,10 @@ impl EditorKind {
     pub fn from_alg_name(name: &str) -> Result<Self> {
         match name {
             "FT" | "FT-L" | "FT-M" => Ok(EditorKind::Ft),
+            "ROME" => Ok(EditorKind::Rome),
             other => Err(Error::Unsupported {
                 what: format!("editing method {other:?}"),
-                why: "kedit implements FT (FT-L, FT-M) so far".into(),
+                why: "kedit implements FT (FT-L, FT-M) and ROME so far".into(),
             }),
         }
     }
@@ -32,6 +34,7 @@ pub fn editor_from_hparams(path: &Path) -> Result<Box<dyn Editor>> {
         .map_err(|e| Error::file(path, e.to_string()))?;
     Ok(match kind {
         EditorKind::Ft => Box::new(Ft::from_yaml(path)?),
+        EditorKind::Rome => Box::new(Rome::from_yaml(path)?),
     })
 }
 
@@ -40,6 +43,7 @@ impl EditorKind {
     pub fn hparams_dir(self) -> &'static str {
         match self {
             EditorKind::Ft => "FT",
+            EditorKind::Rome => "ROME",
         }
     }
 }
@@ -66,6 +70,7 @@ pub fn build_editor(name: &str, hparams: &Path) -> Result<Box<dyn Editor>> {
             }
             Box::new(Ft::new(params)?)
         }
+        EditorKind::Rome => Box::new(Rome::from_yaml(hparams)?),
     })
 }
 

@@ -150,6 +150,8 @@ fn position_mask(
 pub struct HookSpec {
     pub captures: BTreeSet<Site>,
     pub interventions: Vec<(Site, Intervention)>,
+    /// Stop the forward pass after this layer (no logits): for callers that only need captures.
+    pub stop_after_layer: Option<usize>,
 }
 
 impl HookSpec {
@@ -167,8 +169,14 @@ impl HookSpec {
         self
     }
 
+    /// Ends the forward pass after layer `layer`; the result's logits are empty.
+    pub fn stop_after(mut self, layer: usize) -> Self {
+        self.stop_after_layer = Some(layer);
+        self
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.captures.is_empty() && self.interventions.is_empty()
+        self.captures.is_empty() && self.interventions.is_empty() && self.stop_after_layer.is_none()
     }
 
     /// Applies the interventions at `site` in order, then captures the result if asked.

@@ -396,6 +396,14 @@ impl Model {
                 self.check_layer(l)?;
             }
         }
+        if let Some(l) = hooks.stop_after_layer {
+            self.check_layer(l)?;
+            if cache.is_some() {
+                return Err(Error::Invalid(
+                    "a forward pass that stops early cannot fill a KV cache".into(),
+                ));
+            }
+        }
         let (_, s) = ids.dims2()?;
         let offset = cache.as_ref().map_or(0, |c| c.len());
         if offset + s > self.spec.max_positions {
@@ -450,6 +458,10 @@ impl Model {
             xs = (xs + out)?;
             xs = self.overlaid(Site::ResidPost(l), &input, xs)?;
             xs = hooks.visit(Site::ResidPost(l), xs, &mut captures)?;
+            if hooks.stop_after_layer == Some(l) {
+                let logits = Tensor::zeros((0, self.spec.vocab_size), self.dtype, &self.device)?;
+                return Ok(ForwardOut { logits, captures });
+            }
         }
         let xs = self.norm(&xs, WeightId::global(Module::FinalNorm))?;
         let xs = hooks.visit(Site::FinalNorm, xs, &mut captures)?;
@@ -612,10 +624,30 @@ impl Model {
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }
 
+    /// Decodes without special tokens (a BOS, an end-of-text).
+    pub fn decode_skipping_special(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.tokenizer
             .decode(ids, false)
             .map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
+    /// Logits from residual-stream vectors `[n, d]`: the final norm, then the LM head
+    /// (differentiable, for losses read off an inner layer).
+    pub fn unembed(&self, h: &Tensor) -> Result<Tensor> {
+        let h = self.norm(
+            &h.to_dtype(self.dtype)?,
+            WeightId::global(Module::FinalNorm),
+        )?;
+        Ok(ops::matmul_t(
+            &h,
+            self.w(WeightId::global(Module::LmHead))?,
+        )?)
     }
 
     /// Log-softmax over the vocabulary, in f32 (f64 for an f64 model).

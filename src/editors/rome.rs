@@ -1,0 +1,206 @@
+//! ROME (Meng et al. 2022; SPEC-editors §3): one rank-one update of an MLP down projection per
+//! layer, writing the optimised value `v*` at the subject's key.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use super::hparams::{float, read_yaml};
+use super::rank_one::locate::FactToken;
+use super::rank_one::values::{optimise_value, ValueParams};
+use super::rank_one::{keys, rewrite_weight, solve, templates, FactEdit};
+use super::{Edit, EditCtx, Editor, WeightChange};
+use crate::data::EditRequest;
+use crate::error::{Error, Result};
+use crate::model::{Model, Site};
+
+/// EasyEdit's `ROMEHyperParams`, read from `hparams/ROME/*.yaml` unchanged.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RomeParams {
+    pub alg_name: String,
+    #[serde(default)]
+    pub model_name: Option<String>,
+    #[serde(default)]
+    pub stats_dir: Option<String>,
+    #[serde(default)]
+    pub device: Option<serde_yaml::Value>,
+    pub layers: Vec<usize>,
+    pub fact_token: FactToken,
+    pub v_num_grad_steps: usize,
+    #[serde(deserialize_with = "float")]
+    pub v_lr: f64,
+    pub v_loss_layer: usize,
+    #[serde(deserialize_with = "float")]
+    pub v_weight_decay: f64,
+    #[serde(deserialize_with = "float")]
+    pub clamp_norm_factor: f64,
+    #[serde(deserialize_with = "float")]
+    pub kl_factor: f64,
+    pub mom2_adjustment: bool,
+    pub context_template_length_params: Vec<[usize; 2]>,
+    pub rewrite_module_tmp: String,
+    #[serde(default)]
+    pub layer_module_tmp: Option<String>,
+    #[serde(default)]
+    pub mlp_module_tmp: Option<String>,
+    #[serde(default)]
+    pub attn_module_tmp: Option<String>,
+    #[serde(default)]
+    pub ln_f_module: Option<String>,
+    #[serde(default)]
+    pub lm_head_module: Option<String>,
+    #[serde(default)]
+    pub mom2_dataset: Option<String>,
+    #[serde(default)]
+    pub mom2_n_samples: Option<usize>,
+    #[serde(default)]
+    pub mom2_dtype: Option<String>,
+    #[serde(default)]
+    pub model_parallel: bool,
+    #[serde(default)]
+    pub fp16: bool,
+    #[serde(default)]
+    pub max_length: Option<usize>,
+    /// kedit extension: fixed context templates instead of sampled ones (each with one `{}`).
+    #[serde(default)]
+    pub context_templates: Option<Vec<String>>,
+}
+
+pub struct Rome {
+    params: RomeParams,
+    /// Sampled once per model and reused by every edit, as EasyEdit caches them per process.
+    templates: Option<(String, Vec<String>)>,
+}
+
+impl Rome {
+    pub fn new(params: RomeParams) -> Result<Self> {
+        if params.layers.is_empty() {
+            return Err(Error::Invalid("ROME: layers is empty".into()));
+        }
+        if params.mom2_adjustment {
+            return Err(Error::Unsupported {
+                what: "ROME with mom2_adjustment: true".into(),
+                why: "key statistics are not implemented yet; EasyEdit's default is false".into(),
+            });
+        }
+        if let Some(t) = &params.context_templates {
+            if t.is_empty() || t.iter().any(|t| t.matches("{}").count() != 1) {
+                return Err(Error::Invalid(
+                    "context_templates must be a non-empty list of strings with one {} each".into(),
+                ));
+            }
+        }
+        Ok(Rome {
+            params,
+            templates: None,
+        })
+    }
+
+    pub fn from_yaml(path: &Path) -> Result<Self> {
+        Self::new(read_yaml(path)?).map_err(|e| match e {
+            Error::Invalid(msg) => Error::file(path, msg),
+            other => other,
+        })
+    }
+
+    fn templates(&mut self, model: &Model, ctx: &EditCtx) -> Result<Vec<String>> {
+        if let Some(fixed) = &self.params.context_templates {
+            return Ok(fixed.clone());
+        }
+        let key = model.origin().source.clone();
+        match &self.templates {
+            Some((k, t)) if *k == key => Ok(t.clone()),
+            _ => {
+                let t = templates::rome_templates(
+                    model,
+                    &self.params.context_template_length_params,
+                    ctx.seed,
+                )?;
+                self.templates = Some((key, t.clone()));
+                Ok(t)
+            }
+        }
+    }
+}
+
+impl Editor for Rome {
+    fn name(&self) -> &'static str {
+        "ROME"
+    }
+
+    fn max_batch(&self) -> usize {
+        1
+    }
+
+    fn apply(
+        &mut self,
+        model: &mut Model,
+        requests: &[EditRequest],
+        ctx: &EditCtx,
+    ) -> Result<Edit> {
+        let [request] = requests else {
+            return Err(Error::Invalid(format!(
+                "ROME edits one fact at a time, got {}",
+                requests.len()
+            )));
+        };
+        let fact = FactEdit::new(model, request)?;
+        let templates = self.templates(model, ctx)?;
+        let p = &self.params;
+        let mut changes: Vec<WeightChange> = Vec::new();
+        let mut layers = p.layers.clone();
+        layers.sort_unstable();
+        let result = (|| -> Result<()> {
+            for &layer in &layers {
+                let id = rewrite_weight(model, &p.rewrite_module_tmp, layer)?;
+                let u = keys::mean_key(
+                    model,
+                    layer,
+                    &templates,
+                    &fact.prompt,
+                    &fact.subject,
+                    p.fact_token,
+                )?;
+                let u = (&u / u.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64)?;
+                let value = optimise_value(
+                    model,
+                    &fact.prompt,
+                    &fact.subject,
+                    &fact.target_ids,
+                    &templates,
+                    &ValueParams {
+                        site: Site::MlpOut(layer),
+                        loss_layer: p.v_loss_layer,
+                        steps: p.v_num_grad_steps,
+                        lr: p.v_lr,
+                        weight_decay: p.v_weight_decay,
+                        clamp_norm_factor: p.clamp_norm_factor,
+                        kl_factor: p.kl_factor,
+                        fact_token: p.fact_token,
+                    },
+                )?;
+                let plain = keys::template_positions(
+                    model,
+                    &["{}".to_string()],
+                    &fact.prompt,
+                    &fact.subject,
+                    p.fact_token,
+                )?;
+                let k_star = keys::activations_at(model, Site::MlpAct(layer), &plain)?.get(0)?;
+                let o_star = keys::activations_at(model, Site::MlpOut(layer), &plain)?.get(0)?;
+                let (_, delta) = solve::rank_one(&u, &k_star, &o_star, &value.target)?;
+                let before = model.weight(id)?;
+                let after = (&before + delta.to_dtype(before.dtype())?)?;
+                model.replace_weight(id, after.clone())?;
+                changes.push(WeightChange { id, before, after });
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            Edit { changes }.undo(model)?;
+            return Err(e);
+        }
+        Ok(Edit { changes })
+    }
+}
