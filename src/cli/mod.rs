@@ -4,6 +4,7 @@ mod apply;
 mod eval;
 mod generate;
 mod inspect;
+mod stats;
 
 use std::process::ExitCode;
 
@@ -35,6 +36,9 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Edit one fact and show the metrics and the greedy continuation before and after
     Apply(Box<apply::ApplyArgs>),
+    /// Gather the second moment E[k kᵀ] of MLP keys over a text corpus (ROME, MEMIT, AlphaEdit),
+    /// cached on disk for every later edit
+    Stats(stats::StatsArgs),
 }
 
 /// Where the model comes from and how to hold it; shared by every subcommand that loads one.
@@ -112,6 +116,7 @@ pub fn main() -> ExitCode {
         Command::Inspect(args) => inspect::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Apply(args) => apply::run(*args),
+        Command::Stats(args) => stats::run(args),
     };
     match result {
         Ok(code) => code,

@@ -114,6 +114,14 @@ impl PythonRandom {
         }
     }
 
+    /// `random.shuffle(items)`: Fisher–Yates from the end.
+    pub fn shuffle<T>(&mut self, items: &mut [T]) {
+        for i in (1..items.len()).rev() {
+            let j = self.below(i + 1);
+            items.swap(i, j);
+        }
+    }
+
     /// `random.choice(items)`.
     pub fn choice<'a, T>(&mut self, items: &'a [T]) -> &'a T {
         &items[self.below(items.len())]
@@ -144,5 +152,10 @@ mod tests {
         let mut rng = PythonRandom::new((1 << 40) + 7);
         let draws: Vec<usize> = (0..5).map(|_| rng.below(1000)).collect();
         assert_eq!(draws, [628, 765, 834, 960, 967]);
+        // python3 -c "import random; r = random.Random(1); x = list(range(10)); r.shuffle(x); print(x)"
+        let mut rng = PythonRandom::new(1);
+        let mut items: Vec<usize> = (0..10).collect();
+        rng.shuffle(&mut items);
+        assert_eq!(items, [6, 8, 9, 7, 5, 3, 0, 4, 1, 2]);
     }
 }

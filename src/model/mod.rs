@@ -187,6 +187,11 @@ impl Model {
         &self.spec
     }
 
+    /// Every weight by role, in a fixed order.
+    pub fn weights(&self) -> impl Iterator<Item = (WeightId, &Tensor)> {
+        self.weights.iter().map(|(id, w)| (*id, w))
+    }
+
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
     }

@@ -1,11 +1,14 @@
-//! Closed-form updates (SPEC-editors §3–5).
+//! Closed-form updates (SPEC-editors §3–5), in `[out, in]` orientation for every architecture.
+//! The linear algebra runs on the host in f64 with faer (candle has no solve or eigensolver).
 
-use candle_core::Tensor;
+use candle_core::{DType, Device, Tensor};
+use faer::linalg::solvers::Solve;
+use faer::{Mat, Side};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// ROME's update `ΔW = w uᵀ` (`[out, in]`), with `w = (v* − o*) / (k*·u)`: the output at key `k*`
-/// becomes `v*`, and a key `k` moves by `w (u·k)`.
+/// becomes `v*`, and any key `k` moves by `w (u·k)`.
 pub fn rank_one(
     u: &Tensor,
     k_star: &Tensor,
@@ -13,7 +16,217 @@ pub fn rank_one(
     v_star: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
     let denom = (u * k_star)?.sum_all()?.to_scalar::<f32>()? as f64;
+    if denom == 0.0 || !denom.is_finite() {
+        return Err(Error::Invalid(format!(
+            "the subject's key is orthogonal to the update direction (k*·u = {denom})"
+        )));
+    }
     let w = ((v_star - o_star)? / denom)?;
     let delta = w.unsqueeze(1)?.matmul(&u.unsqueeze(0)?)?;
     Ok((w, delta))
+}
+
+/// A 2-D tensor as an f64 matrix.
+pub fn to_mat(t: &Tensor) -> Result<Mat<f64>> {
+    let rows: Vec<Vec<f64>> = t.to_dtype(DType::F64)?.to_vec2()?;
+    let (r, c) = t.dims2()?;
+    Ok(Mat::from_fn(r, c, |i, j| rows[i][j]))
+}
+
+/// An f64 matrix as an f32 tensor.
+pub fn from_mat(m: &Mat<f64>, device: &Device) -> Result<Tensor> {
+    let (r, c) = (m.nrows(), m.ncols());
+    let mut flat = Vec::with_capacity(r * c);
+    for i in 0..r {
+        for j in 0..c {
+            flat.push(m[(i, j)] as f32);
+        }
+    }
+    Ok(Tensor::from_vec(flat, (r, c), device)?)
+}
+
+/// `a⁻¹ b` for a square `a`, by LU with partial pivoting; an error if the result is not finite.
+fn solve(a: &Mat<f64>, b: &Mat<f64>) -> Result<Mat<f64>> {
+    let mut x = b.clone();
+    a.partial_piv_lu().solve_in_place(&mut x);
+    if x.col_iter().any(|c| c.iter().any(|v| !v.is_finite())) {
+        return Err(Error::Invalid(
+            "the update's linear system is singular".into(),
+        ));
+    }
+    Ok(x)
+}
+
+/// MEMIT's update for one layer (`[out, in]`): with keys `K` (`[n, d_ff]`, one per row), residuals
+/// `R` (`[n, d]`) and key covariance `C`, `ΔW = R (λC + KᵀK)⁻¹ Kᵀ`-transposed, i.e. the least-squares
+/// `argmin ‖(W+Δ)K − (WK + R)‖² + λ tr(Δ C Δᵀ)`.
+pub fn memit_delta(
+    keys: &Mat<f64>,
+    resid: &Mat<f64>,
+    cov: &Mat<f64>,
+    lambda: f64,
+) -> Result<Mat<f64>> {
+    let kc = keys.transpose();
+    let mut m = cov * lambda;
+    m += kc * keys;
+    let a = solve(&m, &kc.to_owned())?;
+    Ok(resid.transpose() * a.transpose())
+}
+
+/// AlphaEdit's projector onto the directions the preserved keys do not use: the eigenvectors of
+/// the key covariance whose eigenvalues are below `threshold`, `P = Û Ûᵀ`.
+pub fn null_space_projector(cov: &Mat<f64>, threshold: f64) -> Result<Mat<f64>> {
+    let eig = cov
+        .self_adjoint_eigen(Side::Lower)
+        .map_err(|e| Error::Invalid(format!("eigendecomposition failed: {e:?}")))?;
+    let values = eig.S().column_vector();
+    let keep: Vec<usize> = (0..values.nrows())
+        .filter(|&i| values[i] < threshold)
+        .collect();
+    let u = eig.U();
+    let basis = Mat::from_fn(u.nrows(), keep.len(), |i, j| u[(i, keep[j])]);
+    Ok(&basis * basis.transpose())
+}
+
+/// AlphaEdit's update for one layer (`[out, in]`): `X = (P(KᵀK + Σ) + L2·I)⁻¹ P Kᵀ R`, `ΔW = Xᵀ`.
+/// Every column of `X` lies in the range of `P`, so `ΔW k = 0` for a preserved key `k`.
+pub fn alphaedit_delta(
+    keys: &Mat<f64>,
+    resid: &Mat<f64>,
+    projector: &Mat<f64>,
+    memory: &Mat<f64>,
+    l2: f64,
+) -> Result<Mat<f64>> {
+    let kc = keys.transpose();
+    let mut gram = kc * keys;
+    gram += memory;
+    let mut lhs = projector * &gram;
+    for i in 0..lhs.nrows() {
+        lhs[(i, i)] += l2;
+    }
+    let rhs = projector * (kc * resid);
+    Ok(solve(&lhs, &rhs)?.transpose().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{RngExt, SeedableRng};
+
+    fn random(r: usize, c: usize, rng: &mut rand::rngs::StdRng) -> Mat<f64> {
+        Mat::from_fn(r, c, |_, _| rng.random_range(-1.0..1.0))
+    }
+
+    fn max_abs(m: &Mat<f64>) -> f64 {
+        m.col_iter()
+            .flat_map(|c| c.iter().copied().collect::<Vec<_>>())
+            .fold(0.0, |a, v| a.max(v.abs()))
+    }
+
+    /// ROME with covariance: `ΔW = (v − Wk)(C⁻¹k)ᵀ / (kᵀC⁻¹k)`.
+    fn rome_with_cov(w: &Mat<f64>, c: &Mat<f64>, k: &Mat<f64>, v: &Mat<f64>) -> Mat<f64> {
+        let cinv_k = solve(c, k).unwrap();
+        let denom = (k.transpose() * &cinv_k)[(0, 0)];
+        let r = v - w * k;
+        (r * cinv_k.transpose()) * (1.0 / denom)
+    }
+
+    #[test]
+    fn rank_one_update_is_the_constrained_least_squares_solution() {
+        // min over Ŵ of ‖(Ŵ − W) K‖² subject to Ŵ k = v, solved row by row from its KKT system.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let (d, dff, n) = (4, 6, 40);
+        let w = random(d, dff, &mut rng);
+        let keys = random(dff, n, &mut rng);
+        let c = &keys * keys.transpose();
+        let k = random(dff, 1, &mut rng);
+        let v = random(d, 1, &mut rng);
+        let closed = rome_with_cov(&w, &c, &k, &v);
+        let mut kkt = Mat::<f64>::zeros(dff + 1, dff + 1);
+        for i in 0..dff {
+            for j in 0..dff {
+                kkt[(i, j)] = 2.0 * c[(i, j)];
+            }
+            kkt[(i, dff)] = k[(i, 0)];
+            kkt[(dff, i)] = k[(i, 0)];
+        }
+        for row in 0..d {
+            let mut rhs = Mat::<f64>::zeros(dff + 1, 1);
+            let cw = &c * w.row(row).transpose();
+            for i in 0..dff {
+                rhs[(i, 0)] = 2.0 * cw[i];
+            }
+            rhs[(dff, 0)] = v[(row, 0)];
+            let x = solve(&kkt, &rhs).unwrap();
+            for i in 0..dff {
+                let direct = x[(i, 0)] - w[(row, i)];
+                assert!(
+                    (direct - closed[(row, i)]).abs() < 1e-9,
+                    "row {row} col {i}"
+                );
+            }
+        }
+        // and the candle rank-one form gives the same matrix
+        let dev = Device::Cpu;
+        let cinv_k = solve(&c, &k).unwrap();
+        let norm = (cinv_k.transpose() * &cinv_k)[(0, 0)].sqrt();
+        let u = from_mat(&(&cinv_k * (1.0 / norm)), &dev)
+            .unwrap()
+            .flatten_all()
+            .unwrap();
+        let k_t = from_mat(&k, &dev).unwrap().flatten_all().unwrap();
+        let o = from_mat(&(&w * &k), &dev).unwrap().flatten_all().unwrap();
+        let v_t = from_mat(&v, &dev).unwrap().flatten_all().unwrap();
+        let (_, delta) = rank_one(&u, &k_t, &o, &v_t).unwrap();
+        let diff = &to_mat(&delta).unwrap() - &closed;
+        assert!(max_abs(&diff) < 1e-4, "{}", max_abs(&diff));
+    }
+
+    #[test]
+    fn memit_on_one_edit_is_rome_with_covariance_scaled() {
+        // Sherman–Morrison: r kᵀ(λC + kkᵀ)⁻¹ = r (C⁻¹k)ᵀ / (λ + kᵀC⁻¹k), so MEMIT's single-edit
+        // update is ROME's times kᵀC⁻¹k / (λ + kᵀC⁻¹k).
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let (d, dff, n) = (5, 8, 50);
+        let w = random(d, dff, &mut rng);
+        let sample = random(dff, n, &mut rng);
+        let c = (&sample * sample.transpose()) * (1.0 / n as f64);
+        let k = random(dff, 1, &mut rng);
+        let v = random(d, 1, &mut rng);
+        let lambda = 0.7;
+        let memit = memit_delta(
+            &k.transpose().to_owned(),
+            &(&v - &w * &k).transpose().to_owned(),
+            &c,
+            lambda,
+        )
+        .unwrap();
+        let rome = rome_with_cov(&w, &c, &k, &v);
+        let q = (k.transpose() * solve(&c, &k).unwrap())[(0, 0)];
+        let diff = &memit - &(rome * (q / (lambda + q)));
+        assert!(max_abs(&diff) < 1e-10, "{}", max_abs(&diff));
+    }
+
+    #[test]
+    fn alphaedit_update_leaves_preserved_keys_alone() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let (d, dff, rank, n) = (6, 12, 5, 3);
+        // Preserved keys span a 5-dimensional subspace: C has 7 zero eigenvalues.
+        let preserved = random(dff, rank, &mut rng);
+        let c = &preserved * preserved.transpose();
+        let p = null_space_projector(&c, 1e-8).unwrap();
+        let keys = random(n, dff, &mut rng);
+        let resid = random(n, d, &mut rng);
+        let memory = Mat::<f64>::zeros(dff, dff);
+        let delta = alphaedit_delta(&keys, &resid, &p, &memory, 1.0).unwrap();
+        assert_eq!((delta.nrows(), delta.ncols()), (d, dff));
+        let leak = max_abs(&(&delta * &preserved));
+        assert!(leak < 1e-10 * max_abs(&delta).max(1.0), "ΔW K0 = {leak}");
+        assert!(max_abs(&delta) > 1e-3, "the update is not trivially zero");
+        // P is a projector of rank dff − rank
+        let pp = &p * &p - &p;
+        assert!(max_abs(&pp) < 1e-10);
+        let trace: f64 = (0..dff).map(|i| p[(i, i)]).sum();
+        assert!((trace - (dff - rank) as f64).abs() < 1e-9);
+    }
 }

@@ -1,1 +1,382 @@
-//! Second-moment statistics of MLP keys (SPEC-editors §2.4). Filled in by the statistics commit.
+//! Second-moment statistics of MLP keys, `C = E[k kᵀ]` over the tokens of a text corpus
+//! (SPEC-editors §2.4): computed once per model, layer, corpus and sample size, cached on disk,
+//! and reused by every later edit. Sums are accumulated in f64 from f32 per-batch products.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use sha2::{Digest, Sha256};
+
+use crate::data::python_random::PythonRandom;
+use crate::error::{Error, Result};
+use crate::model::{HookSpec, Model, Site, TokenBatch};
+
+/// WikiText-2 (validation and test splits), the default corpus; see corpus/PROVENANCE.md.
+const WIKITEXT_VALID: &str = include_str!("../../../corpus/wikitext-2-valid.txt");
+const WIKITEXT_TEST: &str = include_str!("../../../corpus/wikitext-2-test.txt");
+
+/// Texts whose keys the statistics average over.
+pub struct Corpus {
+    /// What the cache key names the corpus by: a digest of its articles.
+    pub id: String,
+    pub articles: Vec<String>,
+}
+
+impl Corpus {
+    /// The built-in WikiText-2 corpus.
+    pub fn builtin() -> Self {
+        let mut articles = wikitext_articles(WIKITEXT_VALID);
+        articles.extend(wikitext_articles(WIKITEXT_TEST));
+        Self::new(articles)
+    }
+
+    /// A corpus file: JSON lines with a `text` field (`.jsonl`), or plain text, split into
+    /// articles at WikiText's `= Title =` headings when it has them.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let articles = if path.extension().is_some_and(|e| e == "jsonl") {
+            text.lines()
+                .enumerate()
+                .filter(|(_, l)| !l.trim().is_empty())
+                .map(|(i, line)| {
+                    let v: serde_json::Value = serde_json::from_str(line).map_err(|e| {
+                        Error::file(path, format!("line {}: invalid JSON: {e}", i + 1))
+                    })?;
+                    v.get("text")
+                        .and_then(|t| t.as_str())
+                        .map(str::to_string)
+                        .ok_or_else(|| {
+                            Error::file(path, format!("line {}: no string field \"text\"", i + 1))
+                        })
+                })
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            wikitext_articles(&text)
+        };
+        if articles.is_empty() {
+            return Err(Error::file(path, "the corpus holds no text"));
+        }
+        Ok(Self::new(articles))
+    }
+
+    fn new(articles: Vec<String>) -> Self {
+        let mut hash = Sha256::new();
+        for a in &articles {
+            hash.update((a.len() as u64).to_le_bytes());
+            hash.update(a.as_bytes());
+        }
+        let id = hex(&hash.finalize())[..16].to_string();
+        Corpus { id, articles }
+    }
+}
+
+/// Articles of a WikiText file (top-level `= Title =` lines start one), with the tokenisation
+/// artefacts undone; a text without headings is one article.
+pub fn wikitext_articles(text: &str) -> Vec<String> {
+    let mut articles: Vec<String> = Vec::new();
+    let mut current = String::new();
+    for line in text.lines() {
+        let t = line.trim();
+        let heading = t.starts_with("= ") && t.ends_with(" =") && !t.starts_with("= =");
+        if heading && !current.trim().is_empty() {
+            articles.push(std::mem::take(&mut current));
+        }
+        if !t.is_empty() {
+            current.push_str(&undo_wikitext(t));
+            current.push('\n');
+        }
+    }
+    if !current.trim().is_empty() {
+        articles.push(current);
+    }
+    articles
+}
+
+/// `@-@`, `@,@` and `@.@` with their spaces back to `-`, `,` and `.`.
+pub fn undo_wikitext(s: &str) -> String {
+    s.replace(" @-@ ", "-")
+        .replace(" @,@ ", ",")
+        .replace(" @.@ ", ".")
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// How statistics are gathered.
+#[derive(Debug, Clone)]
+pub struct StatsOptions {
+    /// Articles used (EasyEdit's `mom2_n_samples`), picked by CPython's `Random(1).shuffle`.
+    pub samples: usize,
+    /// Tokens per window; longer articles are cut into consecutive windows.
+    pub context: usize,
+    pub cache_dir: PathBuf,
+}
+
+impl StatsOptions {
+    pub fn new(samples: usize) -> Self {
+        StatsOptions {
+            samples,
+            context: 1024,
+            cache_dir: default_cache_dir(),
+        }
+    }
+}
+
+/// `$KEDIT_CACHE/stats`, else `~/.cache/kedit/stats`.
+pub fn default_cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("KEDIT_CACHE") {
+        return PathBuf::from(dir).join("stats");
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
+    home.join(".cache").join("kedit").join("stats")
+}
+
+/// A digest of the model's architecture and a strided sample of every weight: the same unedited
+/// model always gives the same fingerprint, an edited one does not.
+pub fn model_fingerprint(model: &Model) -> Result<String> {
+    let spec = model.spec();
+    let mut hash = Sha256::new();
+    hash.update(format!(
+        "{:?} {} {} {} {}",
+        spec.arch, spec.n_layers, spec.d_model, spec.d_mlp, spec.vocab_size
+    ));
+    for (id, w) in model.weights() {
+        hash.update(id.to_string().as_bytes());
+        let flat = w.flatten_all()?;
+        let n = flat.dim(0)?;
+        let stride = (n / 4096).max(1);
+        let idx: Vec<u32> = (0..n).step_by(stride).map(|i| i as u32).collect();
+        let picked = flat
+            .index_select(&Tensor::new(idx.as_slice(), w.device())?, 0)?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?;
+        for v in picked {
+            hash.update(v.to_le_bytes());
+        }
+    }
+    Ok(hex(&hash.finalize())[..16].to_string())
+}
+
+/// The statistics of one layer.
+pub struct LayerMoments {
+    pub layer: usize,
+    /// `E[k kᵀ]`, `[d_ff, d_ff]`, f64.
+    pub second_moment: Tensor,
+    pub tokens: u64,
+    pub path: PathBuf,
+    /// False when read from the cache.
+    pub computed: bool,
+}
+
+fn cache_path(
+    dir: &Path,
+    fingerprint: &str,
+    layer: usize,
+    corpus: &Corpus,
+    opts: &StatsOptions,
+) -> PathBuf {
+    dir.join(fingerprint).join(format!(
+        "layer{layer}-{}-n{}-ctx{}.safetensors",
+        corpus.id, opts.samples, opts.context
+    ))
+}
+
+/// The second moments of the MLP keys of `layers`, read from the cache where it holds them and
+/// computed in one pass over the corpus for the rest. `progress(done, total)` counts tokens.
+pub fn second_moments(
+    model: &Model,
+    layers: &[usize],
+    corpus: &Corpus,
+    opts: &StatsOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<LayerMoments>> {
+    let fingerprint = model_fingerprint(model)?;
+    let mut found = BTreeMap::new();
+    let mut missing = Vec::new();
+    for &layer in layers {
+        if layer >= model.spec().n_layers {
+            return Err(Error::Invalid(format!(
+                "layer {layer} is out of range: the model has layers 0..{}",
+                model.spec().n_layers
+            )));
+        }
+        let path = cache_path(&opts.cache_dir, &fingerprint, layer, corpus, opts);
+        match read_cache(&path, model.spec().d_mlp) {
+            Ok(Some((sum, tokens))) => {
+                found.insert(layer, (sum, tokens, path, false));
+            }
+            Ok(None) => missing.push(layer),
+            Err(why) => {
+                eprintln!(
+                    "warning: {}: unusable statistics cache ({why}); recomputing",
+                    path.display()
+                );
+                missing.push(layer);
+            }
+        }
+    }
+    if !missing.is_empty() {
+        let sums = accumulate(model, &missing, corpus, opts, progress)?;
+        for (layer, (sum, tokens)) in missing.iter().zip(sums) {
+            let path = cache_path(&opts.cache_dir, &fingerprint, *layer, corpus, opts);
+            write_cache(&path, &sum, tokens)?;
+            found.insert(*layer, (sum, tokens, path, true));
+        }
+    }
+    layers
+        .iter()
+        .map(|layer| {
+            let (sum, tokens, path, computed) = found[layer].clone();
+            Ok(LayerMoments {
+                layer: *layer,
+                second_moment: (sum / tokens as f64)?,
+                tokens,
+                path,
+                computed,
+            })
+        })
+        .collect()
+}
+
+/// Token windows of the chosen articles, each at most `context` tokens.
+fn windows(model: &Model, corpus: &Corpus, opts: &StatsOptions) -> Result<Vec<Vec<u32>>> {
+    let mut order: Vec<usize> = (0..corpus.articles.len()).collect();
+    PythonRandom::new(1).shuffle(&mut order);
+    order.truncate(opts.samples);
+    let context = opts.context.min(model.spec().max_positions).max(1);
+    let mut windows = Vec::new();
+    for i in order {
+        let ids = model.encode_with_special_tokens(&corpus.articles[i])?;
+        windows.extend(ids.chunks(context).map(<[u32]>::to_vec));
+    }
+    Ok(windows)
+}
+
+/// `Σ k kᵀ` (f64) and the token count per layer.
+fn accumulate(
+    model: &Model,
+    layers: &[usize],
+    corpus: &Corpus,
+    opts: &StatsOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<(Tensor, u64)>> {
+    let mut windows = windows(model, corpus, opts)?;
+    windows.sort_by_key(Vec::len);
+    let total: usize = windows.iter().map(Vec::len).sum();
+    let d_ff = model.spec().d_mlp;
+    let dev = model.device();
+    let mut sums: Vec<Tensor> = layers
+        .iter()
+        .map(|_| Tensor::zeros((d_ff, d_ff), DType::F64, dev))
+        .collect::<candle_core::Result<_>>()?;
+    let last = *layers.iter().max().expect("at least one layer");
+    let mut hooks = HookSpec::new().stop_after(last);
+    for &l in layers {
+        hooks = hooks.capture(Site::MlpAct(l));
+    }
+    let pad = model.spec().eos_id.or(model.spec().pad_id).unwrap_or(0);
+    let budget = 3 * opts.context.max(1);
+    let mut done = 0;
+    let mut start = 0;
+    while start < windows.len() {
+        // Windows are sorted by length, so a batch pads little.
+        let mut end = start + 1;
+        while end < windows.len() && (end + 1 - start) * windows[end].len() <= budget {
+            end += 1;
+        }
+        let batch_windows = &windows[start..end];
+        let batch = TokenBatch::new(batch_windows, pad, dev)?;
+        let out = model.forward(&batch, &hooks)?;
+        for (sum, &l) in sums.iter_mut().zip(layers) {
+            let acts = out.capture(Site::MlpAct(l))?;
+            let rows = batch_windows
+                .iter()
+                .enumerate()
+                .map(|(r, w)| acts.get(r)?.narrow(0, 0, w.len()))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let keys = Tensor::cat(&rows, 0)?.to_dtype(DType::F32)?;
+            let gram = keys.t()?.matmul(&keys)?.to_dtype(DType::F64)?;
+            *sum = (&*sum + gram)?;
+        }
+        done += batch_windows.iter().map(Vec::len).sum::<usize>();
+        progress(done, total);
+        start = end;
+    }
+    Ok(sums.into_iter().map(|s| (s, total as u64)).collect())
+}
+
+fn checksum(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+fn write_cache(path: &Path, sum: &Tensor, tokens: u64) -> Result<()> {
+    let dir = path.parent().expect("cache paths have a folder");
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let values: Vec<f64> = sum.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let (r, c) = sum.dims2()?;
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F64, vec![r, c], &bytes)
+        .map_err(|e| Error::file(path, e.to_string()))?;
+    let metadata = std::collections::HashMap::from([
+        ("tokens".to_string(), tokens.to_string()),
+        ("sha256".to_string(), checksum(&bytes)),
+    ]);
+    let tmp = path.with_extension("partial");
+    safetensors::serialize_to_file([("mom2.sum", view)], Some(metadata), &tmp)
+        .map_err(|e| Error::file(&tmp, e.to_string()))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// `Ok(None)` when there is no cache file; `Err(why)` when there is one that cannot be trusted.
+fn read_cache(path: &Path, d_ff: usize) -> std::result::Result<Option<(Tensor, u64)>, String> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    };
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| e.to_string())?;
+    let info = meta.metadata().clone().unwrap_or_default();
+    let tokens: u64 = info
+        .get("tokens")
+        .and_then(|t| t.parse().ok())
+        .filter(|&t| t > 0)
+        .ok_or("no token count")?;
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| e.to_string())?;
+    let view = tensors.tensor("mom2.sum").map_err(|e| e.to_string())?;
+    if view.dtype() != safetensors::Dtype::F64 || view.shape() != [d_ff, d_ff] {
+        return Err(format!(
+            "expected f64 [{d_ff}, {d_ff}], found {:?} {:?}",
+            view.dtype(),
+            view.shape()
+        ));
+    }
+    if info.get("sha256").map(String::as_str) != Some(checksum(view.data()).as_str()) {
+        return Err("checksum mismatch".into());
+    }
+    let values: Vec<f64> = view
+        .data()
+        .chunks_exact(8)
+        .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")))
+        .collect();
+    let sum = Tensor::from_vec(values, (d_ff, d_ff), &Device::Cpu).map_err(|e| e.to_string())?;
+    Ok(Some((sum, tokens)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wikitext_articles_split_at_top_level_headings() {
+        let text = " = A = \n\n x @-@ y , 1 @,@ 000 @.@ 5 \n = = Sub = = \n more \n = B = \n b \n";
+        let articles = wikitext_articles(text);
+        assert_eq!(articles.len(), 2);
+        assert_eq!(articles[0], "= A =\nx-y , 1,000.5\n= = Sub = =\nmore\n");
+        assert_eq!(articles[1], "= B =\nb\n");
+        let builtin = Corpus::builtin();
+        assert!(builtin.articles.len() > 100, "{}", builtin.articles.len());
+        assert_eq!(builtin.id, Corpus::builtin().id);
+    }
+}
