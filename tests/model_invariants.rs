@@ -240,3 +240,33 @@ fn overlay_acts_like_an_add_and_removing_it_restores_the_model() {
         "layer out of range"
     );
 }
+
+#[test]
+fn resuming_from_a_captured_residual_gives_the_same_logits() {
+    use kedit::model::{HookSpec, Site, TokenBatch};
+    for model in [tiny_gpt2(), smollm2()] {
+        let seqs = vec![
+            model.encode("The Eiffel Tower is in the city of").unwrap(),
+            model.encode("Lobsters are").unwrap(),
+        ];
+        let batch = TokenBatch::new(&seqs, 0, model.device()).unwrap();
+        let full = model.forward(&batch, &HookSpec::new()).unwrap().logits;
+        let layer = 1;
+        let resid = model
+            .forward(
+                &batch,
+                &HookSpec::new()
+                    .capture(Site::ResidPost(layer))
+                    .stop_after(layer),
+            )
+            .unwrap()
+            .capture(Site::ResidPost(layer))
+            .unwrap()
+            .clone();
+        let resumed = model
+            .forward(&batch, &HookSpec::new().resume_after(layer, resid))
+            .unwrap()
+            .logits;
+        assert_eq!(max_abs_diff(&full, &resumed), 0.0);
+    }
+}

@@ -1,8 +1,10 @@
 //! Editors: one trait, one request type, one `Edit` that undoes, saves and re-applies itself.
 //! A method is one file plus one line in [`registry`].
 
+mod alphaedit;
 mod ft;
 pub mod hparams;
+mod memit;
 pub mod optim;
 pub mod rank_one;
 pub mod registry;
@@ -17,7 +19,9 @@ use crate::data::EditRequest;
 use crate::error::{Error, Result};
 use crate::model::{Model, WeightId};
 
+pub use alphaedit::AlphaEdit;
 pub use ft::{Ft, FtParams, Objective};
+pub use memit::Memit;
 pub use registry::{build_editor, default_hparams, editor_from_hparams, EditorKind};
 pub use rome::{Rome, RomeParams};
 

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use super::hparams::alg_name;
-use super::{Editor, Ft, Rome};
+use super::{AlphaEdit, Editor, Ft, Memit, Rome};
 use crate::error::{Error, Result};
 
 /// The editing methods kedit implements.
@@ -12,6 +12,8 @@ pub enum EditorKind {
     /// FT-L or FT-M, chosen by `objective_optimization`.
     Ft,
     Rome,
+    Memit,
+    AlphaEdit,
 }
 
 impl EditorKind {
@@ -20,9 +22,11 @@ impl EditorKind {
         match name {
             "FT" | "FT-L" | "FT-M" => Ok(EditorKind::Ft),
             "ROME" => Ok(EditorKind::Rome),
+            "MEMIT" => Ok(EditorKind::Memit),
+            "AlphaEdit" => Ok(EditorKind::AlphaEdit),
             other => Err(Error::Unsupported {
                 what: format!("editing method {other:?}"),
-                why: "kedit implements FT (FT-L, FT-M) and ROME so far".into(),
+                why: "kedit implements FT (FT-L, FT-M), ROME, MEMIT and AlphaEdit so far".into(),
             }),
         }
     }
@@ -35,6 +39,8 @@ pub fn editor_from_hparams(path: &Path) -> Result<Box<dyn Editor>> {
     Ok(match kind {
         EditorKind::Ft => Box::new(Ft::from_yaml(path)?),
         EditorKind::Rome => Box::new(Rome::from_yaml(path)?),
+        EditorKind::Memit => Box::new(Memit::from_yaml(path)?),
+        EditorKind::AlphaEdit => Box::new(AlphaEdit::from_yaml(path)?),
     })
 }
 
@@ -44,6 +50,8 @@ impl EditorKind {
         match self {
             EditorKind::Ft => "FT",
             EditorKind::Rome => "ROME",
+            EditorKind::Memit => "MEMIT",
+            EditorKind::AlphaEdit => "AlphaEdit",
         }
     }
 }
@@ -71,6 +79,8 @@ pub fn build_editor(name: &str, hparams: &Path) -> Result<Box<dyn Editor>> {
             Box::new(Ft::new(params)?)
         }
         EditorKind::Rome => Box::new(Rome::from_yaml(hparams)?),
+        EditorKind::Memit => Box::new(Memit::from_yaml(hparams)?),
+        EditorKind::AlphaEdit => Box::new(AlphaEdit::from_yaml(hparams)?),
     })
 }
 

@@ -152,6 +152,10 @@ pub struct HookSpec {
     pub interventions: Vec<(Site, Intervention)>,
     /// Stop the forward pass after this layer (no logits): for callers that only need captures.
     pub stop_after_layer: Option<usize>,
+    /// Start from this residual after layer `l` (its `ResidPost(l)`, captured by an earlier pass
+    /// over the same tokens) instead of recomputing layers `0..=l`; hooks at `ResidPost(l)` still
+    /// apply to it.
+    pub resume: Option<(usize, Tensor)>,
 }
 
 impl HookSpec {
@@ -169,6 +173,12 @@ impl HookSpec {
         self
     }
 
+    /// Starts the pass from `resid`, the batch's `ResidPost(layer)` from an earlier pass.
+    pub fn resume_after(mut self, layer: usize, resid: Tensor) -> Self {
+        self.resume = Some((layer, resid));
+        self
+    }
+
     /// Ends the forward pass after layer `layer`; the result's logits are empty.
     pub fn stop_after(mut self, layer: usize) -> Self {
         self.stop_after_layer = Some(layer);
@@ -176,7 +186,10 @@ impl HookSpec {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.captures.is_empty() && self.interventions.is_empty() && self.stop_after_layer.is_none()
+        self.captures.is_empty()
+            && self.interventions.is_empty()
+            && self.stop_after_layer.is_none()
+            && self.resume.is_none()
     }
 
     /// Applies the interventions at `site` in order, then captures the result if asked.

@@ -432,9 +432,25 @@ impl Model {
         };
         let mask = causal_mask(s, offset, self.dtype, &self.device)?;
 
-        let xs = self.embed(ids, offset)?;
-        let mut xs = hooks.visit(Site::Embed, xs, &mut captures)?;
-        for l in 0..self.spec.n_layers {
+        let (mut xs, first_layer) = match &hooks.resume {
+            Some((layer, resid)) => {
+                self.check_layer(*layer)?;
+                if cache.is_some() || resid.dims() != [ids.dim(0)?, s, self.spec.d_model] {
+                    return Err(Error::Invalid(format!(
+                        "cannot resume from a residual of shape {:?} for a batch of {:?} (and never with a KV cache)",
+                        resid.dims(),
+                        ids.dims()
+                    )));
+                }
+                let xs = hooks.visit(Site::ResidPost(*layer), resid.clone(), &mut captures)?;
+                (xs, layer + 1)
+            }
+            None => {
+                let xs = self.embed(ids, offset)?;
+                (hooks.visit(Site::Embed, xs, &mut captures)?, 0)
+            }
+        };
+        for l in first_layer..self.spec.n_layers {
             xs = hooks.visit(Site::ResidPre(l), xs, &mut captures)?;
             let resid_pre = xs.clone();
             let mut input = OverlayInput {

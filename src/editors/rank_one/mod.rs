@@ -6,6 +6,7 @@
 pub mod keys;
 pub mod locate;
 pub mod solve;
+pub mod spread;
 pub mod stats;
 pub mod templates;
 pub mod values;

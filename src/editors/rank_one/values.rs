@@ -102,8 +102,30 @@ pub fn optimise_value(
     let mut m0: Option<Tensor> = None;
     let mut kl_init: Option<Tensor> = None;
     let mut last_loss = f64::NAN;
+    // Layers below δ's site do not depend on δ: run them once.
+    let resume = match params.site {
+        Site::ResidPost(l) => Some(l),
+        _ => layer.checked_sub(1),
+    };
+    let prefix = match resume {
+        Some(l) => {
+            let hooks = HookSpec::new().capture(Site::ResidPost(l)).stop_after(l);
+            Some((
+                l,
+                model
+                    .forward(&batch, &hooks)?
+                    .capture(Site::ResidPost(l))?
+                    .clone(),
+            ))
+        }
+        None => None,
+    };
     for it in 0..params.steps {
-        let mut hooks = HookSpec::new().capture(params.site).intervene(
+        let mut hooks = HookSpec::new();
+        if let Some((l, resid)) = &prefix {
+            hooks = hooks.resume_after(*l, resid.clone());
+        }
+        let mut hooks = hooks.capture(params.site).intervene(
             params.site,
             Intervention::AddAt {
                 rows: add_at.clone(),

@@ -1,0 +1,112 @@
+//! AlphaEdit (Fang et al. 2025; SPEC-editors §5): MEMIT's layer-spread edit, with each update
+//! projected onto the null space of the preserved keys' covariance, and a memory of the keys of
+//! earlier edits so that sequential edits protect each other.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use faer::Mat;
+
+use super::rank_one::solve::{alphaedit_delta, null_space_projector, to_mat};
+use super::rank_one::spread::{grouped_keys, spread_edit, MassParams, MassState};
+use super::rank_one::FactEdit;
+use super::{Edit, EditCtx, Editor};
+use crate::data::EditRequest;
+use crate::error::{Error, Result};
+use crate::model::Model;
+
+pub struct AlphaEdit {
+    params: MassParams,
+    threshold: f64,
+    l2: f64,
+    state: MassState,
+    projectors: BTreeMap<usize, Mat<f64>>,
+    /// `Σ_l`: the sum of `k kᵀ` over the keys of every edit applied so far, per layer.
+    memory: BTreeMap<usize, Mat<f64>>,
+}
+
+impl AlphaEdit {
+    pub fn from_yaml(path: &Path) -> Result<Self> {
+        let params = MassParams::from_yaml(path)?;
+        let need = |v: Option<f64>, name: &str| {
+            v.ok_or_else(|| Error::file(path, format!("field {name:?} is missing")))
+        };
+        let threshold = need(params.nullspace_threshold, "nullspace_threshold")?;
+        let l2 = need(params.l2, "L2")?;
+        Ok(AlphaEdit {
+            params,
+            threshold,
+            l2,
+            state: MassState::default(),
+            projectors: BTreeMap::new(),
+            memory: BTreeMap::new(),
+        })
+    }
+
+    /// How many edits' keys the memory holds at `layer` (its trace is the sum of squared norms).
+    pub fn memory_trace(&self, layer: usize) -> f64 {
+        self.memory
+            .get(&layer)
+            .map_or(0.0, |m| (0..m.nrows()).map(|i| m[(i, i)]).sum())
+    }
+}
+
+impl Editor for AlphaEdit {
+    fn name(&self) -> &'static str {
+        "AlphaEdit"
+    }
+
+    fn max_batch(&self) -> usize {
+        usize::MAX
+    }
+
+    fn apply(
+        &mut self,
+        model: &mut Model,
+        requests: &[EditRequest],
+        ctx: &EditCtx,
+    ) -> Result<Edit> {
+        let facts = requests
+            .iter()
+            .map(|r| FactEdit::new(model, r))
+            .collect::<Result<Vec<_>>>()?;
+        let groups = self.state.templates(model, &self.params, ctx.seed)?;
+        let d_ff = model.spec().d_mlp;
+        if self.projectors.is_empty() {
+            let covariances = self.state.covariances(model, &self.params)?;
+            for (&layer, c) in self.params.layers.iter().zip(&covariances) {
+                self.projectors
+                    .insert(layer, null_space_projector(c, self.threshold)?);
+            }
+        }
+        let (projectors, memory, l2) = (&self.projectors, &self.memory, self.l2);
+        let empty = Mat::<f64>::zeros(d_ff, d_ff);
+        let edit = spread_edit(
+            model,
+            &facts,
+            &groups,
+            &self.params,
+            &mut |_, layer, keys, resid| {
+                let sigma = memory.get(&layer).unwrap_or(&empty);
+                alphaedit_delta(keys, resid, &projectors[&layer], sigma, l2)
+            },
+        )?;
+        // Remember the edited facts' keys, read from the edited model.
+        for &layer in &self.params.layers {
+            let keys = to_mat(&grouped_keys(
+                model,
+                layer,
+                &facts,
+                &groups,
+                self.params.fact_token,
+            )?)?;
+            let gram = keys.transpose() * &keys;
+            let sigma = self
+                .memory
+                .entry(layer)
+                .or_insert_with(|| Mat::zeros(d_ff, d_ff));
+            *sigma += gram;
+        }
+        Ok(edit)
+    }
+}

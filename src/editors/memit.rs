@@ -1,0 +1,65 @@
+//! MEMIT (Meng et al. 2023; SPEC-editors §4): a batch of facts written over several layers at
+//! once, each layer solving a covariance-regularised least squares in f64.
+
+use std::path::Path;
+
+use super::rank_one::solve::memit_delta;
+use super::rank_one::spread::{spread_edit, MassParams, MassState};
+use super::rank_one::FactEdit;
+use super::{Edit, EditCtx, Editor};
+use crate::data::EditRequest;
+use crate::error::{Error, Result};
+use crate::model::Model;
+
+pub struct Memit {
+    params: MassParams,
+    state: MassState,
+}
+
+impl Memit {
+    pub fn from_yaml(path: &Path) -> Result<Self> {
+        let params = MassParams::from_yaml(path)?;
+        if params.nullspace_threshold.is_some() || params.l2.is_some() || params.p_loc.is_some() {
+            return Err(Error::file(
+                path,
+                "fields P_loc, nullspace_threshold and L2 belong to AlphaEdit, not MEMIT",
+            ));
+        }
+        Ok(Memit {
+            params,
+            state: MassState::default(),
+        })
+    }
+}
+
+impl Editor for Memit {
+    fn name(&self) -> &'static str {
+        "MEMIT"
+    }
+
+    fn max_batch(&self) -> usize {
+        usize::MAX
+    }
+
+    fn apply(
+        &mut self,
+        model: &mut Model,
+        requests: &[EditRequest],
+        ctx: &EditCtx,
+    ) -> Result<Edit> {
+        let facts = requests
+            .iter()
+            .map(|r| FactEdit::new(model, r))
+            .collect::<Result<Vec<_>>>()?;
+        let groups = self.state.templates(model, &self.params, ctx.seed)?;
+        let covariances = self.state.covariances(model, &self.params)?;
+        let lambda = self.params.mom2_update_weight;
+        spread_edit(
+            model,
+            &facts,
+            &groups,
+            &self.params,
+            &mut |i, _, keys, resid| memit_delta(keys, resid, &covariances[i], lambda),
+        )
+    }
+}

@@ -1,0 +1,276 @@
+//! The mass-editing skeleton MEMIT and AlphaEdit share (SPEC-editors §4–5): optimise a target
+//! residual `z` per fact at the last edited layer, then walk the layers in ascending order, giving
+//! each `1/(layers left)` of the remaining error through a per-layer closed-form solve that the
+//! method supplies, with keys and residuals recomputed on the partially edited model.
+
+use candle_core::Tensor;
+use faer::Mat;
+use serde::Deserialize;
+
+use super::keys::{activations_at, template_positions};
+use super::locate::FactToken;
+use super::solve::{from_mat, to_mat};
+use super::values::{optimise_value, ValueParams};
+use super::{rewrite_weight, FactEdit};
+use crate::editors::hparams::{float, float_or_false, read_yaml};
+use crate::editors::{Edit, WeightChange};
+use crate::error::{Error, Result};
+use crate::model::{Model, Site};
+
+/// EasyEdit's `MEMITHyperParams`, and `AlphaEditHyperParams` (the same plus `P_loc`,
+/// `nullspace_threshold`, `L2`), read from their YAML files unchanged.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MassParams {
+    pub alg_name: String,
+    #[serde(default)]
+    pub model_name: Option<String>,
+    /// EasyEdit's statistics folder; kedit keeps its own cache (see `kedit stats`).
+    #[serde(default)]
+    pub stats_dir: Option<String>,
+    #[serde(default)]
+    pub device: Option<serde_yaml::Value>,
+    pub layers: Vec<usize>,
+    #[serde(default)]
+    pub layer_selection: Option<String>,
+    pub fact_token: FactToken,
+    pub v_num_grad_steps: usize,
+    #[serde(deserialize_with = "float")]
+    pub v_lr: f64,
+    pub v_loss_layer: usize,
+    #[serde(deserialize_with = "float")]
+    pub v_weight_decay: f64,
+    #[serde(deserialize_with = "float")]
+    pub clamp_norm_factor: f64,
+    #[serde(deserialize_with = "float")]
+    pub kl_factor: f64,
+    /// Read but ignored, as by EasyEdit's MEMIT: the statistics are always used.
+    #[serde(default)]
+    pub mom2_adjustment: Option<bool>,
+    #[serde(deserialize_with = "float")]
+    pub mom2_update_weight: f64,
+    pub rewrite_module_tmp: String,
+    #[serde(default)]
+    pub layer_module_tmp: Option<String>,
+    #[serde(default)]
+    pub mlp_module_tmp: Option<String>,
+    #[serde(default)]
+    pub attn_module_tmp: Option<String>,
+    #[serde(default)]
+    pub ln_f_module: Option<String>,
+    #[serde(default)]
+    pub lm_head_module: Option<String>,
+    #[serde(default)]
+    pub mom2_dataset: Option<String>,
+    pub mom2_n_samples: usize,
+    #[serde(default)]
+    pub mom2_dtype: Option<String>,
+    #[serde(default)]
+    pub model_parallel: bool,
+    #[serde(default)]
+    pub max_length: Option<usize>,
+    #[serde(default)]
+    pub batch_size: Option<usize>,
+    /// AlphaEdit: a saved projector (not read by kedit, which computes and caches its own).
+    #[serde(default, rename = "P_loc")]
+    pub p_loc: Option<String>,
+    #[serde(default, deserialize_with = "float_or_false")]
+    pub nullspace_threshold: Option<f64>,
+    #[serde(default, rename = "L2", deserialize_with = "float_or_false")]
+    pub l2: Option<f64>,
+    /// kedit extension: fixed context templates `[["{}"], [...]]` instead of sampled ones.
+    #[serde(default)]
+    pub context_templates: Option<Vec<Vec<String>>>,
+    /// kedit extension: a corpus file for the key statistics (default: built-in WikiText-2).
+    #[serde(default)]
+    pub mom2_corpus: Option<std::path::PathBuf>,
+}
+
+impl MassParams {
+    pub fn from_yaml(path: &std::path::Path) -> Result<Self> {
+        let p: MassParams = read_yaml(path)?;
+        if p.layers.is_empty() {
+            return Err(Error::file(path, "layers is empty"));
+        }
+        let mut sorted = p.layers.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        if sorted != p.layers {
+            return Err(Error::file(path, "layers must be distinct and ascending"));
+        }
+        Ok(p)
+    }
+
+    fn value_params(&self, n_layers: usize) -> ValueParams {
+        let z_layer = *self.layers.last().expect("checked non-empty");
+        ValueParams {
+            site: Site::ResidPost(z_layer),
+            loss_layer: self.v_loss_layer.min(n_layers - 1),
+            steps: self.v_num_grad_steps,
+            lr: self.v_lr,
+            weight_decay: self.v_weight_decay,
+            clamp_norm_factor: self.clamp_norm_factor,
+            kl_factor: self.kl_factor,
+            fact_token: self.fact_token,
+        }
+    }
+}
+
+/// The key of each fact at `layer` (`[n, d_ff]`): the mean over each template group, then the
+/// mean of the group means.
+pub fn grouped_keys(
+    model: &Model,
+    layer: usize,
+    facts: &[FactEdit],
+    groups: &[Vec<String>],
+    rule: FactToken,
+) -> Result<Tensor> {
+    let mut rows = Vec::with_capacity(facts.len());
+    for fact in facts {
+        let mut means = Vec::with_capacity(groups.len());
+        for group in groups {
+            let items = template_positions(model, group, &fact.prompt, &fact.subject, rule)?;
+            means.push(activations_at(model, Site::MlpAct(layer), &items)?.mean(0)?);
+        }
+        rows.push(Tensor::stack(&means, 0)?.mean(0)?);
+    }
+    Ok(Tensor::stack(&rows, 0)?)
+}
+
+/// The residual at `layer`'s output at each fact's token in its plain prompt (`[n, d]`).
+fn plain_residuals(
+    model: &Model,
+    layer: usize,
+    facts: &[FactEdit],
+    rule: FactToken,
+) -> Result<Tensor> {
+    let mut items = Vec::with_capacity(facts.len());
+    for fact in facts {
+        items.extend(template_positions(
+            model,
+            &["{}".to_string()],
+            &fact.prompt,
+            &fact.subject,
+            rule,
+        )?);
+    }
+    activations_at(model, Site::ResidPost(layer), &items)
+}
+
+/// A method's per-layer solve: `(i, layer, keys [n, d_ff], residuals [n, d]) → ΔW [d, d_ff]`.
+pub type LayerSolve<'a> = dyn FnMut(usize, usize, &Mat<f64>, &Mat<f64>) -> Result<Mat<f64>> + 'a;
+
+/// Runs the skeleton: `solve(i, layer, keys, residuals)` returns layer `i`'s `ΔW` (`[d, d_ff]`,
+/// f64), applied at once so later layers see it. On an error the model is left as it came.
+pub fn spread_edit(
+    model: &mut Model,
+    facts: &[FactEdit],
+    groups: &[Vec<String>],
+    params: &MassParams,
+    solve: &mut LayerSolve<'_>,
+) -> Result<Edit> {
+    let n_layers = model.spec().n_layers;
+    let value = params.value_params(n_layers);
+    let flat: Vec<String> = groups.iter().flatten().cloned().collect();
+    let targets = facts
+        .iter()
+        .map(|f| {
+            Ok(optimise_value(model, &f.prompt, &f.subject, &f.target_ids, &flat, &value)?.target)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let z = Tensor::stack(&targets, 0)?;
+    let z_layer = *params.layers.last().expect("checked non-empty");
+    let mut changes = Vec::with_capacity(params.layers.len());
+    let result = (|| -> Result<()> {
+        for (i, &layer) in params.layers.iter().enumerate() {
+            let id = rewrite_weight(model, &params.rewrite_module_tmp, layer)?;
+            let keys = to_mat(&grouped_keys(
+                model,
+                layer,
+                facts,
+                groups,
+                params.fact_token,
+            )?)?;
+            let current = plain_residuals(model, z_layer, facts, params.fact_token)?;
+            let resid = ((&z - &current)? / (params.layers.len() - i) as f64)?;
+            let delta = solve(i, layer, &keys, &to_mat(&resid)?)?;
+            let before = model.weight(id)?;
+            let delta = from_mat(&delta, before.device())?.to_dtype(before.dtype())?;
+            let after = (&before + delta)?;
+            model.replace_weight(id, after.clone())?;
+            changes.push(WeightChange { id, before, after });
+        }
+        Ok(())
+    })();
+    let edit = Edit { changes };
+    if let Err(e) = result {
+        edit.undo(model)?;
+        return Err(e);
+    }
+    Ok(edit)
+}
+
+/// What a mass editor keeps between calls: the context templates and the key covariances, both
+/// computed once per model (EasyEdit keeps them in process globals).
+#[derive(Default)]
+pub struct MassState {
+    model_key: Option<String>,
+    templates: Vec<Vec<String>>,
+    covariances: std::collections::BTreeMap<usize, Mat<f64>>,
+}
+
+impl MassState {
+    fn reset_for(&mut self, model: &Model) {
+        let key = model.origin().source.clone();
+        if self.model_key.as_deref() != Some(key.as_str()) {
+            *self = MassState {
+                model_key: Some(key),
+                ..MassState::default()
+            };
+        }
+    }
+
+    /// The grouped context templates: fixed by the file, or sampled once.
+    pub fn templates(
+        &mut self,
+        model: &Model,
+        params: &MassParams,
+        seed: u64,
+    ) -> Result<Vec<Vec<String>>> {
+        if let Some(fixed) = &params.context_templates {
+            return Ok(fixed.clone());
+        }
+        self.reset_for(model);
+        if self.templates.is_empty() {
+            self.templates = super::templates::memit_templates(model, seed)?;
+        }
+        Ok(self.templates.clone())
+    }
+
+    /// `E[k kᵀ]` of every edited layer, from the statistics cache (computed on first use).
+    pub fn covariances(&mut self, model: &Model, params: &MassParams) -> Result<Vec<Mat<f64>>> {
+        use super::stats::{second_moments, Corpus, StatsOptions};
+        self.reset_for(model);
+        let missing: Vec<usize> = params
+            .layers
+            .iter()
+            .copied()
+            .filter(|l| !self.covariances.contains_key(l))
+            .collect();
+        if !missing.is_empty() {
+            let corpus = match &params.mom2_corpus {
+                Some(path) => Corpus::from_file(path)?,
+                None => Corpus::builtin(),
+            };
+            let opts = StatsOptions::new(params.mom2_n_samples);
+            for m in second_moments(model, &missing, &corpus, &opts, &mut |_, _| {})? {
+                self.covariances.insert(m.layer, to_mat(&m.second_moment)?);
+            }
+        }
+        Ok(params
+            .layers
+            .iter()
+            .map(|l| self.covariances[l].clone())
+            .collect())
+    }
+}
