@@ -1,5 +1,6 @@
 //! kedit: knowledge editing for GPT-2 and LLaMA language models on candle.
 
+pub mod analysis;
 pub mod cli;
 pub mod data;
 pub mod editors;

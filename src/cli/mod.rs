@@ -5,6 +5,7 @@ mod eval;
 mod generate;
 mod inspect;
 mod stats;
+mod trace;
 
 use std::process::ExitCode;
 
@@ -39,6 +40,9 @@ enum Command {
     /// Gather the second moment E[k kᵀ] of MLP keys over a text corpus (ROME, MEMIT, AlphaEdit),
     /// cached on disk for every later edit
     Stats(stats::StatsArgs),
+    /// Causal tracing: corrupt the subject, restore one hidden state at a time, and plot how much
+    /// of the answer comes back (residual stream, MLP, attention) as an SVG
+    Trace(trace::TraceArgs),
 }
 
 /// Where the model comes from and how to hold it; shared by every subcommand that loads one.
@@ -117,6 +121,7 @@ pub fn main() -> ExitCode {
         Command::Eval(args) => eval::run(args),
         Command::Apply(args) => apply::run(*args),
         Command::Stats(args) => stats::run(args),
+        Command::Trace(args) => trace::run(args),
     };
     match result {
         Ok(code) => code,

@@ -101,6 +101,12 @@ pub enum Intervention {
         rows: Vec<(usize, usize)>,
         delta: Tensor,
     },
+    /// Overwrite the vector at each `(row, position)` with the matching row of `values`
+    /// (`[entries, d]`): restoring a clean state into a corrupted run.
+    SetAt {
+        entries: Vec<(usize, usize)>,
+        values: Tensor,
+    },
 }
 
 impl Intervention {
@@ -122,6 +128,24 @@ impl Intervention {
                 let mask = position_mask(rows, b, s, delta.dtype(), xs.device())?;
                 let delta = delta.reshape((1, 1, d))?.to_dtype(xs.dtype())?;
                 xs.broadcast_add(&mask.to_dtype(xs.dtype())?.broadcast_mul(&delta)?)
+            }
+            Intervention::SetAt { entries, values } => {
+                let (b, s, d) = xs.dims3()?;
+                if values.dims() != [entries.len(), d] {
+                    candle_core::bail!(
+                        "SetAt values have shape {:?}, expected [{}, {d}]",
+                        values.dims(),
+                        entries.len()
+                    )
+                }
+                let mask = position_mask(entries, b, s, xs.dtype(), xs.device())?;
+                let rows: Vec<Vec<f32>> = values.to_dtype(DType::F32)?.to_vec2()?;
+                let mut full = vec![0f32; b * s * d];
+                for (&(row, pos), v) in entries.iter().zip(&rows) {
+                    full[(row * s + pos) * d..][..d].copy_from_slice(v);
+                }
+                let full = Tensor::from_vec(full, (b, s, d), xs.device())?.to_dtype(xs.dtype())?;
+                xs.broadcast_mul(&(1.0 - &mask)?)?.add(&full)
             }
         }
     }

@@ -1,0 +1,4 @@
+//! Analyses of where a model keeps a fact.
+
+pub mod svg;
+pub mod trace;

@@ -1,0 +1,136 @@
+//! Locate-then-edit on SmolLM2 by the properties that define a successful edit: after ROME,
+//! MEMIT (a batch of 10) and AlphaEdit (10 sequential edits) the targets are the argmax for their
+//! prompts, and prompts about other things keep their argmax. Every edit undoes exactly.
+
+mod common;
+
+use candle_core::{IndexOp, D};
+use common::*;
+use kedit::data::{read_dataset, EditRequest};
+use kedit::editors::{build_editor, EditCtx};
+use kedit::model::Model;
+
+fn argmax_next(model: &Model, prompt: &str) -> u32 {
+    let ids = model.encode(prompt).unwrap();
+    logits_alone(model, &ids)
+        .i(ids.len() - 1)
+        .unwrap()
+        .argmax(D::Minus1)
+        .unwrap()
+        .to_scalar::<u32>()
+        .unwrap()
+}
+
+fn first_target_token(model: &Model, r: &EditRequest) -> u32 {
+    model.encode(&format!(" {}", r.target_new)).unwrap()[0]
+}
+
+fn counterfact(n: usize) -> Vec<EditRequest> {
+    let data = read_dataset(&fixture("data/counterfact_easyedit_edit.json"), None).unwrap();
+    data.cases.into_iter().take(n).map(|(_, r)| r).collect()
+}
+
+/// Share of requests whose target's first token is the argmax after the prompt.
+fn rewritten(model: &Model, requests: &[EditRequest]) -> f64 {
+    let hits = requests
+        .iter()
+        .filter(|r| argmax_next(model, &r.prompt) == first_target_token(model, r))
+        .count();
+    hits as f64 / requests.len() as f64
+}
+
+/// Share of the requests' locality prompts whose argmax is what the unedited model gave.
+fn kept(model: &Model, requests: &[EditRequest], before: &[u32]) -> f64 {
+    let prompts = locality_prompts(requests);
+    let same = prompts
+        .iter()
+        .zip(before)
+        .filter(|(p, b)| argmax_next(model, p) == **b)
+        .count();
+    same as f64 / prompts.len() as f64
+}
+
+fn locality_prompts(requests: &[EditRequest]) -> Vec<String> {
+    requests
+        .iter()
+        .flat_map(|r| r.locality.values().flat_map(|s| s.prompt.clone()))
+        .collect()
+}
+
+#[test]
+fn rome_makes_the_target_the_argmax_and_leaves_neighbours() {
+    let mut model = smollm2();
+    let request = &counterfact(1)[0];
+    assert_eq!(request.prompt, "The mother tongue of Danielle Darrieux is");
+    let target = first_target_token(&model, request);
+    let rephrase = request.rephrase_prompt.clone().unwrap();
+    let neighbours = locality_prompts(std::slice::from_ref(request));
+    let before: Vec<u32> = neighbours.iter().map(|p| argmax_next(&model, p)).collect();
+    let unedited = logits_alone(&model, &model.encode(&request.prompt).unwrap());
+    assert_ne!(argmax_next(&model, &request.prompt), target);
+
+    let hparams =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("hparams/ROME/smollm2-135m.yaml");
+    let mut editor = build_editor("ROME", &hparams).unwrap();
+    let edit = editor
+        .apply(
+            &mut model,
+            std::slice::from_ref(request),
+            &EditCtx::default(),
+        )
+        .unwrap();
+    assert_eq!(argmax_next(&model, &request.prompt), target);
+    assert_eq!(argmax_next(&model, &rephrase), target, "{rephrase:?}");
+    for (p, b) in neighbours.iter().zip(&before) {
+        assert_eq!(argmax_next(&model, p), *b, "{p:?}");
+    }
+    edit.undo(&mut model).unwrap();
+    let restored = logits_alone(&model, &model.encode(&request.prompt).unwrap());
+    assert_eq!(max_abs_diff(&unedited, &restored), 0.0);
+}
+
+#[test]
+fn memit_writes_a_batch_of_ten_facts_at_once() {
+    let mut model = smollm2();
+    let requests = counterfact(10);
+    let before: Vec<u32> = locality_prompts(&requests)
+        .iter()
+        .map(|p| argmax_next(&model, p))
+        .collect();
+    assert!(rewritten(&model, &requests) < 0.2);
+    let mut editor = build_editor("MEMIT", &fixture("hparams/memit-smollm2-test.yaml")).unwrap();
+    let edit = editor
+        .apply(&mut model, &requests, &EditCtx::default())
+        .unwrap();
+    assert_eq!(edit.changes.len(), 5, "one down projection per layer");
+    let success = rewritten(&model, &requests);
+    let locality = kept(&model, &requests, &before);
+    eprintln!("MEMIT batch of 10: rewritten {success}, locality {locality}");
+    assert!(success >= 0.9, "rewritten {success}");
+    assert!(locality >= 0.8, "locality {locality}");
+    edit.undo(&mut model).unwrap();
+    assert!(rewritten(&model, &requests) < 0.2);
+}
+
+#[test]
+fn alphaedit_keeps_earlier_edits_over_ten_sequential_ones() {
+    let mut model = smollm2();
+    let requests = counterfact(10);
+    let before: Vec<u32> = locality_prompts(&requests)
+        .iter()
+        .map(|p| argmax_next(&model, p))
+        .collect();
+    let mut editor =
+        build_editor("AlphaEdit", &fixture("hparams/alphaedit-smollm2-test.yaml")).unwrap();
+    for r in &requests {
+        editor
+            .apply(&mut model, std::slice::from_ref(r), &EditCtx::default())
+            .unwrap();
+    }
+    // After all ten, the earlier edits still hold.
+    let success = rewritten(&model, &requests);
+    let locality = kept(&model, &requests, &before);
+    eprintln!("AlphaEdit 10 sequential: rewritten {success}, locality {locality}");
+    assert!(success >= 0.8, "rewritten {success}");
+    assert!(locality >= 0.8, "locality {locality}");
+}
