@@ -154,3 +154,73 @@ fn fact_token_from_offsets_agrees_with_easyedits_token_counts() {
         assert!(by_counts == first || by_counts == first + 1, "record {i}");
     }
 }
+
+#[test]
+fn rome_with_statistics_writes_along_the_inverse_covariance_of_the_key() {
+    use kedit::editors::rank_one::solve::{solve_vector, to_mat};
+    use kedit::editors::rank_one::stats::{second_moments, Corpus, StatsOptions};
+    let mut model = smollm2();
+    let data = read_dataset(&fixture("data/counterfact_easyedit_edit.json"), None).unwrap();
+    let request = &data.cases[0].1;
+    let subject = request.subject.as_deref().unwrap();
+    let prompt = with_placeholder(&request.prompt, subject).unwrap();
+    let k = mean_key(
+        &model,
+        5,
+        &["{}".to_string()],
+        &prompt,
+        subject,
+        FactToken::SubjectLast,
+    )
+    .unwrap();
+    let c = second_moments(
+        &model,
+        &[5],
+        &Corpus::builtin(),
+        &StatsOptions::new(4),
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let u = solve_vector(&to_mat(&c[0].second_moment).unwrap(), &k).unwrap();
+    let u = (&u
+        / u.sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64)
+        .unwrap();
+
+    let mut editor = build_editor("ROME", &fixture("hparams/rome-mom2-smollm2-test.yaml")).unwrap();
+    let edit = editor
+        .apply(
+            &mut model,
+            std::slice::from_ref(request),
+            &EditCtx::default(),
+        )
+        .unwrap();
+    let delta = (&edit.changes[0].after - &edit.changes[0].before).unwrap();
+    // ΔW = w uᵀ: nothing of ΔW is left once its component along u is taken out.
+    let w = delta.matmul(&u.unsqueeze(1).unwrap()).unwrap();
+    let rest = (&delta - w.matmul(&u.unsqueeze(0).unwrap()).unwrap()).unwrap();
+    let norm = |t: &candle_core::Tensor| {
+        t.sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    assert!(
+        norm(&rest) < 1e-4 * norm(&delta),
+        "{} vs {}",
+        norm(&rest),
+        norm(&delta)
+    );
+    let (top, _) = next_token_top(&model, &request.prompt);
+    assert_eq!(top, model.encode(" English").unwrap()[0]);
+}

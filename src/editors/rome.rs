@@ -7,6 +7,7 @@ use serde::Deserialize;
 
 use super::hparams::{float, read_yaml};
 use super::rank_one::locate::FactToken;
+use super::rank_one::stats::CovarianceCache;
 use super::rank_one::values::{optimise_value, ValueParams};
 use super::rank_one::{keys, rewrite_weight, solve, templates, FactEdit};
 use super::{Edit, EditCtx, Editor, WeightChange};
@@ -65,24 +66,22 @@ pub struct RomeParams {
     /// kedit extension: fixed context templates instead of sampled ones (each with one `{}`).
     #[serde(default)]
     pub context_templates: Option<Vec<String>>,
+    /// kedit extension: a corpus file for the key statistics (default: built-in WikiText-2).
+    #[serde(default)]
+    pub mom2_corpus: Option<std::path::PathBuf>,
 }
 
 pub struct Rome {
     params: RomeParams,
     /// Sampled once per model and reused by every edit, as EasyEdit caches them per process.
     templates: Option<(String, Vec<String>)>,
+    covariances: CovarianceCache,
 }
 
 impl Rome {
     pub fn new(params: RomeParams) -> Result<Self> {
         if params.layers.is_empty() {
             return Err(Error::Invalid("ROME: layers is empty".into()));
-        }
-        if params.mom2_adjustment {
-            return Err(Error::Unsupported {
-                what: "ROME with mom2_adjustment: true".into(),
-                why: "key statistics are not implemented yet; EasyEdit's default is false".into(),
-            });
         }
         if let Some(t) = &params.context_templates {
             if t.is_empty() || t.iter().any(|t| t.matches("{}").count() != 1) {
@@ -94,6 +93,7 @@ impl Rome {
         Ok(Rome {
             params,
             templates: None,
+            covariances: CovarianceCache::default(),
         })
     }
 
@@ -151,8 +151,18 @@ impl Editor for Rome {
         let mut changes: Vec<WeightChange> = Vec::new();
         let mut layers = p.layers.clone();
         layers.sort_unstable();
+        let covariances = if p.mom2_adjustment {
+            Some(self.covariances.get(
+                model,
+                &layers,
+                p.mom2_n_samples.unwrap_or(100_000),
+                p.mom2_corpus.as_deref(),
+            )?)
+        } else {
+            None
+        };
         let result = (|| -> Result<()> {
-            for &layer in &layers {
+            for (layer_index, &layer) in layers.iter().enumerate() {
                 let id = rewrite_weight(model, &p.rewrite_module_tmp, layer)?;
                 let u = keys::mean_key(
                     model,
@@ -162,6 +172,11 @@ impl Editor for Rome {
                     &fact.subject,
                     p.fact_token,
                 )?;
+                // With statistics, the key direction is C⁻¹k̄ (solved in f64; EasyEdit inverts C in f32).
+                let u = match &covariances {
+                    Some(c) => solve::solve_vector(&c[layer_index], &u)?,
+                    None => u,
+                };
                 let u = (&u / u.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64)?;
                 let value = optimise_value(
                     model,

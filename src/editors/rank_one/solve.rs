@@ -57,6 +57,12 @@ fn solve(a: &Mat<f64>, b: &Mat<f64>) -> Result<Mat<f64>> {
     Ok(x)
 }
 
+/// `a⁻¹ b` for a vector `b` (`[n]`, returned f32).
+pub fn solve_vector(a: &Mat<f64>, b: &Tensor) -> Result<Tensor> {
+    let x = solve(a, &to_mat(&b.unsqueeze(1)?)?)?;
+    Ok(from_mat(&x, b.device())?.squeeze(1)?)
+}
+
 /// MEMIT's update for one layer (`[out, in]`): with keys `K` (`[n, d_ff]`, one per row), residuals
 /// `R` (`[n, d]`) and key covariance `C`, `ΔW = R (λC + KᵀK)⁻¹ Kᵀ`-transposed, i.e. the least-squares
 /// `argmin ‖(W+Δ)K − (WK + R)‖² + λ tr(Δ C Δᵀ)`.

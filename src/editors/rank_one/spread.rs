@@ -216,7 +216,7 @@ pub fn spread_edit(
 pub struct MassState {
     model_key: Option<String>,
     templates: Vec<Vec<String>>,
-    covariances: std::collections::BTreeMap<usize, Mat<f64>>,
+    covariances: super::stats::CovarianceCache,
 }
 
 impl MassState {
@@ -249,28 +249,11 @@ impl MassState {
 
     /// `E[k kᵀ]` of every edited layer, from the statistics cache (computed on first use).
     pub fn covariances(&mut self, model: &Model, params: &MassParams) -> Result<Vec<Mat<f64>>> {
-        use super::stats::{second_moments, Corpus, StatsOptions};
-        self.reset_for(model);
-        let missing: Vec<usize> = params
-            .layers
-            .iter()
-            .copied()
-            .filter(|l| !self.covariances.contains_key(l))
-            .collect();
-        if !missing.is_empty() {
-            let corpus = match &params.mom2_corpus {
-                Some(path) => Corpus::from_file(path)?,
-                None => Corpus::builtin(),
-            };
-            let opts = StatsOptions::new(params.mom2_n_samples);
-            for m in second_moments(model, &missing, &corpus, &opts, &mut |_, _| {})? {
-                self.covariances.insert(m.layer, to_mat(&m.second_moment)?);
-            }
-        }
-        Ok(params
-            .layers
-            .iter()
-            .map(|l| self.covariances[l].clone())
-            .collect())
+        self.covariances.get(
+            model,
+            &params.layers,
+            params.mom2_n_samples,
+            params.mom2_corpus.as_deref(),
+        )
     }
 }

@@ -3,6 +3,8 @@
 //! and reused by every later edit. Sums are accumulated in f64 from f32 per-batch products.
 
 use std::collections::BTreeMap;
+
+use faer::Mat;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -102,6 +104,49 @@ pub fn undo_wikitext(s: &str) -> String {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Key covariances kept in memory for one model, read from (or added to) the disk cache the
+/// first time a layer is asked for: what ROME, MEMIT and AlphaEdit reuse across edits.
+#[derive(Default)]
+pub struct CovarianceCache {
+    model_key: Option<String>,
+    by_layer: BTreeMap<usize, Mat<f64>>,
+}
+
+impl CovarianceCache {
+    /// `E[k kᵀ]` (f64) of each of `layers`, over `samples` articles of `corpus` (default: the
+    /// built-in WikiText-2).
+    pub fn get(
+        &mut self,
+        model: &Model,
+        layers: &[usize],
+        samples: usize,
+        corpus: Option<&Path>,
+    ) -> Result<Vec<Mat<f64>>> {
+        let key = format!("{} {samples} {corpus:?}", model.origin().source);
+        if self.model_key.as_deref() != Some(key.as_str()) {
+            self.model_key = Some(key);
+            self.by_layer.clear();
+        }
+        let missing: Vec<usize> = layers
+            .iter()
+            .copied()
+            .filter(|l| !self.by_layer.contains_key(l))
+            .collect();
+        if !missing.is_empty() {
+            let corpus = match corpus {
+                Some(path) => Corpus::from_file(path)?,
+                None => Corpus::builtin(),
+            };
+            let opts = StatsOptions::new(samples);
+            for m in second_moments(model, &missing, &corpus, &opts, &mut |_, _| {})? {
+                self.by_layer
+                    .insert(m.layer, super::solve::to_mat(&m.second_moment)?);
+            }
+        }
+        Ok(layers.iter().map(|l| self.by_layer[l].clone()).collect())
+    }
 }
 
 /// How statistics are gathered.
