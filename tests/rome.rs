@@ -12,10 +12,6 @@ use kedit::editors::rank_one::locate::{
 };
 use kedit::editors::{build_editor, EditCtx};
 
-fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
-    rel_l2(a, b)
-}
-
 fn next_token_top(model: &kedit::model::Model, prompt: &str) -> (u32, candle_core::Tensor) {
     let ids = model.encode(prompt).unwrap();
     let logits = logits_alone(model, &ids).i(ids.len() - 1).unwrap();
@@ -62,7 +58,7 @@ fn rome_matches_easyedit_left_and_right_vectors() {
         let u_vec: Vec<f32> = u.to_vec1().unwrap();
         let want_u = f32s(&case["u_first16"]);
         assert!(
-            rel_diff(&u_vec[..16], &want_u) < 1e-4,
+            rel_l2(&u_vec[..16], &want_u) < 1e-4,
             "case {i}: u {:?} vs {want_u:?}",
             &u_vec[..16]
         );
@@ -99,7 +95,7 @@ fn rome_matches_easyedit_left_and_right_vectors() {
         );
         let want_v = f32s(&case["v_first16"]);
         assert!(
-            rel_diff(&w[..16], &want_v) < 1e-2,
+            rel_l2(&w[..16], &want_v) < 1e-2,
             "case {i}: v {:?} vs {want_v:?}",
             &w[..16]
         );

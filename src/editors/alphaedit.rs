@@ -9,7 +9,6 @@ use faer::Mat;
 
 use super::rank_one::solve::{alphaedit_delta, null_space_projector, to_mat};
 use super::rank_one::spread::{grouped_keys, spread_edit, MassParams, MassState};
-use super::rank_one::FactEdit;
 use super::{Edit, EditCtx, Editor};
 use crate::data::EditRequest;
 use crate::error::{Error, Result};
@@ -66,11 +65,9 @@ impl Editor for AlphaEdit {
         requests: &[EditRequest],
         ctx: &EditCtx,
     ) -> Result<Edit> {
-        let facts = requests
-            .iter()
-            .map(|r| FactEdit::new(model, r))
-            .collect::<Result<Vec<_>>>()?;
-        let groups = self.state.templates(model, &self.params, ctx.seed)?;
+        let (facts, groups) = self
+            .state
+            .prepare(model, requests, &self.params, ctx.seed)?;
         let d_ff = model.spec().d_mlp;
         if self.projectors.is_empty() {
             let covariances = self.state.covariances(model, &self.params)?;

@@ -5,7 +5,6 @@ use std::path::Path;
 
 use super::rank_one::solve::memit_delta;
 use super::rank_one::spread::{spread_edit, MassParams, MassState};
-use super::rank_one::FactEdit;
 use super::{Edit, EditCtx, Editor};
 use crate::data::EditRequest;
 use crate::error::{Error, Result};
@@ -47,11 +46,9 @@ impl Editor for Memit {
         requests: &[EditRequest],
         ctx: &EditCtx,
     ) -> Result<Edit> {
-        let facts = requests
-            .iter()
-            .map(|r| FactEdit::new(model, r))
-            .collect::<Result<Vec<_>>>()?;
-        let groups = self.state.templates(model, &self.params, ctx.seed)?;
+        let (facts, groups) = self
+            .state
+            .prepare(model, requests, &self.params, ctx.seed)?;
         let covariances = self.state.covariances(model, &self.params)?;
         let lambda = self.params.mom2_update_weight;
         spread_edit(

@@ -202,8 +202,13 @@ impl Editor for Rome {
                     &fact.subject,
                     p.fact_token,
                 )?;
-                let k_star = keys::activations_at(model, Site::MlpAct(layer), &plain)?.get(0)?;
-                let o_star = keys::activations_at(model, Site::MlpOut(layer), &plain)?.get(0)?;
+                // k* and o*: the down projection's input and output, from one pass.
+                let io = keys::activations_at_sites(
+                    model,
+                    &[Site::MlpAct(layer), Site::MlpOut(layer)],
+                    &plain,
+                )?;
+                let (k_star, o_star) = (io[0].get(0)?, io[1].get(0)?);
                 let (_, delta) = solve::rank_one(&u, &k_star, &o_star, &value.target)?;
                 let before = model.weight(id)?;
                 let after = (&before + delta.to_dtype(before.dtype())?)?;

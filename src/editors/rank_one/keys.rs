@@ -12,11 +12,27 @@ const BATCH: usize = 128;
 
 /// `[n, dim]` f32 activations at `site`, one row per `(text, position)`.
 pub fn activations_at(model: &Model, site: Site, items: &[(String, usize)]) -> Result<Tensor> {
-    let layer = site
-        .layer()
-        .ok_or_else(|| Error::Invalid(format!("site {site} has no layer")))?;
+    Ok(activations_at_sites(model, &[site], items)?.remove(0))
+}
+
+/// Like [`activations_at`] for several sites of one forward pass (one tensor per site).
+pub fn activations_at_sites(
+    model: &Model,
+    sites: &[Site],
+    items: &[(String, usize)],
+) -> Result<Vec<Tensor>> {
+    let mut last = 0;
+    let mut hooks = HookSpec::new();
+    for &site in sites {
+        let layer = site
+            .layer()
+            .ok_or_else(|| Error::Invalid(format!("site {site} has no layer")))?;
+        last = last.max(layer);
+        hooks = hooks.capture(site);
+    }
+    let hooks = hooks.stop_after(last);
     let pad = model.spec().eos_id.or(model.spec().pad_id).unwrap_or(0);
-    let mut rows = Vec::with_capacity(items.len());
+    let mut rows: Vec<Vec<Tensor>> = vec![Vec::with_capacity(items.len()); sites.len()];
     for chunk in items.chunks(BATCH) {
         let ids = chunk
             .iter()
@@ -31,14 +47,15 @@ pub fn activations_at(model: &Model, site: Site, items: &[(String, usize)]) -> R
             }
         }
         let batch = TokenBatch::new(&ids, pad, model.device())?;
-        let hooks = HookSpec::new().capture(site).stop_after(layer);
         let out = model.forward(&batch, &hooks)?;
-        let acts = out.capture(site)?;
-        for (row, (_, pos)) in chunk.iter().enumerate() {
-            rows.push(acts.get(row)?.get(*pos)?.to_dtype(DType::F32)?);
+        for (site_rows, &site) in rows.iter_mut().zip(sites) {
+            let acts = out.capture(site)?;
+            for (row, (_, pos)) in chunk.iter().enumerate() {
+                site_rows.push(acts.get(row)?.get(*pos)?.to_dtype(DType::F32)?);
+            }
         }
     }
-    Ok(Tensor::stack(&rows, 0)?)
+    rows.iter().map(|r| Ok(Tensor::stack(r, 0)?)).collect()
 }
 
 /// The texts of `templates` (each with one `{}` for the prompt) around `prompt` (with one `{}` for

@@ -230,6 +230,21 @@ impl MassState {
         }
     }
 
+    /// The requests as facts, with the grouped context templates.
+    pub fn prepare(
+        &mut self,
+        model: &Model,
+        requests: &[crate::data::EditRequest],
+        params: &MassParams,
+        seed: u64,
+    ) -> Result<(Vec<FactEdit>, Vec<Vec<String>>)> {
+        let facts = requests
+            .iter()
+            .map(|r| FactEdit::new(model, r))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((facts, self.templates(model, params, seed)?))
+    }
+
     /// The grouped context templates: fixed by the file, or sampled once.
     pub fn templates(
         &mut self,
