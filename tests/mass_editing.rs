@@ -7,7 +7,7 @@ mod common;
 use candle_core::{IndexOp, D};
 use common::*;
 use kedit::data::{read_dataset, EditRequest};
-use kedit::editors::{build_editor, EditCtx};
+use kedit::editors::{build_editor, EditCtx, Editor};
 use kedit::model::Model;
 
 fn argmax_next(model: &Model, prompt: &str) -> u32 {
@@ -133,4 +133,49 @@ fn alphaedit_keeps_earlier_edits_over_ten_sequential_ones() {
     eprintln!("AlphaEdit 10 sequential: rewritten {success}, locality {locality}");
     assert!(success >= 0.8, "rewritten {success}");
     assert!(locality >= 0.8, "locality {locality}");
+}
+
+#[test]
+fn an_undone_alphaedit_edit_leaves_nothing_in_the_key_memory() {
+    let mut model = smollm2();
+    let request = &counterfact(1)[0];
+    let mut editor =
+        kedit::editors::AlphaEdit::from_yaml(&fixture("hparams/alphaedit-smollm2-quick.yaml"))
+            .unwrap();
+    let first = editor
+        .apply(
+            &mut model,
+            std::slice::from_ref(request),
+            &EditCtx::default(),
+        )
+        .unwrap();
+    let remembered = editor.memory_trace(7);
+    assert!(remembered > 0.0);
+    editor.undo(&mut model, &first).unwrap();
+    assert!(
+        editor.memory_trace(7).abs() < 1e-9 * remembered,
+        "memory left: {}",
+        editor.memory_trace(7)
+    );
+    // With the memory empty again, the same request gives the same update, not one held away
+    // from the undone edit's keys.
+    let second = editor
+        .apply(
+            &mut model,
+            std::slice::from_ref(request),
+            &EditCtx::default(),
+        )
+        .unwrap();
+    for (a, b) in first.changes.iter().zip(&second.changes) {
+        let da = (&a.after - &a.before).unwrap();
+        let db = (&b.after - &b.before).unwrap();
+        let scale = da
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(max_abs_diff(&da, &db) <= 1e-4 * scale, "{:?}", a.id);
+    }
 }

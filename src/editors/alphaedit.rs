@@ -78,7 +78,7 @@ impl Editor for AlphaEdit {
         }
         let (projectors, memory, l2) = (&self.projectors, &self.memory, self.l2);
         let empty = Mat::<f64>::zeros(d_ff, d_ff);
-        let edit = spread_edit(
+        let mut edit = spread_edit(
             model,
             &facts,
             &groups,
@@ -90,20 +90,30 @@ impl Editor for AlphaEdit {
         )?;
         // Remember the edited facts' keys, read from the edited model.
         for &layer in &self.params.layers {
-            let keys = to_mat(&grouped_keys(
-                model,
-                layer,
-                &facts,
-                &groups,
-                self.params.fact_token,
-            )?)?;
-            let gram = keys.transpose() * &keys;
-            let sigma = self
+            let keys = grouped_keys(model, layer, &facts, &groups, self.params.fact_token)?;
+            let gram = gram(&keys)?;
+            *self
                 .memory
                 .entry(layer)
-                .or_insert_with(|| Mat::zeros(d_ff, d_ff));
-            *sigma += gram;
+                .or_insert_with(|| Mat::zeros(d_ff, d_ff)) += gram;
+            edit.remembered_keys.insert(layer, keys);
         }
         Ok(edit)
     }
+
+    fn undo(&mut self, model: &mut Model, edit: &Edit) -> Result<()> {
+        edit.undo(model)?;
+        for (layer, keys) in &edit.remembered_keys {
+            if let Some(sigma) = self.memory.get_mut(layer) {
+                *sigma -= gram(keys)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `Kᵀ K` (`[d_ff, d_ff]`, f64) of keys `[n, d_ff]`.
+fn gram(keys: &candle_core::Tensor) -> Result<Mat<f64>> {
+    let keys = to_mat(keys)?;
+    Ok(keys.transpose() * &keys)
 }

@@ -235,7 +235,10 @@ impl Editor for Ft {
             });
         }
         trained?;
-        Ok(Edit { changes })
+        Ok(Edit {
+            changes,
+            ..Edit::default()
+        })
     }
 }
 

@@ -10,7 +10,7 @@ pub mod rank_one;
 pub mod registry;
 mod rome;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
@@ -48,12 +48,20 @@ pub trait Editor {
     /// Applies the requests (one, a batch, or the next of a sequence) and returns what changed.
     fn apply(&mut self, model: &mut Model, requests: &[EditRequest], ctx: &EditCtx)
         -> Result<Edit>;
+
+    /// Takes back an edit this editor made: the weights, and what the editor remembered of it
+    /// (AlphaEdit's key memory), so that later edits are not held to facts no longer in the model.
+    fn undo(&mut self, model: &mut Model, edit: &Edit) -> Result<()> {
+        edit.undo(model)
+    }
 }
 
 /// The weights an edit changed, before and after, by role.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Edit {
     pub changes: Vec<WeightChange>,
+    /// Keys `[n, d_ff]` per layer that the editor added to its memory for this edit (AlphaEdit).
+    pub remembered_keys: BTreeMap<usize, Tensor>,
 }
 
 #[derive(Debug, Clone)]
@@ -87,7 +95,10 @@ impl Edit {
                 after,
             });
         }
-        Ok(Edit { changes: done })
+        Ok(Edit {
+            changes: done,
+            ..Edit::default()
+        })
     }
 
     /// Writes the changed tensors (after the edit) as safetensors under their checkpoint names,
@@ -142,6 +153,9 @@ impl Edit {
             }
             changes.push(WeightChange { id, before, after });
         }
-        Ok(Edit { changes })
+        Ok(Edit {
+            changes,
+            ..Edit::default()
+        })
     }
 }

@@ -218,9 +218,16 @@ impl Editor for Rome {
             Ok(())
         })();
         if let Err(e) = result {
-            Edit { changes }.undo(model)?;
+            Edit {
+                changes,
+                ..Edit::default()
+            }
+            .undo(model)?;
             return Err(e);
         }
-        Ok(Edit { changes })
+        Ok(Edit {
+            changes,
+            ..Edit::default()
+        })
     }
 }

@@ -115,7 +115,7 @@ pub fn run_cases(
                         measure_after(model, case_id, r, before, seconds, opts)
                     })
                     .collect::<Result<Vec<_>>>();
-                edit.undo(model)?;
+                editor.undo(model, &edit)?;
                 for result in results? {
                     observer.case_done(result)?;
                 }

@@ -169,7 +169,7 @@ pub fn run(
         })
     })();
     for edit in edits.into_iter().rev() {
-        edit.undo(model)?;
+        editor.undo(model, &edit)?;
     }
     result
 }

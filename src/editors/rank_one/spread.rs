@@ -202,7 +202,10 @@ pub fn spread_edit(
         }
         Ok(())
     })();
-    let edit = Edit { changes };
+    let edit = Edit {
+        changes,
+        ..Edit::default()
+    };
     if let Err(e) = result {
         edit.undo(model)?;
         return Err(e);
