@@ -34,14 +34,7 @@ impl EditorKind {
 
 /// Builds the editor an EasyEdit hyperparameter file describes (its `alg_name` picks the method).
 pub fn editor_from_hparams(path: &Path) -> Result<Box<dyn Editor>> {
-    let kind = EditorKind::from_alg_name(&alg_name(path)?)
-        .map_err(|e| Error::file(path, e.to_string()))?;
-    Ok(match kind {
-        EditorKind::Ft => Box::new(Ft::from_yaml(path)?),
-        EditorKind::Rome => Box::new(Rome::from_yaml(path)?),
-        EditorKind::Memit => Box::new(Memit::from_yaml(path)?),
-        EditorKind::AlphaEdit => Box::new(AlphaEdit::from_yaml(path)?),
-    })
+    build_editor(&alg_name(path)?, path)
 }
 
 impl EditorKind {
