@@ -125,15 +125,33 @@ pub fn grouped_keys(
     groups: &[Vec<String>],
     rule: FactToken,
 ) -> Result<Tensor> {
-    let mut rows = Vec::with_capacity(facts.len());
+    // Every fact's every template in one batched pass, then the means.
+    let mut items = Vec::new();
+    let mut spans = Vec::with_capacity(facts.len() * groups.len());
     for fact in facts {
-        let mut means = Vec::with_capacity(groups.len());
         for group in groups {
-            let items = template_positions(model, group, &fact.prompt, &fact.subject, rule)?;
-            means.push(activations_at(model, Site::MlpAct(layer), &items)?.mean(0)?);
+            let start = items.len();
+            items.extend(template_positions(
+                model,
+                group,
+                &fact.prompt,
+                &fact.subject,
+                rule,
+            )?);
+            spans.push((start, items.len() - start));
         }
-        rows.push(Tensor::stack(&means, 0)?.mean(0)?);
     }
+    let acts = activations_at(model, Site::MlpAct(layer), &items)?;
+    let rows = spans
+        .chunks(groups.len().max(1))
+        .map(|fact_spans| {
+            let means = fact_spans
+                .iter()
+                .map(|&(start, len)| Ok(acts.narrow(0, start, len)?.mean(0)?))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Tensor::stack(&means, 0)?.mean(0)?)
+        })
+        .collect::<Result<Vec<_>>>()?;
     Ok(Tensor::stack(&rows, 0)?)
 }
 
