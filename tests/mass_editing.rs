@@ -179,3 +179,76 @@ fn an_undone_alphaedit_edit_leaves_nothing_in_the_key_memory() {
         assert!(max_abs_diff(&da, &db) <= 1e-4 * scale, "{:?}", a.id);
     }
 }
+
+/// AlphaEdit on the tiny GPT-2 with its projector read from `P_loc` (`[1, 128, 128]`).
+fn tiny_alphaedit_hparams(p_loc: &std::path::Path) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("kedit-ploc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!(
+        "{}.yaml",
+        p_loc.file_stem().unwrap().to_str().unwrap()
+    ));
+    let yaml = format!(
+        r#"alg_name: "AlphaEdit"
+model_name: "tiny-gpt2"
+P_loc: "{}"
+layers: [1]
+fact_token: "subject_last"
+v_num_grad_steps: 5
+v_lr: 5e-1
+v_loss_layer: 1
+v_weight_decay: 0.5
+clamp_norm_factor: 4
+kl_factor: 0.0625
+mom2_update_weight: 15000
+rewrite_module_tmp: "transformer.h.{{}}.mlp.c_proj"
+mom2_n_samples: 2
+nullspace_threshold: 2e-2
+L2: 10
+context_templates: [["{{}}"]]
+"#,
+        p_loc.display()
+    );
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+#[test]
+fn alphaedit_reads_its_projector_from_p_loc() {
+    let mut model = tiny_gpt2();
+    let request = EditRequest {
+        prompt: "The capital of France is".into(),
+        target_new: "Rome".into(),
+        subject: Some("France".into()),
+        ..EditRequest::default()
+    };
+    // An all-zero projector lets no update through: the edit changes nothing.
+    let zero = fixture("torch_file/zero-projector-1x128x128.pt");
+    let mut editor = build_editor("AlphaEdit", &tiny_alphaedit_hparams(&zero)).unwrap();
+    let edit = editor
+        .apply(
+            &mut model,
+            std::slice::from_ref(&request),
+            &EditCtx::default(),
+        )
+        .unwrap();
+    assert_eq!(edit.changes.len(), 1);
+    let change = &edit.changes[0];
+    assert_eq!(max_abs_diff(&change.before, &change.after), 0.0);
+
+    // A file of the wrong shape is refused, naming it.
+    let wrong = fixture("torch_file/arange-2x3x4.pt");
+    let mut editor = build_editor("AlphaEdit", &tiny_alphaedit_hparams(&wrong)).unwrap();
+    let err = editor
+        .apply(
+            &mut model,
+            std::slice::from_ref(&request),
+            &EditCtx::default(),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("arange-2x3x4.pt") && err.contains("[1, 128, 128]"),
+        "{err}"
+    );
+}

@@ -26,7 +26,7 @@ pub struct PromptSet {
 }
 
 /// One edit and everything it is evaluated on. Serialises with EasyEdit's `requested_rewrite` keys.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct EditRequest {
     pub prompt: String,
     pub target_new: String,

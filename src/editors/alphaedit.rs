@@ -70,11 +70,19 @@ impl Editor for AlphaEdit {
             .prepare(model, requests, &self.params, ctx.seed)?;
         let d_ff = model.spec().d_mlp;
         if self.projectors.is_empty() {
-            let covariances = self.state.covariances(model, &self.params)?;
-            for (&layer, c) in self.params.layers.iter().zip(&covariances) {
-                self.projectors
-                    .insert(layer, null_space_projector(c, self.threshold)?);
-            }
+            let saved = self.params.p_loc.as_deref().map(Path::new);
+            let matrices = match saved.filter(|p| p.is_file()) {
+                Some(file) => projectors_from_file(file, &self.params.layers, d_ff)?,
+                // EasyEdit then writes ./null_space_project.pt; kedit leaves the working
+                // directory alone (the covariances it derives from are cached).
+                None => self
+                    .state
+                    .covariances(model, &self.params)?
+                    .iter()
+                    .map(|c| null_space_projector(c, self.threshold))
+                    .collect::<Result<Vec<_>>>()?,
+            };
+            self.projectors = self.params.layers.iter().copied().zip(matrices).collect();
         }
         let (projectors, memory, l2) = (&self.projectors, &self.memory, self.l2);
         let empty = Mat::<f64>::zeros(d_ff, d_ff);
@@ -110,6 +118,24 @@ impl Editor for AlphaEdit {
         }
         Ok(())
     }
+}
+
+/// The projectors of a `P_loc` file: one `[n_layers, d_ff, d_ff]` tensor, in `layers` order.
+fn projectors_from_file(file: &Path, layers: &[usize], d_ff: usize) -> Result<Vec<Mat<f64>>> {
+    let stacked = crate::model::load::torch_file::read_single_tensor(file)?;
+    let want = [layers.len(), d_ff, d_ff];
+    if stacked.dims() != want {
+        return Err(Error::file(
+            file,
+            format!(
+                "P_loc holds a {:?} tensor; layers {layers:?} of this model need {want:?}",
+                stacked.dims()
+            ),
+        ));
+    }
+    (0..layers.len())
+        .map(|i| to_mat(&stacked.get(i)?))
+        .collect()
 }
 
 /// `Kᵀ K` (`[d_ff, d_ff]`, f64) of keys `[n, d_ff]`.

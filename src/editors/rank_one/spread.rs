@@ -71,7 +71,8 @@ pub struct MassParams {
     pub max_length: Option<usize>,
     #[serde(default)]
     pub batch_size: Option<usize>,
-    /// AlphaEdit: a saved projector (not read by kedit, which computes and caches its own).
+    /// AlphaEdit: saved projectors `[n_layers, d_ff, d_ff]` (torch.save or safetensors), used when
+    /// the file exists; otherwise they are computed from the key statistics.
     #[serde(default, rename = "P_loc")]
     pub p_loc: Option<String>,
     #[serde(default, deserialize_with = "float_or_false")]

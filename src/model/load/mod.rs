@@ -5,6 +5,7 @@ mod gguf;
 mod hf;
 mod hub;
 mod tokenizer;
+pub mod torch_file;
 
 use std::path::{Path, PathBuf};
 
