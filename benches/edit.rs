@@ -3,7 +3,7 @@
 //!
 //! `cargo bench --bench edit` (run scripts/fetch-model.sh first).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::DType;
 use criterion::{criterion_group, criterion_main, Criterion};
@@ -12,22 +12,19 @@ use kedit::editors::{build_editor, EditCtx};
 use kedit::eval::evaluate;
 use kedit::model::load::{load, DTypeChoice, LoadOptions};
 
-fn smollm2_path() -> PathBuf {
-    if let Ok(p) = std::env::var("KEDIT_SMOLLM2_GGUF") {
-        return PathBuf::from(p);
-    }
-    let home = std::env::var("HOME").unwrap_or_default();
-    PathBuf::from(home).join(".cache/kedit/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-}
-
 fn bench(c: &mut Criterion) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let opts = LoadOptions {
         dtype: DTypeChoice::Exact(DType::F32),
         ..LoadOptions::default()
     };
-    let mut model = load(smollm2_path().to_str().unwrap_or_default(), &opts)
-        .expect("SmolLM2 GGUF: run scripts/fetch-model.sh");
+    let mut model = load(
+        kedit::model::load::fetched_smollm2()
+            .to_str()
+            .unwrap_or_default(),
+        &opts,
+    )
+    .expect("SmolLM2 GGUF: run scripts/fetch-model.sh");
     let data = read_dataset(
         &root.join("tests/fixtures/data/counterfact_easyedit_edit.json"),
         None,

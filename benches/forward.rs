@@ -3,8 +3,6 @@
 //!
 //! `cargo bench --bench forward` (run scripts/fetch-model.sh first).
 
-use std::path::PathBuf;
-
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use kedit::model::load::{load, DTypeChoice, LoadOptions};
@@ -12,14 +10,6 @@ use kedit::model::{HookSpec, ModelSpec, TokenBatch};
 
 const BATCH: usize = 8;
 const TOKENS: usize = 32;
-
-fn smollm2_path() -> PathBuf {
-    if let Ok(p) = std::env::var("KEDIT_SMOLLM2_GGUF") {
-        return PathBuf::from(p);
-    }
-    let home = std::env::var("HOME").unwrap_or_default();
-    PathBuf::from(home).join(".cache/kedit/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-}
 
 /// Multiply-add FLOPs of one forward over `tokens` tokens: every matrix once per token, plus
 /// attention scores and mixing over the causal prefix.
@@ -38,8 +28,13 @@ fn bench(c: &mut Criterion) {
         dtype: DTypeChoice::Exact(DType::F32),
         ..LoadOptions::default()
     };
-    let model = load(smollm2_path().to_str().unwrap_or_default(), &opts)
-        .expect("SmolLM2 GGUF: run scripts/fetch-model.sh");
+    let model = load(
+        kedit::model::load::fetched_smollm2()
+            .to_str()
+            .unwrap_or_default(),
+        &opts,
+    )
+    .expect("SmolLM2 GGUF: run scripts/fetch-model.sh");
     let seqs: Vec<Vec<u32>> = (0..BATCH)
         .map(|b| {
             (0..TOKENS)

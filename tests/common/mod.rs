@@ -22,15 +22,7 @@ pub fn read_json(rel: &str) -> serde_json::Value {
 /// The SmolLM2 GGUF fetched by `scripts/fetch-model.sh` (or `$KEDIT_SMOLLM2_GGUF`). A missing
 /// model fails the test: the suite's command fetches it first, so absence is a real error.
 pub fn smollm2_path() -> PathBuf {
-    if let Ok(p) = std::env::var("KEDIT_SMOLLM2_GGUF") {
-        return PathBuf::from(p);
-    }
-    let dir = std::env::var("KEDIT_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/kedit/models")
-        });
-    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let path = kedit::model::load::fetched_smollm2();
     assert!(
         path.is_file(),
         "{} is missing: run scripts/fetch-model.sh first",

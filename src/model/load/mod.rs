@@ -17,6 +17,21 @@ use crate::error::{Error, Result};
 pub use hub::{resolve_hub, HubOptions};
 pub use tokenizer::tokenizer_from_gguf;
 
+/// Where `scripts/fetch-model.sh` keeps the SmolLM2-135M-Instruct GGUF (the model tests and
+/// benchmarks run on): `$KEDIT_SMOLLM2_GGUF`, else `SmolLM2-135M-Instruct.Q4_1.gguf` in
+/// `$KEDIT_MODELS` (default `~/.cache/kedit/models`). The file may not exist yet.
+pub fn fetched_smollm2() -> PathBuf {
+    if let Some(p) = std::env::var_os("KEDIT_SMOLLM2_GGUF") {
+        return PathBuf::from(p);
+    }
+    let dir = std::env::var_os("KEDIT_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/kedit/models")
+        });
+    dir.join("SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
 /// Which naming scheme a checkpoint uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
