@@ -69,10 +69,6 @@ impl Trainable {
 #[serde(deny_unknown_fields)]
 pub struct FtParams {
     pub alg_name: String,
-    #[serde(default)]
-    pub model_name: Option<String>,
-    #[serde(default)]
-    pub device: Option<serde_yaml::Value>,
     pub layers: Vec<usize>,
     pub num_steps: usize,
     pub batch_size: usize,
@@ -90,18 +86,6 @@ pub struct FtParams {
     pub norm_constraint: Option<f64>,
     pub objective_optimization: Objective,
     pub rewrite_module_tmp: String,
-    #[serde(default)]
-    pub layer_module_tmp: Option<String>,
-    #[serde(default)]
-    pub mlp_module_tmp: Option<String>,
-    #[serde(default)]
-    pub attn_module_tmp: Option<String>,
-    #[serde(default)]
-    pub ln_f_module: Option<String>,
-    #[serde(default)]
-    pub lm_head_module: Option<String>,
-    #[serde(default)]
-    pub model_parallel: bool,
     /// Evaluation setting (score prompts in the chat template); the CLI reads it.
     #[serde(default)]
     pub use_chat_template: bool,

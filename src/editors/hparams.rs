@@ -15,8 +15,32 @@ pub fn read_yaml<T: DeserializeOwned>(path: &Path) -> Result<T> {
     parse_yaml(&text).map_err(|msg| Error::file(path, msg))
 }
 
+/// EasyEdit fields that say where its Python code finds things (module paths, devices, its own
+/// statistics folder and dtype): every method's file may carry them and no kedit editor reads
+/// them, so they are dropped before a method's fields are checked strictly.
+const BOOKKEEPING: &[&str] = &[
+    "model_name",
+    "device",
+    "model_parallel",
+    "fp16",
+    "stats_dir",
+    "mom2_dataset",
+    "mom2_dtype",
+    "layer_module_tmp",
+    "mlp_module_tmp",
+    "attn_module_tmp",
+    "ln_f_module",
+    "lm_head_module",
+];
+
 pub fn parse_yaml<T: DeserializeOwned>(text: &str) -> std::result::Result<T, String> {
-    serde_yaml::from_str(text).map_err(|e| e.to_string())
+    let mut value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
+    if let Some(map) = value.as_mapping_mut() {
+        for key in BOOKKEEPING {
+            map.remove(*key);
+        }
+    }
+    serde_yaml::from_value(value).map_err(|e| e.to_string())
 }
 
 /// Whether the file sets EasyEdit's `use_chat_template` to a true value.

@@ -111,3 +111,40 @@ pub fn default_hparams(name: &str, spec: &crate::model::ModelSpec) -> Result<std
             ))
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_shipped_hyperparameter_file_builds_its_editor() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("hparams");
+        let mut files = 0;
+        for dir in std::fs::read_dir(&root).unwrap() {
+            for file in std::fs::read_dir(dir.unwrap().path()).unwrap() {
+                let path = file.unwrap().path();
+                let editor = editor_from_hparams(&path)
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                assert!(!editor.name().is_empty());
+                files += 1;
+            }
+        }
+        assert!(files >= 12, "found {files} files");
+    }
+
+    #[test]
+    fn a_field_no_method_knows_is_an_error_naming_file_and_field() {
+        let dir = std::env::temp_dir().join(format!("kedit-registry-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("hparams/ROME/gpt2-xl.yaml");
+        let text = std::fs::read_to_string(shipped).unwrap();
+        let with_extra = dir.join("rome-extra.yaml");
+        std::fs::write(&with_extra, format!("{text}\nv_lr_decay: 0.9\n")).unwrap();
+        let err = editor_from_hparams(&with_extra).err().unwrap().to_string();
+        assert!(
+            err.contains("rome-extra.yaml") && err.contains("v_lr_decay"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

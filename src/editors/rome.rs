@@ -20,12 +20,6 @@ use crate::model::{Model, Site};
 #[serde(deny_unknown_fields)]
 pub struct RomeParams {
     pub alg_name: String,
-    #[serde(default)]
-    pub model_name: Option<String>,
-    #[serde(default)]
-    pub stats_dir: Option<String>,
-    #[serde(default)]
-    pub device: Option<serde_yaml::Value>,
     pub layers: Vec<usize>,
     pub fact_token: FactToken,
     pub v_num_grad_steps: usize,
@@ -42,25 +36,7 @@ pub struct RomeParams {
     pub context_template_length_params: Vec<[usize; 2]>,
     pub rewrite_module_tmp: String,
     #[serde(default)]
-    pub layer_module_tmp: Option<String>,
-    #[serde(default)]
-    pub mlp_module_tmp: Option<String>,
-    #[serde(default)]
-    pub attn_module_tmp: Option<String>,
-    #[serde(default)]
-    pub ln_f_module: Option<String>,
-    #[serde(default)]
-    pub lm_head_module: Option<String>,
-    #[serde(default)]
-    pub mom2_dataset: Option<String>,
-    #[serde(default)]
     pub mom2_n_samples: Option<usize>,
-    #[serde(default)]
-    pub mom2_dtype: Option<String>,
-    #[serde(default)]
-    pub model_parallel: bool,
-    #[serde(default)]
-    pub fp16: bool,
     #[serde(default)]
     pub max_length: Option<usize>,
     /// kedit extension: fixed context templates instead of sampled ones (each with one `{}`).

@@ -23,13 +23,6 @@ use crate::model::{Model, Site};
 #[serde(deny_unknown_fields)]
 pub struct MassParams {
     pub alg_name: String,
-    #[serde(default)]
-    pub model_name: Option<String>,
-    /// EasyEdit's statistics folder; kedit keeps its own cache (see `kedit stats`).
-    #[serde(default)]
-    pub stats_dir: Option<String>,
-    #[serde(default)]
-    pub device: Option<serde_yaml::Value>,
     pub layers: Vec<usize>,
     #[serde(default)]
     pub layer_selection: Option<String>,
@@ -50,23 +43,7 @@ pub struct MassParams {
     #[serde(deserialize_with = "float")]
     pub mom2_update_weight: f64,
     pub rewrite_module_tmp: String,
-    #[serde(default)]
-    pub layer_module_tmp: Option<String>,
-    #[serde(default)]
-    pub mlp_module_tmp: Option<String>,
-    #[serde(default)]
-    pub attn_module_tmp: Option<String>,
-    #[serde(default)]
-    pub ln_f_module: Option<String>,
-    #[serde(default)]
-    pub lm_head_module: Option<String>,
-    #[serde(default)]
-    pub mom2_dataset: Option<String>,
     pub mom2_n_samples: usize,
-    #[serde(default)]
-    pub mom2_dtype: Option<String>,
-    #[serde(default)]
-    pub model_parallel: bool,
     #[serde(default)]
     pub max_length: Option<usize>,
     #[serde(default)]
