@@ -3,34 +3,18 @@
 //!
 //! `cargo bench --bench edit` (run scripts/fetch-model.sh first).
 
+mod common;
+
 use std::path::Path;
 
-use candle_core::DType;
 use criterion::{criterion_group, criterion_main, Criterion};
-use kedit::data::read_dataset;
 use kedit::editors::{build_editor, EditCtx};
 use kedit::eval::evaluate;
-use kedit::model::load::{load, DTypeChoice, LoadOptions};
 
 fn bench(c: &mut Criterion) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let opts = LoadOptions {
-        dtype: DTypeChoice::Exact(DType::F32),
-        ..LoadOptions::default()
-    };
-    let mut model = load(
-        kedit::model::load::fetched_smollm2()
-            .to_str()
-            .unwrap_or_default(),
-        &opts,
-    )
-    .expect("SmolLM2 GGUF: run scripts/fetch-model.sh");
-    let data = read_dataset(
-        &root.join("tests/fixtures/data/counterfact_easyedit_edit.json"),
-        None,
-    )
-    .unwrap();
-    let request = data.cases[0].1.clone();
+    let mut model = common::smollm2_f32();
+    let request = common::counterfact().remove(0);
     let mut editor = build_editor("FT-L", &root.join("hparams/FT/smollm2-135m.yaml")).unwrap();
 
     let mut group = c.benchmark_group("smollm2");

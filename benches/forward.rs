@@ -3,9 +3,10 @@
 //!
 //! `cargo bench --bench forward` (run scripts/fetch-model.sh first).
 
-use candle_core::{DType, Device, Tensor};
+mod common;
+
+use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use kedit::model::load::{load, DTypeChoice, LoadOptions};
 use kedit::model::{HookSpec, ModelSpec, TokenBatch};
 
 const BATCH: usize = 8;
@@ -24,17 +25,7 @@ fn forward_flops(spec: &ModelSpec, seq: usize, tokens: usize) -> f64 {
 }
 
 fn bench(c: &mut Criterion) {
-    let opts = LoadOptions {
-        dtype: DTypeChoice::Exact(DType::F32),
-        ..LoadOptions::default()
-    };
-    let model = load(
-        kedit::model::load::fetched_smollm2()
-            .to_str()
-            .unwrap_or_default(),
-        &opts,
-    )
-    .expect("SmolLM2 GGUF: run scripts/fetch-model.sh");
+    let model = common::smollm2_f32();
     let seqs: Vec<Vec<u32>> = (0..BATCH)
         .map(|b| {
             (0..TOKENS)

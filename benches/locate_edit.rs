@@ -4,35 +4,19 @@
 //!
 //! `cargo bench --bench locate_edit` (run scripts/fetch-model.sh first).
 
+mod common;
+
 use std::path::Path;
 use std::time::Duration;
 
-use candle_core::DType;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use kedit::data::read_dataset;
 use kedit::editors::rank_one::stats::{second_moments, Corpus, StatsOptions};
 use kedit::editors::{build_editor, EditCtx};
-use kedit::model::load::{load, DTypeChoice, LoadOptions};
 
 fn bench(c: &mut Criterion) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let opts = LoadOptions {
-        dtype: DTypeChoice::Exact(DType::F32),
-        ..LoadOptions::default()
-    };
-    let mut model = load(
-        kedit::model::load::fetched_smollm2()
-            .to_str()
-            .unwrap_or_default(),
-        &opts,
-    )
-    .expect("SmolLM2 GGUF: run scripts/fetch-model.sh");
-    let data = read_dataset(
-        &root.join("tests/fixtures/data/counterfact_easyedit_edit.json"),
-        None,
-    )
-    .unwrap();
-    let requests: Vec<_> = data.cases.iter().take(10).map(|(_, r)| r.clone()).collect();
+    let mut model = common::smollm2_f32();
+    let requests: Vec<_> = common::counterfact().into_iter().take(10).collect();
     let ctx = EditCtx::default();
 
     let mut group = c.benchmark_group("locate_edit_smollm2");

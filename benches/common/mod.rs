@@ -1,0 +1,30 @@
+//! What the benchmarks share: the fetched SmolLM2 in f32 and the CounterFact records of the tests.
+
+use std::path::Path;
+
+use candle_core::DType;
+use kedit::data::{read_dataset, EditRequest};
+use kedit::model::load::{fetched_smollm2, load, DTypeChoice, LoadOptions};
+use kedit::model::Model;
+
+pub fn smollm2_f32() -> Model {
+    let opts = LoadOptions {
+        dtype: DTypeChoice::Exact(DType::F32),
+        ..LoadOptions::default()
+    };
+    load(fetched_smollm2().to_str().unwrap_or_default(), &opts)
+        .expect("SmolLM2 GGUF: run scripts/fetch-model.sh")
+}
+
+/// The CounterFact records copied into the test fixtures.
+#[allow(dead_code)] // not every benchmark edits
+pub fn counterfact() -> Vec<EditRequest> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/data/counterfact_easyedit_edit.json");
+    read_dataset(&path, None)
+        .unwrap()
+        .cases
+        .into_iter()
+        .map(|(_, r)| r)
+        .collect()
+}
