@@ -79,8 +79,10 @@ fn rome_makes_the_target_the_argmax_and_leaves_neighbours() {
         )
         .unwrap();
     assert_eq!(argmax_next(&model, &request.prompt), target);
-    // The rephrase ("Where Danielle Darrieux is from, people speak the language of") does not
-    // follow on SmolLM2 at layers 3, 5 or 8 (measured; see the issue notes), so it is not asserted.
+    // The rephrase ("Where Danielle Darrieux is from, people speak the language of") is not
+    // asserted: the unedited SmolLM2 answers it " the" (p 0.56) with the true " French" at rank
+    // 267, and gives the true answer to 2 of the first 50 CounterFact rephrases, so its argmax
+    // there does not read the fact ROME rewrites (layers 1-12 measured; see the issue notes).
     for (p, b) in neighbours.iter().zip(&before) {
         assert_eq!(argmax_next(&model, p), *b, "{p:?}");
     }
