@@ -270,3 +270,77 @@ fn resuming_from_a_captured_residual_gives_the_same_logits() {
         assert_eq!(max_abs_diff(&full, &resumed), 0.0);
     }
 }
+
+/// Each prompt split at a different point (one with nothing before it): continuing a prefix cache
+/// must give the numbers, and the gradient of an addition at the split, of running the whole rows.
+#[test]
+fn continuing_per_row_prefixes_matches_full_rows_and_their_gradient() {
+    use candle_core::Var;
+    for model in [tiny_gpt2(), smollm2()] {
+        let seqs: Vec<Vec<u32>> = PROMPTS.iter().map(|p| model.encode(p).unwrap()).collect();
+        let splits = [3, 5, 0, 9];
+        let (prefixes, suffixes): (Vec<_>, Vec<_>) = seqs
+            .iter()
+            .zip(splits)
+            .map(|(s, at)| (s[..at].to_vec(), s[at..].to_vec()))
+            .unzip();
+        let d = model.spec().d_model;
+        let delta = Var::from_tensor(
+            &Tensor::arange(0f32, d as f32, model.device())
+                .unwrap()
+                .affine(1e-2, -0.1)
+                .unwrap(),
+        )
+        .unwrap();
+        let site = Site::MlpOut(1);
+        let run = |batch: &TokenBatch, at: &[usize], continuing: bool| {
+            let hooks = HookSpec::new().intervene(
+                site,
+                Intervention::AddAt {
+                    rows: at.iter().copied().enumerate().collect(),
+                    delta: delta.as_tensor().clone(),
+                },
+            );
+            // Every real token of every row from the split on, in row order.
+            let positions: Vec<(usize, usize)> = suffixes
+                .iter()
+                .enumerate()
+                .flat_map(|(r, s)| (0..s.len()).map(move |j| (r, j)))
+                .map(|(r, j)| (r, if continuing { j } else { splits[r] + j }))
+                .collect();
+            let logits = if continuing {
+                let past = model
+                    .prefix_cache(
+                        &TokenBatch::allowing_empty_rows(&prefixes, 0, model.device()).unwrap(),
+                    )
+                    .unwrap();
+                model
+                    .forward_continuing(&past, batch, &hooks, Some(&positions))
+                    .unwrap()
+                    .logits
+            } else {
+                model.forward_at(batch, &hooks, &positions).unwrap().logits
+            };
+            let loss = Model::log_probs(&logits)
+                .unwrap()
+                .max_keepdim(1)
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            let grad = loss.backward().unwrap();
+            (logits, grad.get(delta.as_tensor()).unwrap().clone())
+        };
+        let full = TokenBatch::new(&seqs, 0, model.device()).unwrap();
+        let (full_logits, full_grad) = run(&full, &splits, false);
+        let tail = TokenBatch::new(&suffixes, 0, model.device()).unwrap();
+        let (tail_logits, tail_grad) = run(&tail, &[0; 4], true);
+        let diff = max_abs_diff(&full_logits, &tail_logits);
+        assert!(diff < 1e-3, "logits differ by {diff}");
+        let scale = max_abs_diff(&full_grad, &full_grad.zeros_like().unwrap());
+        let diff = max_abs_diff(&full_grad, &tail_grad);
+        assert!(
+            scale > 1e-6 && diff < 1e-3 * scale,
+            "gradients differ by {diff} (scale {scale})"
+        );
+    }
+}

@@ -36,9 +36,45 @@ impl KvCache {
         &mut self.layers[l]
     }
 
+    pub(super) fn into_layers(self) -> Vec<Option<(Tensor, Tensor)>> {
+        self.layers
+    }
+
     pub(super) fn advance(&mut self, n: usize) {
         self.len += n;
     }
+}
+
+/// Keys and values of every layer for a batch of prefixes of different lengths, computed once and
+/// read (never extended) by the continuations run after them. The value optimisation of the
+/// locate-then-edit methods uses it: nothing before the fact token depends on δ, so each step only
+/// recomputes the tokens from the fact token on.
+#[derive(Debug, Clone)]
+pub struct PrefixCache {
+    /// Per layer, `[b, kv_heads, width, head_dim]`; row `r` is valid in its first `lengths[r]` columns.
+    pub(super) layers: Vec<(Tensor, Tensor)>,
+    pub(super) lengths: Vec<usize>,
+}
+
+impl PrefixCache {
+    /// The real length of every row's prefix.
+    pub fn lengths(&self) -> &[usize] {
+        &self.lengths
+    }
+
+    /// Cached columns (the longest prefix).
+    pub fn width(&self) -> usize {
+        self.layers.first().map_or(0, |(k, _)| k.dims()[2])
+    }
+}
+
+/// What a forward pass continues from.
+pub(crate) enum Past<'a> {
+    None,
+    /// A generation cache, extended by the pass.
+    Growing(&'a mut KvCache),
+    /// Per-row prefixes, read only.
+    Prefixes(&'a PrefixCache),
 }
 
 /// How the next token is chosen.
@@ -120,7 +156,13 @@ impl Model {
         let mut steps = Vec::with_capacity(max_new_tokens);
         for _ in 0..max_new_tokens {
             let lengths = [next_input.dim(1)?];
-            let out = self.run(&next_input, &lengths, &hooks, Some(&mut cache), None)?;
+            let out = self.run(
+                &next_input,
+                &lengths,
+                &hooks,
+                Past::Growing(&mut cache),
+                None,
+            )?;
             let last = out.logits.dim(1)? - 1;
             let logits: Vec<f32> = out
                 .logits

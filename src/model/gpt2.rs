@@ -6,13 +6,25 @@ use candle_core::{Result, Tensor};
 use super::load::Format;
 use super::{Model, ModelSpec, Module, Param, WeightId};
 
-/// Adds the learned position embeddings for positions `offset..offset + s`.
+/// Adds the learned position embeddings for positions `offsets[r]..offsets[r] + s` of row `r`.
 ///
 /// # Shapes
 /// `xs: [b, s, d]`, `table: [positions, d]` → `[b, s, d]`
-pub(super) fn add_positions(xs: &Tensor, table: &Tensor, offset: usize) -> Result<Tensor> {
-    let s = xs.dim(1)?;
-    xs.broadcast_add(&table.narrow(0, offset, s)?)
+pub(super) fn add_positions(xs: &Tensor, table: &Tensor, offsets: &[usize]) -> Result<Tensor> {
+    let (b, s, d) = xs.dims3()?;
+    match offsets {
+        [first, rest @ ..] if rest.iter().all(|o| o == first) => {
+            xs.broadcast_add(&table.narrow(0, *first, s)?)
+        }
+        _ => {
+            let positions: Vec<u32> = offsets
+                .iter()
+                .flat_map(|&o| (o..o + s).map(|p| p as u32))
+                .collect();
+            let positions = Tensor::from_vec(positions, b * s, xs.device())?;
+            xs.add(&table.index_select(&positions, 0)?.reshape((b, s, d))?)
+        }
+    }
 }
 
 /// Splits the fused projection into queries, keys and values.

@@ -20,13 +20,14 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Tensor, D};
 use tokenizers::Tokenizer;
 
-pub use generate::{Generation, KvCache, Sampling, StepTopK};
+use generate::Past;
+pub use generate::{Generation, KvCache, PrefixCache, Sampling, StepTopK};
 pub use hooks::{HookSpec, Intervention, Site};
 pub use spec::{Activation, Arch, ModelSpec};
 pub use weights::{Module, Param, WeightId};
 
 use crate::error::{Error, Result};
-use ops::{causal_mask, linear, repeat_kv, softmax_last, RopeTables};
+use ops::{causal_mask, linear, ragged_causal_mask, repeat_kv, softmax_last, RopeTables};
 
 /// A token's `[start, end)` byte range in the text it came from.
 pub type ByteSpan = (usize, usize);
@@ -65,6 +66,33 @@ impl TokenBatch {
             ids: Tensor::from_vec(flat, (sequences.len(), width), device)?,
             lengths: sequences.iter().map(Vec::len).collect(),
         })
+    }
+
+    /// Like [`TokenBatch::new`], but rows may be empty (prefixes for [`Model::prefix_cache`] where a
+    /// continuation has nothing before it); at least one must not be.
+    pub fn allowing_empty_rows(
+        sequences: &[Vec<u32>],
+        pad_id: u32,
+        device: &Device,
+    ) -> Result<Self> {
+        let padded: Vec<Vec<u32>> = sequences
+            .iter()
+            .map(|s| {
+                if s.is_empty() {
+                    vec![pad_id]
+                } else {
+                    s.clone()
+                }
+            })
+            .collect();
+        let mut batch = Self::new(&padded, pad_id, device)?;
+        if sequences.iter().all(Vec::is_empty) {
+            return Err(Error::Invalid(
+                "cannot run a batch whose rows are all empty".into(),
+            ));
+        }
+        batch.lengths = sequences.iter().map(Vec::len).collect();
+        Ok(batch)
     }
 
     pub fn width(&self) -> usize {
@@ -110,6 +138,13 @@ pub trait Overlay: Send + Sync {
     /// # Shapes
     /// `output` and the result have the site's shape.
     fn forward(&self, input: &OverlayInput<'_>, output: &Tensor) -> candle_core::Result<Tensor>;
+}
+
+/// One layer's view of [`Past`].
+enum LayerPast<'a> {
+    None,
+    Growing(&'a mut Option<(Tensor, Tensor)>),
+    Prefix(&'a (Tensor, Tensor)),
 }
 
 /// Where a model came from, for `inspect` and for cache keys.
@@ -370,7 +405,7 @@ impl Model {
     /// A hook at a layer that does not exist, a sequence longer than the model's context, or a
     /// shape error from an intervention.
     pub fn forward(&self, batch: &TokenBatch, hooks: &HookSpec) -> Result<ForwardOut> {
-        self.run(&batch.ids, &batch.lengths, hooks, None, None)
+        self.run(&batch.ids, &batch.lengths, hooks, Past::None, None)
     }
 
     /// Like [`Model::forward`], but computes logits only at the given `(row, position)` pairs, which
@@ -384,16 +419,70 @@ impl Model {
         hooks: &HookSpec,
         positions: &[(usize, usize)],
     ) -> Result<ForwardOut> {
-        self.run(&batch.ids, &batch.lengths, hooks, None, Some(positions))
+        self.run(
+            &batch.ids,
+            &batch.lengths,
+            hooks,
+            Past::None,
+            Some(positions),
+        )
     }
 
-    /// The decoder loop. With a cache, `ids` are the new tokens after the cached ones.
+    /// Runs `prefixes` once and keeps every layer's keys and values for [`Model::forward_continuing`].
+    /// Rows may be empty (a continuation with nothing before it).
+    ///
+    /// # Shapes
+    /// `prefixes.ids: [b, s]` → a cache of `b` rows, `s` columns
+    pub fn prefix_cache(&self, prefixes: &TokenBatch) -> Result<PrefixCache> {
+        let mut cache = KvCache::new(self.spec.n_layers);
+        self.run(
+            &prefixes.ids,
+            &prefixes.lengths,
+            &HookSpec::new(),
+            Past::Growing(&mut cache),
+            Some(&[]),
+        )?;
+        let layers = cache
+            .into_layers()
+            .into_iter()
+            .map(|kv| kv.ok_or_else(|| Error::Invalid("a layer filled no cache".into())))
+            .collect::<Result<_>>()?;
+        Ok(PrefixCache {
+            layers,
+            lengths: prefixes.lengths.clone(),
+        })
+    }
+
+    /// Like [`Model::forward_at`] (all positions when `positions` is `None`), for `batch` row `r`
+    /// continuing row `r` of `prefixes`: its tokens sit at positions `prefixes.lengths()[r]..` and
+    /// attend to that row's prefix. Hooks and positions index the new tokens only. The numbers are
+    /// those of running each full row alone, without recomputing the prefix.
+    ///
+    /// # Shapes
+    /// `batch.ids: [b, s]` with `b` the cache's rows
+    pub fn forward_continuing(
+        &self,
+        prefixes: &PrefixCache,
+        batch: &TokenBatch,
+        hooks: &HookSpec,
+        positions: Option<&[(usize, usize)]>,
+    ) -> Result<ForwardOut> {
+        self.run(
+            &batch.ids,
+            &batch.lengths,
+            hooks,
+            Past::Prefixes(prefixes),
+            positions,
+        )
+    }
+
+    /// The decoder loop. With a past, `ids` are the new tokens after the cached ones.
     pub(crate) fn run(
         &self,
         ids: &Tensor,
         lengths: &[usize],
         hooks: &HookSpec,
-        mut cache: Option<&mut KvCache>,
+        mut past: Past<'_>,
         logit_positions: Option<&[(usize, usize)]>,
     ) -> Result<ForwardOut> {
         for site in hooks.sites() {
@@ -401,43 +490,76 @@ impl Model {
                 self.check_layer(l)?;
             }
         }
+        // A growing cache must see every layer of every new token; a read-only one need not.
+        let growing = matches!(past, Past::Growing(_));
         if let Some(l) = hooks.stop_after_layer {
             self.check_layer(l)?;
-            if cache.is_some() {
+            if growing {
                 return Err(Error::Invalid(
                     "a forward pass that stops early cannot fill a KV cache".into(),
                 ));
             }
         }
-        let (_, s) = ids.dims2()?;
-        let offset = cache.as_ref().map_or(0, |c| c.len());
-        if offset + s > self.spec.max_positions {
+        let (b, s) = ids.dims2()?;
+        // Per row: how many positions come before the new tokens.
+        let offsets: Vec<usize> = match &past {
+            Past::None => vec![0; b],
+            Past::Growing(c) => vec![c.len(); b],
+            Past::Prefixes(p) => {
+                if p.lengths.len() != b {
+                    return Err(Error::Invalid(format!(
+                        "a batch of {b} rows cannot continue a prefix cache of {} rows",
+                        p.lengths.len()
+                    )));
+                }
+                p.lengths.clone()
+            }
+        };
+        let longest = offsets.iter().copied().max().unwrap_or(0) + s;
+        if longest > self.spec.max_positions {
             return Err(Error::Invalid(format!(
-                "sequence of {} tokens is longer than the model's context of {} positions",
-                offset + s,
+                "sequence of {longest} tokens is longer than the model's context of {} positions",
                 self.spec.max_positions
             )));
         }
         let mut captures = BTreeMap::new();
-        let rope = match self.spec.arch {
-            Arch::Llama => Some(RopeTables::new(
-                self.spec.head_dim,
-                self.spec.rope_theta,
-                offset,
-                s,
-                self.dtype,
-                &self.device,
-            )?),
-            Arch::Gpt2 => None,
+        let (rope, mask) = match &past {
+            Past::Prefixes(p) => (
+                match self.spec.arch {
+                    Arch::Llama => Some(RopeTables::per_row(
+                        self.spec.head_dim,
+                        self.spec.rope_theta,
+                        &offsets,
+                        s,
+                        self.dtype,
+                        &self.device,
+                    )?),
+                    Arch::Gpt2 => None,
+                },
+                ragged_causal_mask(s, p.width(), &offsets, self.dtype, &self.device)?,
+            ),
+            _ => (
+                match self.spec.arch {
+                    Arch::Llama => Some(RopeTables::new(
+                        self.spec.head_dim,
+                        self.spec.rope_theta,
+                        offsets[0],
+                        s,
+                        self.dtype,
+                        &self.device,
+                    )?),
+                    Arch::Gpt2 => None,
+                },
+                causal_mask(s, offsets[0], self.dtype, &self.device)?,
+            ),
         };
-        let mask = causal_mask(s, offset, self.dtype, &self.device)?;
 
         let (mut xs, first_layer) = match &hooks.resume {
             Some((layer, resid)) => {
                 self.check_layer(*layer)?;
-                if cache.is_some() || resid.dims() != [ids.dim(0)?, s, self.spec.d_model] {
+                if growing || resid.dims() != [b, s, self.spec.d_model] {
                     return Err(Error::Invalid(format!(
-                        "cannot resume from a residual of shape {:?} for a batch of {:?} (and never with a KV cache)",
+                        "cannot resume from a residual of shape {:?} for a batch of {:?} (and never with a growing KV cache)",
                         resid.dims(),
                         ids.dims()
                     )));
@@ -446,7 +568,7 @@ impl Model {
                 (xs, layer + 1)
             }
             None => {
-                let xs = self.embed(ids, offset)?;
+                let xs = self.embed(ids, &offsets)?;
                 (hooks.visit(Site::Embed, xs, &mut captures)?, 0)
             }
         };
@@ -460,8 +582,12 @@ impl Model {
                 lengths,
             };
             let h = self.norm(&xs, WeightId::layer(l, Module::AttnNorm))?;
-            let layer_cache = cache.as_deref_mut().map(|c| c.layer_mut(l));
-            let attn = self.attention(l, &h, rope.as_ref(), &mask, layer_cache)?;
+            let layer_past = match &mut past {
+                Past::None => LayerPast::None,
+                Past::Growing(c) => LayerPast::Growing(c.layer_mut(l)),
+                Past::Prefixes(p) => LayerPast::Prefix(&p.layers[l]),
+            };
+            let attn = self.attention(l, &h, rope.as_ref(), &mask, layer_past)?;
             let attn = self.overlaid(Site::AttnOut(l), &input, attn)?;
             let attn = hooks.visit(Site::AttnOut(l), attn, &mut captures)?;
             xs = (xs + attn)?;
@@ -489,6 +615,7 @@ impl Model {
         let head = self.w(WeightId::global(Module::LmHead))?;
         let logits = match logit_positions {
             None => linear(&xs, head, None)?,
+            Some([]) => Tensor::zeros((0, self.spec.vocab_size), self.dtype, &self.device)?,
             Some(positions) => {
                 let (b, s, d) = xs.dims3()?;
                 let mut rows = Vec::with_capacity(positions.len());
@@ -505,7 +632,7 @@ impl Model {
                 ops::matmul_t(&picked, head)?
             }
         };
-        if let Some(cache) = cache {
+        if let Past::Growing(cache) = past {
             cache.advance(s);
         }
         Ok(ForwardOut { logits, captures })
@@ -523,7 +650,8 @@ impl Model {
         }
     }
 
-    fn embed(&self, ids: &Tensor, offset: usize) -> candle_core::Result<Tensor> {
+    /// Token (and, for GPT-2, position) embeddings of new tokens after `offsets[r]` earlier ones.
+    fn embed(&self, ids: &Tensor, offsets: &[usize]) -> candle_core::Result<Tensor> {
         let (b, s) = ids.dims2()?;
         let table = self.w(WeightId::global(Module::Embed))?;
         let xs = table
@@ -531,7 +659,7 @@ impl Model {
             .reshape((b, s, self.spec.d_model))?;
         match self.spec.arch {
             Arch::Gpt2 => {
-                gpt2::add_positions(&xs, self.w(WeightId::global(Module::PosEmbed))?, offset)
+                gpt2::add_positions(&xs, self.w(WeightId::global(Module::PosEmbed))?, offsets)
             }
             Arch::Llama => Ok(xs),
         }
@@ -550,17 +678,17 @@ impl Model {
         }
     }
 
-    /// Self-attention of layer `l`, updating the layer's KV cache if one is given.
+    /// Self-attention of layer `l` after what `past` holds, extending a growing cache.
     ///
     /// # Shapes
-    /// `h: [b, s, d_model]`, `mask: [s, cached + s]` → `[b, s, d_model]`
+    /// `h: [b, s, d_model]`, `mask: [s, cached + s]` or `[b, 1, s, cached + s]` → `[b, s, d_model]`
     fn attention(
         &self,
         l: usize,
         h: &Tensor,
         rope: Option<&RopeTables>,
         mask: &Tensor,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        past: LayerPast<'_>,
     ) -> candle_core::Result<Tensor> {
         let (b, s, _) = h.dims3()?;
         let spec = &self.spec;
@@ -580,12 +708,19 @@ impl Model {
             q = rope.apply(&q)?;
             k = rope.apply(&k)?;
         }
-        if let Some(cache) = cache {
-            if let Some((past_k, past_v)) = cache.as_ref() {
+        match past {
+            LayerPast::None => {}
+            LayerPast::Growing(cache) => {
+                if let Some((past_k, past_v)) = cache.as_ref() {
+                    k = Tensor::cat(&[past_k, &k], 2)?;
+                    v = Tensor::cat(&[past_v, &v], 2)?;
+                }
+                *cache = Some((k.clone(), v.clone()));
+            }
+            LayerPast::Prefix((past_k, past_v)) => {
                 k = Tensor::cat(&[past_k, &k], 2)?;
                 v = Tensor::cat(&[past_v, &v], 2)?;
             }
-            *cache = Some((k.clone(), v.clone()));
         }
         let n_rep = spec.n_heads / spec.n_kv_heads;
         let k = repeat_kv(&k, n_rep)?;

@@ -165,20 +165,67 @@ impl RopeTables {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
+        let positions: Vec<f32> = (offset..offset + len).map(|p| p as f32).collect();
+        Self::at(head_dim, theta, positions, &[len], dtype, device)
+    }
+
+    /// Tables for row `r` at positions `offsets[r]..offsets[r] + len`.
+    ///
+    /// # Shapes
+    /// `cos, sin: [rows, 1, len, head_dim]` (broadcast over heads)
+    pub fn per_row(
+        head_dim: usize,
+        theta: f64,
+        offsets: &[usize],
+        len: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let positions: Vec<f32> = offsets
+            .iter()
+            .flat_map(|&o| (o..o + len).map(|p| p as f32))
+            .collect();
+        Self::at(
+            head_dim,
+            theta,
+            positions,
+            &[offsets.len(), len],
+            dtype,
+            device,
+        )
+    }
+
+    /// Tables for `positions` laid out as `lead` (`[len]` or `[rows, len]`).
+    fn at(
+        head_dim: usize,
+        theta: f64,
+        positions: Vec<f32>,
+        lead: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let half = head_dim / 2;
         let inv_freq: Vec<f32> = (0..half)
             .map(|i| (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32)
             .collect();
         let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
-        let positions: Vec<f32> = (offset..offset + len).map(|p| p as f32).collect();
-        let positions = Tensor::from_vec(positions, (len, 1), device)?;
+        let n = positions.len();
+        let positions = Tensor::from_vec(positions, (n, 1), device)?;
         let half_freqs = positions.broadcast_mul(&inv_freq)?;
         let freqs = Tensor::cat(&[&half_freqs, &half_freqs], 1)?;
+        // The fused kernel takes `[len, half]` or `[rows, len, half]`; the differentiable path
+        // broadcasts `[len, head_dim]` or `[rows, 1, len, head_dim]` against `[b, heads, len, head_dim]`.
+        let (half_shape, full_shape) = match *lead {
+            [len] => (vec![len, half], vec![len, head_dim]),
+            [rows, len] => (vec![rows, len, half], vec![rows, 1, len, head_dim]),
+            _ => candle_core::bail!("rope tables take one or two leading dimensions"),
+        };
+        let table = |t: Tensor, shape: &[usize]| t.to_dtype(dtype)?.reshape(shape);
         Ok(Self {
-            cos: freqs.cos()?.to_dtype(dtype)?,
-            sin: freqs.sin()?.to_dtype(dtype)?,
-            cos_half: half_freqs.cos()?.to_dtype(dtype)?,
-            sin_half: half_freqs.sin()?.to_dtype(dtype)?,
+            cos: table(freqs.cos()?, &full_shape)?,
+            sin: table(freqs.sin()?, &full_shape)?,
+            cos_half: table(half_freqs.cos()?, &half_shape)?,
+            sin_half: table(half_freqs.sin()?, &half_shape)?,
         })
     }
 
@@ -218,6 +265,34 @@ pub fn causal_mask(q_len: usize, offset: usize, dtype: DType, device: &Device) -
         })
         .collect();
     Tensor::from_vec(mask, (q_len, k_len), device)?.to_dtype(dtype)
+}
+
+/// Additive mask for `q_len` new queries per row after a cache of `width` columns of which row `r`
+/// holds `offsets[r]` real ones: query `i` of row `r` sees the row's cached keys and the new keys up
+/// to itself.
+///
+/// # Shapes
+/// → `[rows, 1, q_len, width + q_len]`
+pub fn ragged_causal_mask(
+    q_len: usize,
+    width: usize,
+    offsets: &[usize],
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let k_len = width + q_len;
+    let mut mask = vec![f32::NEG_INFINITY; offsets.len() * q_len * k_len];
+    for (r, &offset) in offsets.iter().enumerate() {
+        if offset > width {
+            candle_core::bail!("row {r} has {offset} cached positions, the cache {width}")
+        }
+        for i in 0..q_len {
+            let row = &mut mask[(r * q_len + i) * k_len..][..k_len];
+            row[..offset].fill(0.0);
+            row[width..=width + i].fill(0.0);
+        }
+    }
+    Tensor::from_vec(mask, (offsets.len(), 1, q_len, k_len), device)?.to_dtype(dtype)
 }
 
 /// Repeats grouped key/value heads so that each query head has its own.
