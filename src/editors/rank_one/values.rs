@@ -8,7 +8,7 @@ use super::keys::template_positions;
 use super::locate::FactToken;
 use crate::editors::optim::Adam;
 use crate::error::{Error, Result};
-use crate::model::{HookSpec, Intervention, Model, Site, TokenBatch};
+use crate::model::{ForwardOut, HookSpec, Intervention, Model, PrefixCache, Site, TokenBatch};
 
 /// The value loop stops once the loss is below this.
 const LOSS_FLOOR: f64 = 5e-2;
@@ -75,8 +75,12 @@ pub fn optimise_value(
     )?;
     sequences.push(model.encode_with_special_tokens(&kl[0].0)?);
     let rows = templates.len();
-    let mut add_at: Vec<(usize, usize)> = lookups.iter().map(|(_, p)| *p).enumerate().collect();
-    add_at.push((rows, kl[0].1));
+    // Where δ goes in each row: the fact token of every template, then of the KL prompt.
+    let fact_positions: Vec<usize> = lookups
+        .iter()
+        .map(|(_, pos)| *pos)
+        .chain([kl[0].1])
+        .collect();
     let mut scored = Vec::with_capacity(rows * t + 1);
     let mut labels = Vec::with_capacity(rows * t);
     for (row, ids) in sequences[..rows].iter().enumerate() {
@@ -94,7 +98,9 @@ pub fn optimise_value(
     scored.push((rows, kl[0].1));
 
     let pad = model.spec().eos_id.or(model.spec().pad_id).unwrap_or(0);
-    let batch = TokenBatch::new(&sequences, pad, model.device())?;
+    let batch = SplitBatch::new(model, &sequences, &fact_positions, pad)?;
+    let add_at: Vec<(usize, usize)> = (0..=rows).map(|row| (row, 0)).collect();
+    let scored = batch.relative(&scored)?;
     let labels = Tensor::new(labels.as_slice(), model.device())?.unsqueeze(1)?;
     let d = model.spec().d_model;
     let delta = Var::zeros(d, DType::F32, model.device())?;
@@ -112,8 +118,8 @@ pub fn optimise_value(
             let hooks = HookSpec::new().capture(Site::ResidPost(l)).stop_after(l);
             Some((
                 l,
-                model
-                    .forward(&batch, &hooks)?
+                batch
+                    .forward(model, &hooks, None)?
                     .capture(Site::ResidPost(l))?
                     .clone(),
             ))
@@ -133,7 +139,7 @@ pub fn optimise_value(
             },
         );
         let log_probs = if loss_layer + 1 == n_layers {
-            let out = model.forward_at(&batch, &hooks, &scored)?;
+            let out = batch.forward(model, &hooks, Some(&scored))?;
             if m0.is_none() {
                 m0 = Some(row_at(out.capture(params.site)?, add_at[0])?);
             }
@@ -141,7 +147,7 @@ pub fn optimise_value(
         } else {
             let resid = Site::ResidPost(loss_layer);
             hooks = hooks.capture(resid).stop_after(loss_layer);
-            let out = model.forward(&batch, &hooks)?;
+            let out = batch.forward(model, &hooks, None)?;
             if m0.is_none() {
                 m0 = Some(row_at(out.capture(params.site)?, add_at[0])?);
             }
@@ -200,6 +206,65 @@ pub fn optimise_value(
         delta,
         loss: last_loss,
     })
+}
+
+/// The value loop's rows split at the fact token: nothing before it depends on δ (attention is
+/// causal), so the tokens before it are run once into a prefix cache and every step runs only the
+/// rest, which for a one-token target is two or three tokens a row instead of the whole template.
+struct SplitBatch {
+    past: Option<PrefixCache>,
+    tails: TokenBatch,
+    splits: Vec<usize>,
+}
+
+impl SplitBatch {
+    fn new(model: &Model, sequences: &[Vec<u32>], splits: &[usize], pad: u32) -> Result<Self> {
+        let (heads, tails): (Vec<_>, Vec<_>) = sequences
+            .iter()
+            .zip(splits)
+            .map(|(ids, &at)| (ids[..at].to_vec(), ids[at..].to_vec()))
+            .unzip();
+        let past = if heads.iter().all(Vec::is_empty) {
+            None
+        } else {
+            let heads = TokenBatch::allowing_empty_rows(&heads, pad, model.device())?;
+            Some(model.prefix_cache(&heads)?)
+        };
+        Ok(Self {
+            past,
+            tails: TokenBatch::new(&tails, pad, model.device())?,
+            splits: splits.to_vec(),
+        })
+    }
+
+    /// `(row, position in the whole row)` → `(row, position in its tail)`.
+    fn relative(&self, positions: &[(usize, usize)]) -> Result<Vec<(usize, usize)>> {
+        positions
+            .iter()
+            .map(|&(row, pos)| match pos.checked_sub(self.splits[row]) {
+                Some(p) => Ok((row, p)),
+                None => Err(Error::Invalid(format!(
+                    "position {pos} of row {row} comes before its fact token"
+                ))),
+            })
+            .collect()
+    }
+
+    /// The tails' forward pass, with logits at `positions` (tail-relative) or everywhere.
+    fn forward(
+        &self,
+        model: &Model,
+        hooks: &HookSpec,
+        positions: Option<&[(usize, usize)]>,
+    ) -> Result<ForwardOut> {
+        match (&self.past, positions) {
+            (Some(past), positions) => {
+                model.forward_continuing(past, &self.tails, hooks, positions)
+            }
+            (None, Some(positions)) => model.forward_at(&self.tails, hooks, positions),
+            (None, None) => model.forward(&self.tails, hooks),
+        }
+    }
 }
 
 /// `[d]` f32: the vector at `(row, position)` of a `[b, s, d]` activation.
