@@ -344,3 +344,29 @@ fn continuing_per_row_prefixes_matches_full_rows_and_their_gradient() {
         );
     }
 }
+
+#[test]
+fn batched_sampling_gives_each_row_what_it_samples_alone() {
+    use kedit::model::Sampling;
+    let model = smol();
+    let prompts: Vec<Vec<u32>> = ["The", "Because", "You"]
+        .iter()
+        .map(|w| model.encode(w).unwrap())
+        .collect();
+    assert!(prompts.iter().all(|p| p.len() == prompts[0].len()));
+    let samplings = [
+        Sampling::TopK { k: 5, seed: 7 },
+        Sampling::Greedy,
+        Sampling::TopK { k: 5, seed: 8 },
+    ];
+    let batched = model.generate_batch_ids(&prompts, 6, &samplings).unwrap();
+    for ((prompt, sampling), got) in prompts.iter().zip(samplings).zip(&batched) {
+        let alone = model
+            .generate_ids_until(prompt, 6, sampling, false)
+            .unwrap()
+            .generated_ids;
+        assert_eq!(got, &alone, "{sampling:?}");
+    }
+    // Different seeds must draw different texts, or the rows are not independent.
+    assert_ne!(batched[0], batched[2]);
+}

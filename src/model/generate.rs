@@ -195,6 +195,79 @@ impl Model {
         })
     }
 
+    /// Samples `max_new_tokens` after each of `prompts` (all of one length) in one batch, row `r`
+    /// drawing with `samplings[r]`; never stops at the end-of-sequence token. Each row draws what
+    /// [`Model::generate_ids_until`] draws for it alone, but for float rounding, which differs
+    /// between batch shapes and can tip a near-tie between two candidates.
+    pub fn generate_batch_ids(
+        &self,
+        prompts: &[Vec<u32>],
+        max_new_tokens: usize,
+        samplings: &[Sampling],
+    ) -> Result<Vec<Vec<u32>>> {
+        let Some(first) = prompts.first() else {
+            return Ok(Vec::new());
+        };
+        if first.is_empty() || prompts.iter().any(|p| p.len() != first.len()) {
+            return Err(Error::Invalid(
+                "batched generation needs non-empty prompts of one length".into(),
+            ));
+        }
+        if samplings.len() != prompts.len() {
+            return Err(Error::Invalid(format!(
+                "{} samplings for {} prompts",
+                samplings.len(),
+                prompts.len()
+            )));
+        }
+        if first.len() + max_new_tokens > self.spec.max_positions {
+            return Err(Error::Invalid(format!(
+                "prompt of {} tokens plus {max_new_tokens} new tokens is longer than the model's context of {} positions",
+                first.len(),
+                self.spec.max_positions
+            )));
+        }
+        let mut rngs: Vec<Option<rand::rngs::StdRng>> = samplings
+            .iter()
+            .map(|s| match s {
+                Sampling::TopK { seed, .. } => Some(rand::rngs::StdRng::seed_from_u64(*seed)),
+                Sampling::Greedy => None,
+            })
+            .collect();
+        let b = prompts.len();
+        let mut cache = KvCache::new(self.spec.n_layers);
+        let mut input = Tensor::new(prompts.concat(), &self.device)?.reshape((b, first.len()))?;
+        let mut generated = vec![Vec::with_capacity(max_new_tokens); b];
+        for _ in 0..max_new_tokens {
+            let s = input.dim(1)?;
+            let last: Vec<(usize, usize)> = (0..b).map(|r| (r, s - 1)).collect();
+            let out = self.run(
+                &input,
+                &vec![s; b],
+                &HookSpec::new(),
+                Past::Growing(&mut cache),
+                Some(&last),
+            )?;
+            let logits: Vec<Vec<f32>> = out.logits.to_dtype(DType::F32)?.to_vec2()?;
+            let mut next = Vec::with_capacity(b);
+            for (r, row) in logits.iter().enumerate() {
+                let sampling = samplings[r];
+                let ranked = top_k(row, k_of(sampling));
+                next.push(match (sampling, rngs[r].as_mut()) {
+                    (Sampling::TopK { k, .. }, Some(rng)) => {
+                        sample(&ranked[..k.min(ranked.len())], rng)
+                    }
+                    _ => ranked[0].0,
+                });
+            }
+            for (row, &id) in generated.iter_mut().zip(&next) {
+                row.push(id);
+            }
+            input = Tensor::new(next, &self.device)?.unsqueeze(1)?;
+        }
+        Ok(generated)
+    }
+
     /// Greedy next-token ids at every position of a single sequence, without a cache (a check of
     /// the cached path).
     pub fn argmax_all(&self, ids: &[u32]) -> Result<Vec<u32>> {

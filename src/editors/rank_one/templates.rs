@@ -26,27 +26,65 @@ pub fn sample_templates(
     braces: Braces,
     seed: u64,
 ) -> Result<Vec<String>> {
-    let mut templates = Vec::with_capacity(count * SEEDS.len());
-    let mut draw = seed;
-    for word in SEEDS {
-        let ids = model.encode_with_special_tokens(word)?;
-        for _ in 0..count {
-            let new_tokens = length.saturating_sub(ids.len());
-            let mut all = ids.clone();
-            if new_tokens > 0 {
-                let gen = model.generate_ids_until(
-                    &ids,
-                    new_tokens,
-                    Sampling::TopK { k: 5, seed: draw },
-                    false,
-                )?;
-                all.extend(gen.generated_ids);
+    sample_groups(model, &[(length, count, seed)], braces)
+}
+
+/// [`sample_templates`] for several `(length, count, seed)` groups, concatenated in order. All
+/// texts are sampled in as few batched passes as the seed words' token counts allow: one token
+/// at a time for a batch of one reads every weight per token, for a batch of twenty just the same.
+fn sample_groups(
+    model: &Model,
+    groups: &[(usize, usize, u64)],
+    braces: Braces,
+) -> Result<Vec<String>> {
+    struct Row {
+        ids: Vec<u32>,
+        new_tokens: usize,
+        seed: u64,
+    }
+    let mut rows = Vec::new();
+    for &(length, count, seed) in groups {
+        let mut draw = seed;
+        for word in SEEDS {
+            let ids = model.encode_with_special_tokens(word)?;
+            for _ in 0..count {
+                rows.push(Row {
+                    new_tokens: length.saturating_sub(ids.len()),
+                    ids: ids.clone(),
+                    seed: draw,
+                });
+                draw = draw.wrapping_add(1);
             }
-            draw = draw.wrapping_add(1);
-            templates.push(template_from(&model.decode_skipping_special(&all)?, braces));
         }
     }
-    Ok(templates)
+    let mut texts: Vec<Vec<u32>> = rows.iter().map(|r| r.ids.clone()).collect();
+    let mut prompt_lengths: Vec<usize> = rows.iter().map(|r| r.ids.len()).collect();
+    prompt_lengths.sort_unstable();
+    prompt_lengths.dedup();
+    for prompt_length in prompt_lengths {
+        let members: Vec<usize> = (0..rows.len())
+            .filter(|&i| rows[i].ids.len() == prompt_length && rows[i].new_tokens > 0)
+            .collect();
+        let Some(longest) = members.iter().map(|&i| rows[i].new_tokens).max() else {
+            continue;
+        };
+        let prompts: Vec<Vec<u32>> = members.iter().map(|&i| rows[i].ids.clone()).collect();
+        let samplings: Vec<Sampling> = members
+            .iter()
+            .map(|&i| Sampling::TopK {
+                k: 5,
+                seed: rows[i].seed,
+            })
+            .collect();
+        let generated = model.generate_batch_ids(&prompts, longest, &samplings)?;
+        for (&i, tokens) in members.iter().zip(generated) {
+            texts[i].extend_from_slice(&tokens[..rows[i].new_tokens]);
+        }
+    }
+    texts
+        .iter()
+        .map(|ids| Ok(template_from(&model.decode_skipping_special(ids)?, braces)))
+        .collect()
 }
 
 /// A generated text as a template: NFKD-normalised, paragraph breaks to spaces, braces removed,
@@ -68,17 +106,13 @@ pub fn rome_templates(
     length_params: &[[usize; 2]],
     seed: u64,
 ) -> Result<Vec<String>> {
+    let groups: Vec<(usize, usize, u64)> = length_params
+        .iter()
+        .enumerate()
+        .map(|(i, &[length, n])| (length, n / SEEDS.len(), seed.wrapping_add(1000 * i as u64)))
+        .collect();
     let mut templates = vec!["{}".to_string()];
-    for (i, &[length, n]) in length_params.iter().enumerate() {
-        let per_seed = n / SEEDS.len();
-        templates.extend(sample_templates(
-            model,
-            length,
-            per_seed,
-            Braces::Delete,
-            seed.wrapping_add(1000 * i as u64),
-        )?);
-    }
+    templates.extend(sample_groups(model, &groups, Braces::Delete)?);
     Ok(templates)
 }
 
