@@ -8,7 +8,7 @@ use std::path::Path;
 use faer::Mat;
 
 use super::rank_one::solve::{alphaedit_delta, null_space_projector, to_mat};
-use super::rank_one::spread::{grouped_keys, spread_edit, MassParams, MassState};
+use super::rank_one::spread::{grouped_keys_at_layers, spread_edit, MassParams, MassState};
 use super::{Edit, EditCtx, Editor};
 use crate::data::EditRequest;
 use crate::error::{Error, Result};
@@ -96,9 +96,15 @@ impl Editor for AlphaEdit {
                 alphaedit_delta(keys, resid, &projectors[&layer], sigma, l2)
             },
         )?;
-        // Remember the edited facts' keys, read from the edited model.
-        for &layer in &self.params.layers {
-            let keys = grouped_keys(model, layer, &facts, &groups, self.params.fact_token)?;
+        // Remember the edited facts' keys, read from the edited model in one pass.
+        let layer_keys = grouped_keys_at_layers(
+            model,
+            &self.params.layers,
+            &facts,
+            &groups,
+            self.params.fact_token,
+        )?;
+        for (&layer, keys) in self.params.layers.iter().zip(layer_keys) {
             let gram = gram(&keys)?;
             *self
                 .memory

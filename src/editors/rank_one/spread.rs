@@ -7,7 +7,7 @@ use candle_core::Tensor;
 use faer::Mat;
 use serde::Deserialize;
 
-use super::keys::{activations_at, template_positions};
+use super::keys::{activations_at, activations_at_sites, template_positions};
 use super::locate::FactToken;
 use super::solve::{from_mat, to_mat};
 use super::values::{optimise_value, ValueParams};
@@ -103,6 +103,17 @@ pub fn grouped_keys(
     groups: &[Vec<String>],
     rule: FactToken,
 ) -> Result<Tensor> {
+    Ok(grouped_keys_at_layers(model, &[layer], facts, groups, rule)?.remove(0))
+}
+
+/// [`grouped_keys`] at several layers, from one forward pass (one `[n, d_ff]` tensor per layer).
+pub fn grouped_keys_at_layers(
+    model: &Model,
+    layers: &[usize],
+    facts: &[FactEdit],
+    groups: &[Vec<String>],
+    rule: FactToken,
+) -> Result<Vec<Tensor>> {
     // Every fact's every template in one batched pass, then the means.
     let mut items = Vec::new();
     let mut spans = Vec::with_capacity(facts.len() * groups.len());
@@ -119,18 +130,23 @@ pub fn grouped_keys(
             spans.push((start, items.len() - start));
         }
     }
-    let acts = activations_at(model, Site::MlpAct(layer), &items)?;
-    let rows = spans
-        .chunks(groups.len().max(1))
-        .map(|fact_spans| {
-            let means = fact_spans
-                .iter()
-                .map(|&(start, len)| Ok(acts.narrow(0, start, len)?.mean(0)?))
+    let sites: Vec<Site> = layers.iter().map(|&l| Site::MlpAct(l)).collect();
+    activations_at_sites(model, &sites, &items)?
+        .iter()
+        .map(|acts| {
+            let rows = spans
+                .chunks(groups.len().max(1))
+                .map(|fact_spans| {
+                    let means = fact_spans
+                        .iter()
+                        .map(|&(start, len)| Ok(acts.narrow(0, start, len)?.mean(0)?))
+                        .collect::<Result<Vec<_>>>()?;
+                    Ok(Tensor::stack(&means, 0)?.mean(0)?)
+                })
                 .collect::<Result<Vec<_>>>()?;
-            Ok(Tensor::stack(&means, 0)?.mean(0)?)
+            Ok(Tensor::stack(&rows, 0)?)
         })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(Tensor::stack(&rows, 0)?)
+        .collect()
 }
 
 /// The residual at `layer`'s output at each fact's token in its plain prompt (`[n, d]`).
