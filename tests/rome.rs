@@ -190,6 +190,7 @@ fn rome_with_statistics_writes_along_the_inverse_covariance_of_the_key() {
         .unwrap();
 
     let mut editor = build_editor("ROME", &fixture("hparams/rome-mom2-smollm2-test.yaml")).unwrap();
+    let start = std::time::Instant::now();
     let edit = editor
         .apply(
             &mut model,
@@ -197,6 +198,20 @@ fn rome_with_statistics_writes_along_the_inverse_covariance_of_the_key() {
             &EditCtx::default(),
         )
         .unwrap();
+    let wall = start.elapsed().as_secs_f64();
+    // The edit says where its time went: every phase, each counted once, within the wall time.
+    let phases: Vec<(&str, f64)> = edit.phases.iter().collect();
+    let names: Vec<&str> = phases.iter().map(|p| p.0).collect();
+    assert_eq!(
+        names,
+        ["templates", "statistics", "keys", "values", "solve"]
+    );
+    let total: f64 = phases.iter().map(|p| p.1).sum();
+    assert!(
+        phases.iter().all(|p| p.1 >= 0.0) && total <= wall,
+        "{phases:?} in {wall} s"
+    );
+
     let delta = (&edit.changes[0].after - &edit.changes[0].before).unwrap();
     // ΔW = w uᵀ: nothing of ΔW is left once its component along u is taken out.
     let w = delta.matmul(&u.unsqueeze(1).unwrap()).unwrap();

@@ -1,3 +1,4 @@
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -89,6 +90,8 @@ struct Report<'a> {
     case: &'a CaseResult,
     generation_before: String,
     generation_after: String,
+    /// Seconds per phase of the edit (template sampling, value optimisation, ...).
+    phases: BTreeMap<&'static str, f64>,
 }
 
 fn pairs(what: &str, prompts: &[String], answers: &[String]) -> anyhow::Result<Option<PromptSet>> {
@@ -210,6 +213,7 @@ pub fn run(args: ApplyArgs) -> anyhow::Result<ExitCode> {
             case: &case,
             generation_before,
             generation_after,
+            phases: edit.phases.iter().collect(),
         };
         serde_json::to_writer_pretty(&mut out, &report)?;
         writeln!(out)?;
@@ -220,6 +224,9 @@ pub fn run(args: ApplyArgs) -> anyhow::Result<ExitCode> {
             "{name}: {:?} -> {:?} in {seconds:.2} s",
             request.prompt, request.target_new
         )?;
+        if edit.phases.iter().next().is_some() {
+            writeln!(out, "time: {}", edit.phases)?;
+        }
         write!(out, "{}", summary.table())?;
         writeln!(out, "before: {}{}", request.prompt, generation_before)?;
         writeln!(out, "after:  {}{}", request.prompt, generation_after)?;

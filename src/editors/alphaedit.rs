@@ -9,7 +9,7 @@ use faer::Mat;
 
 use super::rank_one::solve::{alphaedit_delta, null_space_projector, to_mat};
 use super::rank_one::spread::{grouped_keys_at_layers, spread_edit, MassParams, MassState};
-use super::{Edit, EditCtx, Editor};
+use super::{Edit, EditCtx, Editor, Phases};
 use crate::data::EditRequest;
 use crate::error::{Error, Result};
 use crate::model::Model;
@@ -65,10 +65,12 @@ impl Editor for AlphaEdit {
         requests: &[EditRequest],
         ctx: &EditCtx,
     ) -> Result<Edit> {
-        let (facts, groups) = self
-            .state
-            .prepare(model, requests, &self.params, ctx.seed)?;
+        let mut phases = Phases::default();
+        let (facts, groups) = phases.time("templates", || {
+            self.state.prepare(model, requests, &self.params, ctx.seed)
+        })?;
         let d_ff = model.spec().d_mlp;
+        let statistics_start = std::time::Instant::now();
         if self.projectors.is_empty() {
             let saved = self.params.p_loc.as_deref().map(Path::new);
             let matrices = match saved.filter(|p| p.is_file()) {
@@ -84,6 +86,7 @@ impl Editor for AlphaEdit {
             };
             self.projectors = self.params.layers.iter().copied().zip(matrices).collect();
         }
+        phases.add("statistics", statistics_start.elapsed().as_secs_f64());
         let (projectors, memory, l2) = (&self.projectors, &self.memory, self.l2);
         let empty = Mat::<f64>::zeros(d_ff, d_ff);
         let mut edit = spread_edit(
@@ -97,13 +100,16 @@ impl Editor for AlphaEdit {
             },
         )?;
         // Remember the edited facts' keys, read from the edited model in one pass.
-        let layer_keys = grouped_keys_at_layers(
-            model,
-            &self.params.layers,
-            &facts,
-            &groups,
-            self.params.fact_token,
-        )?;
+        let mut memory_phase = Phases::default();
+        let layer_keys = memory_phase.time("memory", || {
+            grouped_keys_at_layers(
+                model,
+                &self.params.layers,
+                &facts,
+                &groups,
+                self.params.fact_token,
+            )
+        })?;
         for (&layer, keys) in self.params.layers.iter().zip(layer_keys) {
             let gram = gram(&keys)?;
             *self
@@ -112,6 +118,7 @@ impl Editor for AlphaEdit {
                 .or_insert_with(|| Mat::zeros(d_ff, d_ff)) += gram;
             edit.remembered_keys.insert(layer, keys);
         }
+        edit.phases = phases.then(&edit.phases).then(&memory_phase);
         Ok(edit)
     }
 

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use super::rank_one::solve::memit_delta;
 use super::rank_one::spread::{spread_edit, MassParams, MassState};
-use super::{Edit, EditCtx, Editor};
+use super::{Edit, EditCtx, Editor, Phases};
 use crate::data::EditRequest;
 use crate::error::{Error, Result};
 use crate::model::Model;
@@ -46,17 +46,21 @@ impl Editor for Memit {
         requests: &[EditRequest],
         ctx: &EditCtx,
     ) -> Result<Edit> {
-        let (facts, groups) = self
-            .state
-            .prepare(model, requests, &self.params, ctx.seed)?;
-        let covariances = self.state.covariances(model, &self.params)?;
+        let mut phases = Phases::default();
+        let (facts, groups) = phases.time("templates", || {
+            self.state.prepare(model, requests, &self.params, ctx.seed)
+        })?;
+        let covariances =
+            phases.time("statistics", || self.state.covariances(model, &self.params))?;
         let lambda = self.params.mom2_update_weight;
-        spread_edit(
+        let mut edit = spread_edit(
             model,
             &facts,
             &groups,
             &self.params,
             &mut |i, _, keys, resid| memit_delta(keys, resid, &covariances[i], lambda),
-        )
+        )?;
+        edit.phases = phases.then(&edit.phases);
+        Ok(edit)
     }
 }

@@ -62,6 +62,52 @@ pub struct Edit {
     pub changes: Vec<WeightChange>,
     /// Keys `[n, d_ff]` per layer that the editor added to its memory for this edit (AlphaEdit).
     pub remembered_keys: BTreeMap<usize, Tensor>,
+    /// Where the edit's time went, for `kedit apply` and the benchmarks.
+    pub phases: Phases,
+}
+
+/// Seconds spent in each phase of an edit (summed over layers and facts), in the order the phases
+/// first ran.
+#[derive(Debug, Clone, Default)]
+pub struct Phases(Vec<(&'static str, f64)>);
+
+impl Phases {
+    pub fn add(&mut self, phase: &'static str, seconds: f64) {
+        match self.0.iter_mut().find(|(name, _)| *name == phase) {
+            Some((_, total)) => *total += seconds,
+            None => self.0.push((phase, seconds)),
+        }
+    }
+
+    /// Runs `work`, counting its time to `phase`.
+    pub fn time<T>(&mut self, phase: &'static str, work: impl FnOnce() -> Result<T>) -> Result<T> {
+        let start = std::time::Instant::now();
+        let out = work();
+        self.add(phase, start.elapsed().as_secs_f64());
+        out
+    }
+
+    /// Phases that ran before, then these (for phases an editor times outside its core).
+    pub fn then(mut self, later: &Phases) -> Phases {
+        for &(phase, seconds) in &later.0 {
+            self.add(phase, seconds);
+        }
+        self
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, f64)> + '_ {
+        self.0.iter().copied()
+    }
+}
+
+impl std::fmt::Display for Phases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (phase, seconds)) in self.0.iter().enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            write!(f, "{sep}{phase} {seconds:.2} s")?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -157,5 +203,29 @@ impl Edit {
             changes,
             ..Edit::default()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Phases;
+
+    #[test]
+    fn phases_sum_by_name_in_the_order_they_first_ran() {
+        let mut early = Phases::default();
+        early.add("templates", 1.0);
+        let mut core = Phases::default();
+        core.add("values", 2.0);
+        core.add("solve", 0.25);
+        core.add("values", 3.0);
+        let all = early.then(&core);
+        assert_eq!(
+            all.iter().collect::<Vec<_>>(),
+            [("templates", 1.0), ("values", 5.0), ("solve", 0.25)]
+        );
+        assert_eq!(
+            all.to_string(),
+            "templates 1.00 s, values 5.00 s, solve 0.25 s"
+        );
     }
 }

@@ -10,7 +10,7 @@ use super::rank_one::locate::FactToken;
 use super::rank_one::stats::CovarianceCache;
 use super::rank_one::values::{optimise_value, ValueParams};
 use super::rank_one::{keys, rewrite_weight, solve, templates, FactEdit};
-use super::{Edit, EditCtx, Editor, WeightChange};
+use super::{Edit, EditCtx, Editor, Phases, WeightChange};
 use crate::data::EditRequest;
 use crate::error::{Error, Result};
 use crate::model::{Model, Site};
@@ -122,55 +122,63 @@ impl Editor for Rome {
             )));
         };
         let fact = FactEdit::new(model, request)?;
-        let templates = self.templates(model, ctx)?;
+        let mut phases = Phases::default();
+        let templates = phases.time("templates", || self.templates(model, ctx))?;
         let p = &self.params;
         let mut changes: Vec<WeightChange> = Vec::new();
         let mut layers = p.layers.clone();
         layers.sort_unstable();
         let covariances = if p.mom2_adjustment {
-            Some(self.covariances.get(
-                model,
-                &layers,
-                p.mom2_n_samples.unwrap_or(100_000),
-                p.mom2_corpus.as_deref(),
-            )?)
+            Some(phases.time("statistics", || {
+                self.covariances.get(
+                    model,
+                    &layers,
+                    p.mom2_n_samples.unwrap_or(100_000),
+                    p.mom2_corpus.as_deref(),
+                )
+            })?)
         } else {
             None
         };
         let result = (|| -> Result<()> {
             for (layer_index, &layer) in layers.iter().enumerate() {
                 let id = rewrite_weight(model, &p.rewrite_module_tmp, layer)?;
-                let u = keys::mean_key(
-                    model,
-                    layer,
-                    &templates,
-                    &fact.prompt,
-                    &fact.subject,
-                    p.fact_token,
-                )?;
+                let u = phases.time("keys", || {
+                    keys::mean_key(
+                        model,
+                        layer,
+                        &templates,
+                        &fact.prompt,
+                        &fact.subject,
+                        p.fact_token,
+                    )
+                })?;
                 // With statistics, the key direction is C⁻¹k̄ (solved in f64; EasyEdit inverts C in f32).
                 let u = match &covariances {
                     Some(c) => solve::solve_vector(&c[layer_index], &u)?,
                     None => u,
                 };
                 let u = (&u / u.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64)?;
-                let value = optimise_value(
-                    model,
-                    &fact.prompt,
-                    &fact.subject,
-                    &fact.target_ids,
-                    &templates,
-                    &ValueParams {
-                        site: Site::MlpOut(layer),
-                        loss_layer: p.v_loss_layer,
-                        steps: p.v_num_grad_steps,
-                        lr: p.v_lr,
-                        weight_decay: p.v_weight_decay,
-                        clamp_norm_factor: p.clamp_norm_factor,
-                        kl_factor: p.kl_factor,
-                        fact_token: p.fact_token,
-                    },
-                )?;
+                let value = phases.time("values", || {
+                    optimise_value(
+                        model,
+                        &fact.prompt,
+                        &fact.subject,
+                        &fact.target_ids,
+                        &templates,
+                        &ValueParams {
+                            site: Site::MlpOut(layer),
+                            loss_layer: p.v_loss_layer,
+                            steps: p.v_num_grad_steps,
+                            lr: p.v_lr,
+                            weight_decay: p.v_weight_decay,
+                            clamp_norm_factor: p.clamp_norm_factor,
+                            kl_factor: p.kl_factor,
+                            fact_token: p.fact_token,
+                        },
+                    )
+                })?;
+                let solve_start = std::time::Instant::now();
                 let plain = keys::template_positions(
                     model,
                     &["{}".to_string()],
@@ -190,6 +198,7 @@ impl Editor for Rome {
                 let after = (&before + delta.to_dtype(before.dtype())?)?;
                 model.replace_weight(id, after.clone())?;
                 changes.push(WeightChange { id, before, after });
+                phases.add("solve", solve_start.elapsed().as_secs_f64());
             }
             Ok(())
         })();
@@ -203,6 +212,7 @@ impl Editor for Rome {
         }
         Ok(Edit {
             changes,
+            phases,
             ..Edit::default()
         })
     }

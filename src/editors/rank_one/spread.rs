@@ -13,7 +13,7 @@ use super::solve::{from_mat, to_mat};
 use super::values::{optimise_value, ValueParams};
 use super::{rewrite_weight, FactEdit};
 use crate::editors::hparams::{float, float_or_false, read_yaml};
-use crate::editors::{Edit, WeightChange};
+use crate::editors::{Edit, Phases, WeightChange};
 use crate::error::{Error, Result};
 use crate::model::{Model, Site};
 
@@ -184,26 +184,37 @@ pub fn spread_edit(
     let n_layers = model.spec().n_layers;
     let value = params.value_params(n_layers);
     let flat: Vec<String> = groups.iter().flatten().cloned().collect();
-    let targets = facts
-        .iter()
-        .map(|f| {
-            Ok(optimise_value(model, &f.prompt, &f.subject, &f.target_ids, &flat, &value)?.target)
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let mut phases = Phases::default();
+    let targets = phases.time("values", || {
+        facts
+            .iter()
+            .map(|f| {
+                Ok(
+                    optimise_value(model, &f.prompt, &f.subject, &f.target_ids, &flat, &value)?
+                        .target,
+                )
+            })
+            .collect::<Result<Vec<_>>>()
+    })?;
     let z = Tensor::stack(&targets, 0)?;
     let z_layer = *params.layers.last().expect("checked non-empty");
     let mut changes = Vec::with_capacity(params.layers.len());
     let result = (|| -> Result<()> {
         for (i, &layer) in params.layers.iter().enumerate() {
             let id = rewrite_weight(model, &params.rewrite_module_tmp, layer)?;
-            let keys = to_mat(&grouped_keys(
-                model,
-                layer,
-                facts,
-                groups,
-                params.fact_token,
-            )?)?;
-            let current = plain_residuals(model, z_layer, facts, params.fact_token)?;
+            let (keys, current) = phases.time("keys", || {
+                Ok((
+                    to_mat(&grouped_keys(
+                        model,
+                        layer,
+                        facts,
+                        groups,
+                        params.fact_token,
+                    )?)?,
+                    plain_residuals(model, z_layer, facts, params.fact_token)?,
+                ))
+            })?;
+            let solve_start = std::time::Instant::now();
             let resid = ((&z - &current)? / (params.layers.len() - i) as f64)?;
             let delta = solve(i, layer, &keys, &to_mat(&resid)?)?;
             let before = model.weight(id)?;
@@ -211,11 +222,13 @@ pub fn spread_edit(
             let after = (&before + delta)?;
             model.replace_weight(id, after.clone())?;
             changes.push(WeightChange { id, before, after });
+            phases.add("solve", solve_start.elapsed().as_secs_f64());
         }
         Ok(())
     })();
     let edit = Edit {
         changes,
+        phases,
         ..Edit::default()
     };
     if let Err(e) = result {
