@@ -138,17 +138,8 @@ impl Model {
                 "cannot generate from an empty prompt".into(),
             ));
         }
-        if prompt_ids.len() + max_new_tokens > self.spec.max_positions {
-            return Err(Error::Invalid(format!(
-                "prompt of {} tokens plus {max_new_tokens} new tokens is longer than the model's context of {} positions",
-                prompt_ids.len(),
-                self.spec.max_positions
-            )));
-        }
-        let mut rng = match sampling {
-            Sampling::TopK { seed, .. } => Some(rand::rngs::StdRng::seed_from_u64(seed)),
-            Sampling::Greedy => None,
-        };
+        self.check_room(prompt_ids.len(), max_new_tokens)?;
+        let mut chooser = Chooser::new(sampling);
         let hooks = HookSpec::new();
         let mut cache = KvCache::new(self.spec.n_layers);
         let mut next_input = Tensor::new(prompt_ids, &self.device)?.unsqueeze(0)?;
@@ -170,17 +161,12 @@ impl Model {
                 .flatten_all()?
                 .to_dtype(DType::F32)?
                 .to_vec1()?;
-            let ranked = top_k(&logits, 5.max(k_of(sampling)));
+            let ranked = top_k(&logits, 5.max(chooser.k()));
             steps.push(StepTopK {
                 ids: ranked.iter().take(5).map(|&(i, _)| i).collect(),
                 logits: ranked.iter().take(5).map(|&(_, l)| l).collect(),
             });
-            let next = match (sampling, rng.as_mut()) {
-                (Sampling::TopK { k, .. }, Some(rng)) => {
-                    sample(&ranked[..k.min(ranked.len())], rng)
-                }
-                _ => ranked[0].0,
-            };
+            let next = chooser.choose(&ranked);
             generated.push(next);
             if stop_at_eos && Some(next) == self.spec.eos_id {
                 break;
@@ -220,20 +206,8 @@ impl Model {
                 prompts.len()
             )));
         }
-        if first.len() + max_new_tokens > self.spec.max_positions {
-            return Err(Error::Invalid(format!(
-                "prompt of {} tokens plus {max_new_tokens} new tokens is longer than the model's context of {} positions",
-                first.len(),
-                self.spec.max_positions
-            )));
-        }
-        let mut rngs: Vec<Option<rand::rngs::StdRng>> = samplings
-            .iter()
-            .map(|s| match s {
-                Sampling::TopK { seed, .. } => Some(rand::rngs::StdRng::seed_from_u64(*seed)),
-                Sampling::Greedy => None,
-            })
-            .collect();
+        self.check_room(first.len(), max_new_tokens)?;
+        let mut choosers: Vec<Chooser> = samplings.iter().map(|&s| Chooser::new(s)).collect();
         let b = prompts.len();
         let mut cache = KvCache::new(self.spec.n_layers);
         let mut input = Tensor::new(prompts.concat(), &self.device)?.reshape((b, first.len()))?;
@@ -249,17 +223,11 @@ impl Model {
                 Some(&last),
             )?;
             let logits: Vec<Vec<f32>> = out.logits.to_dtype(DType::F32)?.to_vec2()?;
-            let mut next = Vec::with_capacity(b);
-            for (r, row) in logits.iter().enumerate() {
-                let sampling = samplings[r];
-                let ranked = top_k(row, k_of(sampling));
-                next.push(match (sampling, rngs[r].as_mut()) {
-                    (Sampling::TopK { k, .. }, Some(rng)) => {
-                        sample(&ranked[..k.min(ranked.len())], rng)
-                    }
-                    _ => ranked[0].0,
-                });
-            }
+            let next: Vec<u32> = logits
+                .iter()
+                .zip(&mut choosers)
+                .map(|(row, chooser)| chooser.choose(&top_k(row, chooser.k())))
+                .collect();
             for (row, &id) in generated.iter_mut().zip(&next) {
                 row.push(id);
             }
@@ -277,10 +245,48 @@ impl Model {
     }
 }
 
-fn k_of(sampling: Sampling) -> usize {
-    match sampling {
-        Sampling::Greedy => 1,
-        Sampling::TopK { k, .. } => k.max(1),
+impl Model {
+    fn check_room(&self, prompt_len: usize, max_new_tokens: usize) -> Result<()> {
+        if prompt_len + max_new_tokens > self.spec.max_positions {
+            return Err(Error::Invalid(format!(
+                "prompt of {prompt_len} tokens plus {max_new_tokens} new tokens is longer than the model's context of {} positions",
+                self.spec.max_positions
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// One sequence's choice of next token: greedy, or seeded top-k sampling with its own stream.
+struct Chooser {
+    sampling: Sampling,
+    rng: Option<rand::rngs::StdRng>,
+}
+
+impl Chooser {
+    fn new(sampling: Sampling) -> Self {
+        let rng = match sampling {
+            Sampling::TopK { seed, .. } => Some(rand::rngs::StdRng::seed_from_u64(seed)),
+            Sampling::Greedy => None,
+        };
+        Self { sampling, rng }
+    }
+
+    /// How many of the best candidates the choice looks at.
+    fn k(&self) -> usize {
+        match self.sampling {
+            Sampling::Greedy => 1,
+            Sampling::TopK { k, .. } => k.max(1),
+        }
+    }
+
+    /// Picks from `ranked` (best first, at least `self.k()` long where the vocabulary allows).
+    fn choose(&mut self, ranked: &[(u32, f32)]) -> u32 {
+        let k = self.k().min(ranked.len());
+        match self.rng.as_mut() {
+            Some(rng) => sample(&ranked[..k], rng),
+            None => ranked[0].0,
+        }
     }
 }
 
