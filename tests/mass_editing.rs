@@ -105,6 +105,7 @@ fn memit_writes_a_batch_of_ten_facts_at_once() {
         .apply(&mut model, &requests, &EditCtx::default())
         .unwrap();
     assert_eq!(edit.changes.len(), 5, "one down projection per layer");
+    assert_eq!(edit.value_fits.len(), 10, "one target vector per fact");
     let success = rewritten(&model, &requests);
     let locality = kept(&model, &requests, &before);
     eprintln!("MEMIT batch of 10: rewritten {success}, locality {locality}");

@@ -211,6 +211,16 @@ fn rome_with_statistics_writes_along_the_inverse_covariance_of_the_key() {
         phases.iter().all(|p| p.1 >= 0.0) && total <= wall,
         "{phases:?} in {wall} s"
     );
+    // One value optimisation (one fact, one layer): it stops early only below EasyEdit's loss
+    // floor of 5e-2, else it runs all 25 steps.
+    let fits = &edit.value_fits;
+    assert_eq!(fits.len(), 1, "{fits:?}");
+    assert!(
+        (1..=25).contains(&fits[0].steps)
+            && fits[0].loss.is_finite()
+            && (fits[0].steps == 25 || fits[0].loss < 5e-2),
+        "{fits:?}"
+    );
 
     let delta = (&edit.changes[0].after - &edit.changes[0].before).unwrap();
     // ΔW = w uᵀ: nothing of ΔW is left once its component along u is taken out.

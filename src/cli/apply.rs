@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use super::ModelArgs;
 use crate::data::{read_dataset, EditRequest, PromptSet};
+use crate::editors::rank_one::values::ValueFit;
 use crate::editors::{build_editor, default_hparams, Edit, EditCtx};
 use crate::eval::runner::{measure_after, measure_before, CaseResult, Protocol, RunOptions};
 use crate::eval::sentiment::SentimentProtocol;
@@ -92,6 +93,8 @@ struct Report<'a> {
     generation_after: String,
     /// Seconds per phase of the edit (template sampling, value optimisation, ...).
     phases: BTreeMap<&'static str, f64>,
+    /// How each target-vector optimisation ended (locate-then-edit methods).
+    value_fits: &'a [ValueFit],
 }
 
 fn pairs(what: &str, prompts: &[String], answers: &[String]) -> anyhow::Result<Option<PromptSet>> {
@@ -214,6 +217,7 @@ pub fn run(args: ApplyArgs) -> anyhow::Result<ExitCode> {
             generation_before,
             generation_after,
             phases: edit.phases.iter().collect(),
+            value_fits: &edit.value_fits,
         };
         serde_json::to_writer_pretty(&mut out, &report)?;
         writeln!(out)?;
@@ -226,6 +230,13 @@ pub fn run(args: ApplyArgs) -> anyhow::Result<ExitCode> {
         )?;
         if edit.phases.iter().next().is_some() {
             writeln!(out, "time: {}", edit.phases)?;
+        }
+        for fit in &edit.value_fits {
+            writeln!(
+                out,
+                "value fit: {} steps, final loss {:.4}",
+                fit.steps, fit.loss
+            )?;
         }
         write!(out, "{}", summary.table())?;
         writeln!(out, "before: {}{}", request.prompt, generation_before)?;

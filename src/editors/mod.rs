@@ -64,6 +64,9 @@ pub struct Edit {
     pub remembered_keys: BTreeMap<usize, Tensor>,
     /// Where the edit's time went, for `kedit apply` and the benchmarks.
     pub phases: Phases,
+    /// How each target-vector optimisation ended (locate-then-edit methods; one per fact and layer
+    /// optimised), so a user can tell a converged edit from one that ran out of steps.
+    pub value_fits: Vec<rank_one::values::ValueFit>,
 }
 
 /// Seconds spent in each phase of an edit (summed over layers and facts), in the order the phases

@@ -128,6 +128,7 @@ impl Editor for Rome {
         let mut changes: Vec<WeightChange> = Vec::new();
         let mut layers = p.layers.clone();
         layers.sort_unstable();
+        let mut value_fits = Vec::with_capacity(layers.len());
         let covariances = if p.mom2_adjustment {
             Some(phases.time("statistics", || {
                 self.covariances.get(
@@ -178,6 +179,7 @@ impl Editor for Rome {
                         },
                     )
                 })?;
+                value_fits.push(value.fit);
                 let solve_start = std::time::Instant::now();
                 let plain = keys::template_positions(
                     model,
@@ -213,6 +215,7 @@ impl Editor for Rome {
         Ok(Edit {
             changes,
             phases,
+            value_fits,
             ..Edit::default()
         })
     }

@@ -185,17 +185,13 @@ pub fn spread_edit(
     let value = params.value_params(n_layers);
     let flat: Vec<String> = groups.iter().flatten().cloned().collect();
     let mut phases = Phases::default();
-    let targets = phases.time("values", || {
+    let values = phases.time("values", || {
         facts
             .iter()
-            .map(|f| {
-                Ok(
-                    optimise_value(model, &f.prompt, &f.subject, &f.target_ids, &flat, &value)?
-                        .target,
-                )
-            })
+            .map(|f| optimise_value(model, &f.prompt, &f.subject, &f.target_ids, &flat, &value))
             .collect::<Result<Vec<_>>>()
     })?;
+    let targets: Vec<Tensor> = values.iter().map(|v| v.target.clone()).collect();
     let z = Tensor::stack(&targets, 0)?;
     let z_layer = *params.layers.last().expect("checked non-empty");
     let mut changes = Vec::with_capacity(params.layers.len());
@@ -229,6 +225,7 @@ pub fn spread_edit(
     let edit = Edit {
         changes,
         phases,
+        value_fits: values.iter().map(|v| v.fit).collect(),
         ..Edit::default()
     };
     if let Err(e) = result {

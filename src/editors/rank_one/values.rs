@@ -3,6 +3,7 @@
 //! in every context template while keeping what it says about the subject in general.
 
 use candle_core::{DType, Tensor, Var};
+use serde::Serialize;
 
 use super::keys::template_positions;
 use super::locate::FactToken;
@@ -33,7 +34,15 @@ pub struct TargetValue {
     pub target: Tensor,
     pub m0: Tensor,
     pub delta: Tensor,
-    /// The loss at the last iteration.
+    /// How the optimisation ended.
+    pub fit: ValueFit,
+}
+
+/// How one target-vector optimisation ended: the forward passes it ran (the last one only scores,
+/// so an early stop at step `s` reports `s + 1`) and the loss at the last of them.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct ValueFit {
+    pub steps: usize,
     pub loss: f64,
 }
 
@@ -126,7 +135,9 @@ pub fn optimise_value(
         }
         None => None,
     };
+    let mut steps = 0;
     for it in 0..params.steps {
+        steps = it + 1;
         let mut hooks = HookSpec::new();
         if let Some((l, resid)) = &prefix {
             hooks = hooks.resume_after(*l, resid.clone());
@@ -204,7 +215,10 @@ pub fn optimise_value(
         target: (&m0 + &delta)?,
         m0,
         delta,
-        loss: last_loss,
+        fit: ValueFit {
+            steps,
+            loss: last_loss,
+        },
     })
 }
 
