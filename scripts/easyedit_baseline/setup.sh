@@ -4,7 +4,8 @@
 # easyeditor 0.0.1.dev0 (Oct 2023) unpacked without its ~25 pinned dependencies, which ROME does not
 # use. That release hard-codes `cuda:{device}` in ROME; the one change made to it is to put those
 # tensors on the CPU. Also writes SmolLM2 as a float32 Hugging Face folder (transformers dequantises
-# the GGUF), the model EasyEdit loads. About 4 GB of downloads; not part of CI.
+# the GGUF), the model EasyEdit loads. The environment takes 5.3 GB on disk (PyTorch and its nvidia
+# wheels), the model folder 0.5 GB; not part of CI.
 #   usage: scripts/easyedit_baseline/setup.sh [DIR]   (default /tmp/easyedit-baseline)
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
