@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the EasyEdit baseline that kedit's speed is compared with: a virtual environment with
 # PyTorch (PyPI's wheel; it runs on the CPU), transformers, and EasyEdit's PyPI release
-# easyeditor 0.0.1.dev0 (Oct 2023) unpacked without its ~25 pinned dependencies, which ROME does not
+# easyeditor 0.0.1.dev0 (Oct 2023) unpacked without its 24 pinned dependencies, which ROME does not
 # use. That release hard-codes `cuda:{device}` in ROME; the one change made to it is to put those
 # tensors on the CPU. Also writes SmolLM2 as a float32 Hugging Face folder (transformers dequantises
 # the GGUF), the model EasyEdit loads. The environment takes 5.3 GB on disk (PyTorch and its nvidia
