@@ -66,6 +66,32 @@ fn an_interrupted_eval_resumes_to_the_same_file() {
         results_without_time(&resumed),
         results_without_time(&full_text)
     );
+
+    // A run made another way may not continue the file: the field that differs is named.
+    let other = tmp.path().join("other.yaml");
+    let text = std::fs::read_to_string(&hparams).unwrap();
+    std::fs::write(&other, text.replace("num_steps: ", "num_steps: 1\n# was: ")).unwrap();
+    let mut args = eval_args(&other, "3", &["--quiet", "--out", full.to_str().unwrap()]);
+    args.push("--resume".into());
+    assert_one_line_error(&kedit(&args), &["full.jsonl", "hparams_sha256"]);
+    let out = kedit(&eval_args(
+        &hparams,
+        "3",
+        &[
+            "--quiet",
+            "--resume",
+            "--seed",
+            "7",
+            "--out",
+            full.to_str().unwrap(),
+        ],
+    ));
+    assert_one_line_error(&out, &["seed was 42, this run has 7"]);
+    assert_eq!(
+        std::fs::read_to_string(&full).unwrap(),
+        full_text,
+        "a refused resume wrote"
+    );
 }
 
 #[test]

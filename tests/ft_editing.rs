@@ -9,8 +9,9 @@ use std::path::Path;
 use common::*;
 use kedit::data::read_dataset;
 use kedit::editors::{build_editor, EditCtx};
-use kedit::eval::runner::{run_cases, CaseResult, Observer, Protocol, RunOptions};
-use kedit::eval::summary::summarize;
+use kedit::eval::case::CaseResult;
+use kedit::report::summary::summarize;
+use kedit::run::{run_cases, Observer, Protocol, RunOptions};
 
 struct Collect(Vec<CaseResult>);
 
@@ -40,6 +41,7 @@ fn run_ft(
         cases,
         &BTreeSet::new(),
         &opts,
+        &EditCtx::default(),
         &mut results,
     )
     .unwrap();
@@ -185,7 +187,7 @@ fn a_bf16_model_trains_an_f32_master_copy() {
                 &EditCtx::default(),
             )
             .unwrap();
-        let change = &edit.changes[0];
+        let change = &edit.weight_changes().next().unwrap();
         assert_eq!(
             change.after.dtype(),
             dtype,

@@ -165,7 +165,10 @@ fn convsent_compares_with_the_unedited_model_only_when_corrected() {
         .apply(
             &mut model,
             std::slice::from_ref(&request),
-            &EditCtx { seed: 0 },
+            &EditCtx {
+                seed: 0,
+                ..EditCtx::default()
+            },
         )
         .unwrap();
     let fixed = score(&model, &probe, corrected, Some(&before)).unwrap();
@@ -216,7 +219,7 @@ fn chat_templates_render_as_transformers_renders_them() {
 
 #[test]
 fn use_chat_template_wraps_scored_prompts_but_not_locality() {
-    use kedit::eval::runner::{measure_after, measure_before, RunOptions};
+    use kedit::eval::case::{measure_after, measure_before, MeasureOptions};
     let model = smollm2();
     let mut r = request("The capital of France is", "Paris");
     r.rephrase_prompt = Some("France's capital city is".into());
@@ -227,9 +230,9 @@ fn use_chat_template_wraps_scored_prompts_but_not_locality() {
             ground_truth: vec!["Rome".into()],
         },
     );
-    let opts = RunOptions {
+    let opts = MeasureOptions {
         chat_template: true,
-        ..RunOptions::default()
+        ..MeasureOptions::default()
     };
     let templated = measure_before(&model, &r, &opts).unwrap();
     let case = measure_after(&model, 0, &r, templated, 0.0, &opts).unwrap();
@@ -245,8 +248,8 @@ fn use_chat_template_wraps_scored_prompts_but_not_locality() {
     assert_eq!(case.pre.rewrite_acc, want.rewrite_acc);
     assert_eq!(case.pre.rephrase_acc, want.rephrase_acc);
     assert_eq!(case.pre.locality, want.locality);
-    let plain = measure_before(&model, &r, &RunOptions::default()).unwrap();
-    let plain = measure_after(&model, 0, &r, plain, 0.0, &RunOptions::default()).unwrap();
+    let plain = measure_before(&model, &r, &MeasureOptions::default()).unwrap();
+    let plain = measure_after(&model, 0, &r, plain, 0.0, &MeasureOptions::default()).unwrap();
     assert_eq!(
         case.pre.locality, plain.pre.locality,
         "locality is never templated"
@@ -256,7 +259,7 @@ fn use_chat_template_wraps_scored_prompts_but_not_locality() {
         "the request itself is reported unchanged"
     );
     // perplexity tells the two prompts apart for sure
-    let ppl = |opts: &RunOptions| {
+    let ppl = |opts: &MeasureOptions| {
         let before = measure_before(&model, &r, opts).unwrap();
         measure_after(&model, 0, &r, before, 0.0, opts)
             .unwrap()
@@ -264,10 +267,10 @@ fn use_chat_template_wraps_scored_prompts_but_not_locality() {
             .rewrite_ppl
             .unwrap()
     };
-    let ppl_opts = |chat_template| RunOptions {
+    let ppl_opts = |chat_template| MeasureOptions {
         chat_template,
         scoring: Scoring::Perplexity,
-        ..RunOptions::default()
+        ..MeasureOptions::default()
     };
     let templated_ppl = ppl(&ppl_opts(true));
     assert_ne!(templated_ppl, ppl(&ppl_opts(false)));

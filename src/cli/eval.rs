@@ -1,26 +1,30 @@
 use std::collections::BTreeSet;
-use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::{Args, ValueEnum};
 
-use super::ModelArgs;
+use super::{ModelArgs, StoreArgs};
 use crate::data::{read_dataset, Format};
 use crate::editors::{build_editor, default_hparams, EditCtx};
-use crate::eval::runner::{run_cases, CaseResult, Observer, Protocol, RunOptions};
+use crate::eval::case::{CaseResult, MeasureOptions};
 use crate::eval::sentiment::SentimentProtocol;
-use crate::eval::summary::summarize;
 use crate::eval::Scoring;
+use crate::report::jsonl::{file_sha256, ResultsSink, RunRecord};
+use crate::report::summary::summarize;
+use crate::run::sanitation::{self, SanitationObserver, SanitationOptions};
+use crate::run::{run_cases, Observer, Protocol, RunOptions};
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Editing method: FT-L, FT-M (FT takes the objective from the hparams file)
-    #[arg(long)]
+    #[command(flatten)]
+    stores: StoreArgs,
+    /// Editing method (FT takes FT-L or FT-M from the hparams file)
+    #[arg(long, value_parser = super::editor_parser())]
     editor: String,
     /// EasyEdit hyperparameter YAML (default: hparams/<METHOD>/<model>.yaml for known models)
     #[arg(long)]
@@ -108,75 +112,51 @@ enum SequentialArg {
     End,
 }
 
-/// One JSON line, written in one call and flushed: an interrupted run leaves whole lines (and at
-/// worst one partial last line, which --resume drops).
-fn write_line(out: &mut dyn Write, value: &impl serde::Serialize) -> crate::Result<()> {
-    let mut line = serde_json::to_string(value)
-        .map_err(|e| crate::Error::Invalid(format!("cannot serialise a result: {e}")))?;
-    line.push('\n');
-    out.write_all(line.as_bytes())
-        .and_then(|_| out.flush())
-        .map_err(|e| crate::Error::io("results", e))
-}
-
+/// Streams each case to the results sink and keeps it for the summary.
 struct Sink {
-    out: Box<dyn Write>,
+    out: ResultsSink,
     results: Vec<CaseResult>,
     bar: Option<indicatif::ProgressBar>,
 }
 
 impl Observer for Sink {
     fn case_done(&mut self, result: CaseResult) -> crate::Result<()> {
-        write_line(self.out.as_mut(), &result)?;
+        self.out.write(&result)?;
         self.results.push(result);
         Ok(())
     }
 
     fn progress(&mut self, stage: &'static str, done: usize, total: usize) {
-        if let Some(bar) = &self.bar {
-            bar.set_length(total as u64);
-            bar.set_position(done as u64);
-            bar.set_message(stage);
-        }
+        show_progress(self.bar.as_ref(), stage, done, total);
     }
 }
 
-/// Reads the cases an earlier run wrote, dropping a partial last line (an interrupted write).
-fn read_previous(path: &Path) -> anyhow::Result<Vec<CaseResult>> {
-    let file = File::open(path).with_context(|| format!("{}", path.display()))?;
-    let mut results = Vec::new();
-    let mut good_bytes = 0u64;
-    let mut reader = BufReader::new(file);
-    let mut line = String::new();
-    let mut n = 0;
-    loop {
-        line.clear();
-        let read = reader.read_line(&mut line)?;
-        if read == 0 {
-            break;
-        }
-        n += 1;
-        if !line.ends_with('\n') {
-            break;
-        }
-        let result: CaseResult = serde_json::from_str(&line)
-            .with_context(|| format!("{} line {n}: not a kedit result", path.display()))?;
-        results.push(result);
-        good_bytes += read as u64;
+fn show_progress(
+    bar: Option<&indicatif::ProgressBar>,
+    stage: &'static str,
+    done: usize,
+    total: usize,
+) {
+    if let Some(bar) = bar {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+        bar.set_message(stage);
     }
-    let file = OpenOptions::new().write(true).open(path)?;
-    file.set_len(good_bytes)?;
-    Ok(results)
 }
 
-fn open_results(path: &Path) -> anyhow::Result<Box<dyn Write>> {
-    Ok(Box::new(
-        OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .with_context(|| format!("{}", path.display()))?,
-    ))
+struct SanitationSink {
+    out: ResultsSink,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl SanitationObserver for SanitationSink {
+    fn case_done(&mut self, case: &crate::eval::sanitation::SanitationCase) -> crate::Result<()> {
+        self.out.write(case)
+    }
+
+    fn progress(&mut self, stage: &'static str, done: usize, total: usize) {
+        show_progress(self.bar.as_ref(), stage, done, total);
+    }
 }
 
 fn progress_bar(args: &EvalArgs, len: usize) -> Option<indicatif::ProgressBar> {
@@ -196,47 +176,34 @@ fn progress_bar(args: &EvalArgs, len: usize) -> Option<indicatif::ProgressBar> {
 /// it is not resumable: an interrupted run is started again.
 fn run_sanitation(
     args: &EvalArgs,
-    cases: Vec<(usize, crate::data::EditRequest)>,
+    run: Run<'_>,
     locality: &crate::data::PromptSet,
-    model: &mut crate::model::Model,
-    editor: &mut dyn crate::editors::Editor,
-    hparams: &Path,
+    record: RunRecord,
 ) -> anyhow::Result<ExitCode> {
-    use crate::eval::sanitation::{self, SanitationOptions};
-    let mut out: Box<dyn Write> = match &args.out {
+    let out = match &args.out {
         Some(path) => {
-            if path.exists() && std::fs::metadata(path)?.len() > 0 {
+            if args.resume {
                 bail!(
-                    "{} already holds results, and a Sanitation run cannot be resumed (its edits are judged together); choose another --out",
+                    "{}: a Sanitation run cannot be resumed (its edits are judged together); start it again with another --out",
                     path.display()
                 );
             }
-            open_results(path)?
+            ResultsSink::create(path, record)?
         }
-        None => Box::new(std::io::stdout()),
+        None => ResultsSink::stdout(record),
     };
-    let bar = progress_bar(args, cases.len() + locality.prompt.len());
+    let mut sink = SanitationSink {
+        out,
+        bar: progress_bar(args, run.cases.len() + locality.prompt.len()),
+    };
     let opts = SanitationOptions {
         batch_size: args.batch_size,
         fluency_seed: args.fluency.then_some(args.seed),
-        ctx: EditCtx { seed: args.seed },
     };
     let summary = sanitation::run(
-        model,
-        editor,
-        &cases,
-        locality,
-        &opts,
-        &mut |case| write_line(out.as_mut(), case),
-        &mut |stage, done, total| {
-            if let Some(bar) = &bar {
-                bar.set_length(total as u64);
-                bar.set_position(done as u64);
-                bar.set_message(stage);
-            }
-        },
+        run.model, run.editor, &run.cases, locality, &opts, &run.ctx, &mut sink,
     )?;
-    if let Some(bar) = &bar {
+    if let Some(bar) = &sink.bar {
         bar.finish_and_clear();
     }
     if args.json {
@@ -246,13 +213,22 @@ fn run_sanitation(
     } else if !args.quiet {
         eprint!(
             "{} on {} ({}), Sanitation protocol\n{}",
-            editor.name(),
+            run.editor.name(),
             args.data.display(),
-            hparams.display(),
+            run.hparams.display(),
             summary.table()
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What one evaluation runs on.
+struct Run<'a> {
+    model: &'a mut crate::model::Model,
+    editor: &'a mut dyn crate::editors::Editor,
+    cases: Vec<(usize, crate::data::EditRequest)>,
+    ctx: EditCtx,
+    hparams: &'a Path,
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
@@ -284,32 +260,64 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let mut model = args.model.load()?;
     let hparams = match &args.hparams {
         Some(p) => p.clone(),
-        None => default_hparams(&args.editor, model.spec())?,
+        None => {
+            let found = default_hparams(&args.editor, model.spec(), &super::hparams_roots())?;
+            if !args.quiet {
+                eprintln!("kedit: using {}", found.display());
+            }
+            found
+        }
     };
     let mut editor = build_editor(&args.editor, &hparams)?;
+    let protocol = match args.sequential {
+        None => Protocol::Single,
+        Some(SequentialArg::Each) => Protocol::SequentialEvalEach,
+        Some(SequentialArg::End) => Protocol::SequentialEvalAtEnd,
+    };
+    let chat_template =
+        args.chat_template || crate::editors::hparams::wants_chat_template(&hparams)?;
+    let record = RunRecord {
+        editor: args.editor.clone(),
+        hparams_sha256: file_sha256(&hparams)?,
+        data_sha256: file_sha256(&args.data)?,
+        model: model.fingerprint()?,
+        seed: args.seed,
+        protocol: if shared_locality.is_some() {
+            "sanitation".into()
+        } else {
+            protocol.name().into()
+        },
+        batch_size: args.batch_size,
+        metric: format!("{:?}", args.metric.scoring(args.gen_em_leading_space)),
+        fluency: args.fluency,
+        chat_template,
+        convsent_corrected: args.convsent_corrected,
+        kedit_version: env!("CARGO_PKG_VERSION").into(),
+    };
+    let ctx = args.stores.ctx(args.seed);
     if let Some(locality) = &shared_locality {
-        return run_sanitation(
-            &args,
+        let run = Run {
+            model: &mut model,
+            editor: editor.as_mut(),
             cases,
-            locality,
-            &mut model,
-            editor.as_mut(),
-            &hparams,
-        );
+            ctx,
+            hparams: &hparams,
+        };
+        return run_sanitation(&args, run, locality, record);
     }
 
-    let mut previous = Vec::new();
-    let out: Box<dyn Write> = match &args.out {
-        Some(path) => {
-            if path.exists() && std::fs::metadata(path)?.len() > 0 {
-                if !args.resume {
-                    bail!("{} already holds results; pass --resume to continue it or choose another --out", path.display());
+    let (out, previous) = match &args.out {
+        Some(path) if args.resume => {
+            let (sink, previous, warnings) = ResultsSink::resume(path, record)?;
+            if !args.quiet {
+                for warning in warnings {
+                    eprintln!("{warning}");
                 }
-                previous = read_previous(path)?;
             }
-            open_results(path)?
+            (sink, previous)
         }
-        None => Box::new(std::io::stdout()),
+        Some(path) => (ResultsSink::create(path, record)?, Vec::new()),
+        None => (ResultsSink::stdout(record), Vec::new()),
     };
     let done: BTreeSet<usize> = previous.iter().map(|r| r.case_id).collect();
     let bar = progress_bar(&args, cases.len());
@@ -320,23 +328,27 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     };
     let opts = RunOptions {
         batch_size: args.batch_size,
-        scoring: args.metric.scoring(args.gen_em_leading_space),
-        fluency_seed: args.fluency.then_some(args.seed),
-        protocol: match args.sequential {
-            None => Protocol::Single,
-            Some(SequentialArg::Each) => Protocol::SequentialEvalEach,
-            Some(SequentialArg::End) => Protocol::SequentialEvalAtEnd,
+        protocol,
+        measure: MeasureOptions {
+            scoring: args.metric.scoring(args.gen_em_leading_space),
+            fluency_seed: args.fluency.then_some(args.seed),
+            sentiment: if args.convsent_corrected {
+                SentimentProtocol::Corrected
+            } else {
+                SentimentProtocol::AsPublished
+            },
+            chat_template,
         },
-        sentiment: if args.convsent_corrected {
-            SentimentProtocol::Corrected
-        } else {
-            SentimentProtocol::AsPublished
-        },
-        chat_template: args.chat_template
-            || crate::editors::hparams::wants_chat_template(&hparams)?,
-        ctx: EditCtx { seed: args.seed },
     };
-    run_cases(&mut model, editor.as_mut(), &cases, &done, &opts, &mut sink)?;
+    run_cases(
+        &mut model,
+        editor.as_mut(),
+        &cases,
+        &done,
+        &opts,
+        &ctx,
+        &mut sink,
+    )?;
     if let Some(bar) = &sink.bar {
         bar.finish_and_clear();
     }

@@ -3,11 +3,10 @@
 //! agreement, fluency by n-gram entropy.
 
 pub mod accuracy;
+pub mod case;
 pub mod fluency;
-pub mod runner;
 pub mod sanitation;
 pub mod sentiment;
-pub mod summary;
 pub mod word_tokenize;
 
 use std::collections::BTreeMap;
@@ -59,7 +58,8 @@ impl Scoring {
         }
     }
 
-    fn meta(self, section: &str) -> MetricMeta {
+    /// The `metric_meta` entry of `section` (`rewrite`, `rephrase`) under this scoring.
+    pub fn meta(self, section: &str) -> MetricMeta {
         let (protocol, scorer, group) = self.tag();
         let perplexity = self == Scoring::Perplexity;
         MetricMeta {

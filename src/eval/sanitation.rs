@@ -11,8 +11,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::data::{EditRequest, PromptSet};
-use crate::editors::{Edit, EditCtx, Editor};
+use crate::data::EditRequest;
 use crate::error::Result;
 use crate::model::{Model, Sampling};
 
@@ -51,12 +50,6 @@ pub struct SanitationSummary {
     pub edit_seconds: f64,
 }
 
-pub struct SanitationOptions {
-    pub batch_size: usize,
-    pub fluency_seed: Option<u64>,
-    pub ctx: EditCtx,
-}
-
 /// The greedy answer to `prompt`: the prompt followed by up to [`ANSWER_TOKENS`] generated tokens.
 pub fn answer(model: &Model, prompt: &str) -> Result<String> {
     let ids = model.encode_with_special_tokens(prompt)?;
@@ -84,94 +77,44 @@ fn continuation<'a>(generation: &'a str, prompt: &str) -> &'a str {
     generation.strip_prefix(prompt).unwrap_or(generation)
 }
 
-/// Runs the protocol: answers before, all edits kept, answers after; the edits are undone before
-/// returning, so `model` is left as it came. `on_case` sees each case as soon as it is scored.
-pub fn run(
-    model: &mut Model,
-    editor: &mut dyn Editor,
-    cases: &[(usize, EditRequest)],
-    locality: &PromptSet,
-    opts: &SanitationOptions,
-    on_case: &mut dyn FnMut(&SanitationCase) -> Result<()>,
-    progress: &mut dyn FnMut(&'static str, usize, usize),
-) -> Result<SanitationSummary> {
-    let total = cases.len() + locality.prompt.len();
-    let mut before_cases = Vec::with_capacity(cases.len());
-    for (n, (_, r)) in cases.iter().enumerate() {
-        before_cases.push(answer(model, &r.prompt)?);
-        progress("pre", n + 1, total);
-    }
-    let mut before_locality = Vec::with_capacity(locality.prompt.len());
-    for (n, p) in locality.prompt.iter().enumerate() {
-        before_locality.push(answer(model, p)?);
-        progress("pre", cases.len() + n + 1, total);
-    }
+/// An edited question judged after the edits, against its answer before them.
+pub fn judge_case(
+    model: &Model,
+    case_id: usize,
+    request: &EditRequest,
+    pre: String,
+) -> Result<SanitationCase> {
+    let post = answer(model, &request.prompt)?;
+    Ok(SanitationCase {
+        case_id,
+        requested_rewrite: request.clone(),
+        pre: Answer {
+            hit: contains_target(&pre, &request.target_new),
+            generation: pre,
+        },
+        post: Answer {
+            hit: contains_target(&post, &request.target_new),
+            generation: post,
+        },
+    })
+}
 
-    let mut edits: Vec<Edit> = Vec::new();
-    let start = std::time::Instant::now();
-    let batch = opts.batch_size.clamp(1, editor.max_batch().max(1));
-    let result = (|| -> Result<SanitationSummary> {
-        for (n, chunk) in cases.chunks(batch).enumerate() {
-            let requests: Vec<EditRequest> = chunk.iter().map(|(_, r)| r.clone()).collect();
-            edits.push(editor.apply(model, &requests, &opts.ctx)?);
-            progress("edit", ((n + 1) * batch).min(cases.len()), cases.len());
-        }
-        let edit_seconds = start.elapsed().as_secs_f64();
+/// The locality score of one question: the agreement of the edited model's answer with the
+/// unedited one's (`pre`), token by token.
+pub fn locality_score(model: &Model, prompt: &str, pre: &str) -> Result<f64> {
+    let post = answer(model, prompt)?;
+    let reference = model.encode_with_special_tokens(continuation(pre, prompt))?;
+    let generated = model.encode_with_special_tokens(continuation(&post, prompt))?;
+    Ok(token_agreement(&generated, &reference))
+}
 
-        let mut hits = (0usize, 0usize);
-        for (n, ((case_id, r), pre)) in cases.iter().zip(before_cases).enumerate() {
-            let post = answer(model, &r.prompt)?;
-            let case = SanitationCase {
-                case_id: *case_id,
-                requested_rewrite: r.clone(),
-                pre: Answer {
-                    hit: contains_target(&pre, &r.target_new),
-                    generation: pre,
-                },
-                post: Answer {
-                    hit: contains_target(&post, &r.target_new),
-                    generation: post,
-                },
-            };
-            hits.0 += usize::from(case.pre.hit);
-            hits.1 += usize::from(case.post.hit);
-            on_case(&case)?;
-            progress("post", n + 1, total);
-        }
-        let mut scores = Vec::with_capacity(locality.prompt.len());
-        for (n, (p, pre)) in locality.prompt.iter().zip(&before_locality).enumerate() {
-            let post = answer(model, p)?;
-            let reference = model.encode_with_special_tokens(continuation(pre, p))?;
-            let generated = model.encode_with_special_tokens(continuation(&post, p))?;
-            scores.push(token_agreement(&generated, &reference));
-            progress("post", cases.len() + n + 1, total);
-        }
-        let finite: Vec<f64> = scores.into_iter().filter(|s| s.is_finite()).collect();
-        let fluency = match opts.fluency_seed {
-            Some(seed) => {
-                let mut sum = 0.0;
-                for p in &locality.prompt {
-                    sum += super::fluency::fluency(model, p, seed)?.ngram_entropy;
-                }
-                Some(100.0 * sum / locality.prompt.len().max(1) as f64)
-            }
-            None => None,
-        };
-        let pct = |k: usize| 100.0 * k as f64 / cases.len().max(1) as f64;
-        Ok(SanitationSummary {
-            cases: cases.len(),
-            edit_success_pre: pct(hits.0),
-            edit_success_post: pct(hits.1),
-            locality: 100.0 * finite.iter().sum::<f64>() / finite.len().max(1) as f64,
-            locality_questions: finite.len(),
-            fluency,
-            edit_seconds,
-        })
-    })();
-    for edit in edits.into_iter().rev() {
-        editor.undo(model, &edit)?;
+/// ×100 mean n-gram entropy of samples from `prompts`.
+pub fn mean_fluency(model: &Model, prompts: &[String], seed: u64) -> Result<f64> {
+    let mut sum = 0.0;
+    for p in prompts {
+        sum += super::fluency::fluency(model, p, seed)?.ngram_entropy;
     }
-    result
+    Ok(100.0 * sum / prompts.len().max(1) as f64)
 }
 
 impl SanitationSummary {

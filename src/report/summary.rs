@@ -4,8 +4,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
-use super::runner::CaseResult;
-use super::{LocalityEntry, PhaseMetrics};
+use crate::eval::case::CaseResult;
+use crate::eval::{LocalityEntry, PhaseMetrics};
 
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct PhaseSummary {

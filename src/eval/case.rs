@@ -1,0 +1,114 @@
+//! The metrics of one case: what the unedited model gives ([`measure_before`]), and after an edit
+//! the post-edit metrics completed with what needs both phases ([`measure_after`]). Which edits
+//! run between the two is the business of the protocol loops in `crate::run`.
+
+use serde::{Deserialize, Serialize};
+
+use super::sentiment::{self, SentimentBaseline, SentimentProtocol};
+use super::{evaluate_with, finalize_locality, Fluency, PhaseMetrics, Scoring};
+use crate::data::EditRequest;
+use crate::error::Result;
+use crate::model::Model;
+
+/// One case's result, with EasyEdit's keys in EasyEdit's order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CaseResult {
+    pub pre: PhaseMetrics,
+    /// The record's index in the data file.
+    pub case_id: usize,
+    pub requested_rewrite: EditRequest,
+    pub post: PhaseMetrics,
+    /// Seconds the edit (of this case's batch) took.
+    pub time: f64,
+    /// ConvSent's sentiment edit success (SPEC-eval §2.8), after the edit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub es: Option<f64>,
+    /// ConvSent's drawdown: KL divergence on another topic's opinions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dd: Option<f64>,
+    /// ConvSent's fluency, sampled from the edited model on a question about the topic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fluency: Option<Fluency>,
+}
+
+/// How the metrics of a case are taken.
+#[derive(Debug, Clone, Default)]
+pub struct MeasureOptions {
+    pub scoring: Scoring,
+    /// Measure fluency too, sampling with this seed (the same for pre and post).
+    pub fluency_seed: Option<u64>,
+    /// How ConvSent's `es` and `dd` are computed.
+    pub sentiment: SentimentProtocol,
+    /// Wrap rewrite, rephrase and portability prompts in the model's chat template (EasyEdit's
+    /// `use_chat_template`; locality prompts and fluency stay plain, as there).
+    pub chat_template: bool,
+}
+
+/// One phase's metrics of a request, fluency included when asked for.
+fn measure(model: &Model, request: &EditRequest, opts: &MeasureOptions) -> Result<PhaseMetrics> {
+    let mut metrics = if opts.chat_template {
+        evaluate_with(model, &super::chat_templated(model, request)?, opts.scoring)?
+    } else {
+        evaluate_with(model, request, opts.scoring)?
+    };
+    if let Some(seed) = opts.fluency_seed {
+        metrics.fluency = Some(super::fluency::fluency(model, &request.prompt, seed)?);
+    }
+    Ok(metrics)
+}
+
+/// What the unedited model gives for a case, kept until its post-edit evaluation.
+pub struct Before {
+    metrics: PhaseMetrics,
+    sentiment: Option<SentimentBaseline>,
+}
+
+pub fn measure_before(
+    model: &Model,
+    request: &EditRequest,
+    opts: &MeasureOptions,
+) -> Result<Before> {
+    let sentiment = match (&request.sentiment, opts.sentiment) {
+        (Some(probe), SentimentProtocol::Corrected) => {
+            Some(sentiment::baseline(model, probe, opts.sentiment)?)
+        }
+        _ => None,
+    };
+    Ok(Before {
+        metrics: measure(model, request, opts)?,
+        sentiment,
+    })
+}
+
+/// The post-edit metrics of a case, completed with what needs both phases.
+pub fn measure_after(
+    model: &Model,
+    case_id: usize,
+    request: &EditRequest,
+    before: Before,
+    time: f64,
+    opts: &MeasureOptions,
+) -> Result<CaseResult> {
+    let pre = before.metrics;
+    let mut post = measure(model, request, opts)?;
+    finalize_locality(&pre, &mut post)?;
+    let mut result = CaseResult {
+        pre,
+        case_id,
+        requested_rewrite: request.clone(),
+        post,
+        time,
+        es: None,
+        dd: None,
+        fluency: None,
+    };
+    if let Some(probe) = &request.sentiment {
+        let scores = sentiment::score(model, probe, opts.sentiment, before.sentiment.as_ref())?;
+        result.es = Some(scores.es);
+        result.dd = Some(scores.dd);
+        if let Some(seed) = opts.fluency_seed {
+            result.fluency = Some(super::fluency::fluency(model, &probe.inner_q, seed)?);
+        }
+    }
+    Ok(result)
+}

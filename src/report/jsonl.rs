@@ -1,0 +1,274 @@
+//! Results as JSON lines, one per case with EasyEdit's keys, streamed to disk as each case ends.
+//!
+//! Beside a results file `R` lies `R.run.json`, the [`RunRecord`] of the settings that made it,
+//! so that `--resume` continues only a run made the same way. The record is a sidecar rather than
+//! a header line so that every line of `R` stays a case, as EasyEdit's analysis scripts read it.
+//! Neither file exists until the first case is written: a run that fails before it leaves nothing.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::eval::case::CaseResult;
+
+/// The settings a run's numbers depend on. Two runs with equal records may share a results file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub editor: String,
+    /// sha256 of the hyperparameter file's bytes (its path may differ between machines).
+    pub hparams_sha256: String,
+    pub data_sha256: String,
+    /// The model's fingerprint (architecture and a sample of every weight).
+    pub model: String,
+    pub seed: u64,
+    pub protocol: String,
+    pub batch_size: usize,
+    pub metric: String,
+    pub fluency: bool,
+    pub chat_template: bool,
+    pub convsent_corrected: bool,
+    /// Informational: which kedit wrote the file (not compared).
+    pub kedit_version: String,
+}
+
+impl RunRecord {
+    /// The first field in which `self` (the file's) and `now` (this run's) differ, as a message.
+    pub fn difference(&self, now: &RunRecord) -> Option<String> {
+        let (Ok(serde_json::Value::Object(was)), Ok(serde_json::Value::Object(is))) =
+            (serde_json::to_value(self), serde_json::to_value(now))
+        else {
+            return Some("the run records cannot be compared".into());
+        };
+        was.iter()
+            .filter(|(k, _)| k.as_str() != "kedit_version")
+            .find(|(k, v)| is.get(k.as_str()) != Some(v))
+            .map(|(k, v)| {
+                let now = is.get(k.as_str()).cloned().unwrap_or_default();
+                format!("{k} was {v}, this run has {now}")
+            })
+    }
+}
+
+/// sha256 of a file's bytes, hex.
+pub fn file_sha256(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    Ok(Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// `R.run.json` for results file `R`.
+pub fn record_path(results: &Path) -> PathBuf {
+    let mut name = results.as_os_str().to_owned();
+    name.push(".run.json");
+    PathBuf::from(name)
+}
+
+/// Where results go: a file (created with its record at the first case) or standard output.
+pub struct ResultsSink {
+    target: Target,
+    record: RunRecord,
+}
+
+enum Target {
+    Stdout,
+    File { path: PathBuf, open: Option<File> },
+}
+
+impl ResultsSink {
+    pub fn stdout(record: RunRecord) -> Self {
+        ResultsSink {
+            target: Target::Stdout,
+            record,
+        }
+    }
+
+    /// A new results file. One that already holds results is refused: nothing is overwritten.
+    pub fn create(path: &Path, record: RunRecord) -> Result<Self> {
+        if path.exists()
+            && std::fs::metadata(path)
+                .map_err(|e| Error::io(path, e))?
+                .len()
+                > 0
+        {
+            return Err(Error::file(
+                path,
+                "already holds results; pass --resume to continue it or choose another --out",
+            ));
+        }
+        Ok(ResultsSink {
+            target: Target::File {
+                path: path.to_path_buf(),
+                open: None,
+            },
+            record,
+        })
+    }
+
+    /// Continues a results file: the cases it holds (a partial last line, an interrupted write,
+    /// is dropped), after checking that its run record matches this run's. A file without a
+    /// record (written by kedit before records existed) is continued with a warning.
+    pub fn resume(path: &Path, record: RunRecord) -> Result<(Self, Vec<CaseResult>, Vec<String>)> {
+        let mut warnings = Vec::new();
+        if !path.exists() {
+            return Ok((Self::create(path, record)?, Vec::new(), warnings));
+        }
+        let sidecar = record_path(path);
+        match std::fs::read_to_string(&sidecar) {
+            Ok(text) => {
+                let was: RunRecord = serde_json::from_str(&text)
+                    .map_err(|e| Error::file(&sidecar, format!("not a kedit run record: {e}")))?;
+                if let Some(diff) = was.difference(&record) {
+                    return Err(Error::file(
+                        path,
+                        format!("cannot --resume: it was written by another run ({diff})"),
+                    ));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => warnings.push(format!(
+                "warning: {} has no run record ({}); its settings cannot be checked against this run's",
+                path.display(),
+                sidecar.display()
+            )),
+            Err(e) => return Err(Error::io(&sidecar, e)),
+        }
+        let previous = read_results(path)?;
+        let file = OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map_err(|e| Error::io(path, e))?;
+        let sink = ResultsSink {
+            target: Target::File {
+                path: path.to_path_buf(),
+                open: Some(file),
+            },
+            record,
+        };
+        Ok((sink, previous, warnings))
+    }
+
+    /// Writes one case as one line in one call and flushes it.
+    pub fn write(&mut self, result: &impl Serialize) -> Result<()> {
+        let mut line = serde_json::to_string(result)
+            .map_err(|e| Error::Invalid(format!("cannot serialise a result: {e}")))?;
+        line.push('\n');
+        match &mut self.target {
+            Target::Stdout => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(line.as_bytes())
+                    .and_then(|_| out.flush())
+                    .map_err(|e| Error::io("standard output", e))
+            }
+            Target::File { path, open } => {
+                if open.is_none() {
+                    *open = Some(start_file(path, &self.record)?);
+                }
+                let file = open
+                    .as_mut()
+                    .ok_or_else(|| Error::io(path.as_path(), std::io::Error::other("not open")))?;
+                file.write_all(line.as_bytes())
+                    .and_then(|_| file.flush())
+                    .map_err(|e| Error::io(path.as_path(), e))
+            }
+        }
+    }
+}
+
+/// Creates the results file and writes its record beside it (through a temporary file).
+fn start_file(path: &Path, record: &RunRecord) -> Result<File> {
+    let sidecar = record_path(path);
+    let text = serde_json::to_string_pretty(record)
+        .map_err(|e| Error::Invalid(format!("cannot serialise the run record: {e}")))?;
+    crate::report::write_atomically(&sidecar, text.as_bytes())?;
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| Error::io(path, e))
+}
+
+/// Reads the cases of a results file and truncates it after the last whole line.
+fn read_results(path: &Path) -> Result<Vec<CaseResult>> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut results = Vec::new();
+    let mut good_bytes = 0u64;
+    let mut reader = BufReader::new(file);
+    let mut line = String::new();
+    let mut n = 0;
+    loop {
+        line.clear();
+        let read = reader
+            .read_line(&mut line)
+            .map_err(|e| Error::io(path, e))?;
+        if read == 0 {
+            break;
+        }
+        n += 1;
+        if !line.ends_with('\n') {
+            break;
+        }
+        let result: CaseResult = serde_json::from_str(&line)
+            .map_err(|e| Error::file(path, format!("line {n}: not a kedit result: {e}")))?;
+        results.push(result);
+        good_bytes += read as u64;
+    }
+    let file = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    file.set_len(good_bytes).map_err(|e| Error::io(path, e))?;
+    Ok(results)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> RunRecord {
+        RunRecord {
+            editor: "ROME".into(),
+            hparams_sha256: "aa".into(),
+            data_sha256: "bb".into(),
+            model: "cc".into(),
+            seed: 42,
+            protocol: "single".into(),
+            batch_size: 1,
+            metric: "token".into(),
+            fluency: false,
+            chat_template: false,
+            convsent_corrected: false,
+            kedit_version: "0.1.0".into(),
+        }
+    }
+
+    #[test]
+    fn records_differ_by_the_first_changed_field_but_not_the_version() {
+        let a = record();
+        let mut b = record();
+        b.kedit_version = "9.9.9".into();
+        assert_eq!(a.difference(&b), None);
+        b.hparams_sha256 = "zz".into();
+        assert_eq!(
+            a.difference(&b).as_deref(),
+            Some("hparams_sha256 was \"aa\", this run has \"zz\"")
+        );
+    }
+
+    #[test]
+    fn a_sink_that_writes_nothing_leaves_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.jsonl");
+        let sink = ResultsSink::create(&path, record()).unwrap();
+        drop(sink);
+        assert!(!path.exists() && !record_path(&path).exists());
+        let mut sink = ResultsSink::create(&path, record()).unwrap();
+        sink.write(&serde_json::json!({"case_id": 0})).unwrap();
+        assert!(path.exists() && record_path(&path).exists());
+        assert!(ResultsSink::create(&path, record()).is_err());
+    }
+}
