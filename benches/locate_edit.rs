@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use kedit::data::EditRequest;
-use kedit::editors::rank_one::stats::{second_moments, Corpus, StatsOptions};
+use kedit::editors::rank_one::stats::{second_moments, Corpus, StatsStore};
 use kedit::editors::{build_editor, EditCtx, Editor};
 use kedit::model::Model;
 
@@ -35,6 +35,7 @@ fn bench(c: &mut Criterion) {
                 "ROME",
                 &root.join("hparams/ROME/smollm2-135m.yaml"),
                 &requests[..1],
+                &ctx,
             )
         });
         b.iter(|| {
@@ -49,7 +50,7 @@ fn bench(c: &mut Criterion) {
     group.bench_function("memit_batch_of_10", |b| {
         let memit = memit.get_or_insert_with(|| {
             let file = root.join("tests/fixtures/hparams/memit-smollm2-test.yaml");
-            warmed(&mut model, "MEMIT", &file, &requests[..1])
+            warmed(&mut model, "MEMIT", &file, &requests[..1], &ctx)
         });
         b.iter(|| {
             memit
@@ -64,7 +65,7 @@ fn bench(c: &mut Criterion) {
     group.bench_function("alphaedit_edit", |b| {
         let alpha = alpha.get_or_insert_with(|| {
             let file = root.join("tests/fixtures/hparams/alphaedit-smollm2-test.yaml");
-            warmed(&mut model, "AlphaEdit", &file, &requests[..1])
+            warmed(&mut model, "AlphaEdit", &file, &requests[..1], &ctx)
         });
         b.iter(|| {
             let edit = alpha.apply(&mut model, &requests[1..2], &ctx).unwrap();
@@ -75,9 +76,9 @@ fn bench(c: &mut Criterion) {
     // Statistics of one layer over 2 articles, recomputed every time (fresh cache folder).
     let corpus = Corpus::builtin();
     let tmp = std::env::temp_dir().join("kedit-bench-stats");
-    let mut stats_opts = StatsOptions::new(2);
+    let mut stats_opts = StatsStore::in_memory().options(2).unwrap();
     let tokens = {
-        stats_opts.cache_dir = tmp.join("probe");
+        stats_opts.cache_dir = Some(tmp.join("probe"));
         let m = second_moments(&model, &[5], &corpus, &stats_opts, &mut |_, _| {}).unwrap();
         m[0].tokens
     };
@@ -86,7 +87,7 @@ fn bench(c: &mut Criterion) {
     group.bench_function("stats_layer_5_tokens", |b| {
         b.iter(|| {
             run += 1;
-            stats_opts.cache_dir = tmp.join(format!("run{run}"));
+            stats_opts.cache_dir = Some(tmp.join(format!("run{run}")));
             second_moments(&model, &[5], &corpus, &stats_opts, &mut |_, _| {}).unwrap()
         })
     });
@@ -100,9 +101,10 @@ fn warmed(
     method: &str,
     hparams: &Path,
     requests: &[EditRequest],
+    ctx: &EditCtx,
 ) -> Box<dyn Editor> {
     let mut editor = build_editor(method, hparams).unwrap();
-    let edit = editor.apply(model, requests, &EditCtx::default()).unwrap();
+    let edit = editor.apply(model, requests, ctx).unwrap();
     editor.undo(model, &edit).unwrap();
     editor
 }

@@ -3,8 +3,6 @@
 
 use std::path::PathBuf;
 
-use crate::model::{Site, WeightId};
-
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -22,21 +20,36 @@ pub enum Error {
     Tokenizer(String),
     #[error("{what} is not supported: {why}")]
     Unsupported { what: String, why: String },
+    /// A weight the model does not hold, by its display name (`layers.5.mlp.down`).
     #[error("model has no weight {0}")]
-    UnknownWeight(WeightId),
+    UnknownWeight(String),
+    /// A hook site the forward pass was not asked to capture, by its display name.
     #[error("site {0} was not captured in this forward pass")]
-    MissingCapture(Site),
+    MissingCapture(String),
     #[error("{0}")]
     Invalid(String),
 }
 
 impl From<candle_core::Error> for Error {
-    /// Drops the backtrace candle attaches when `RUST_BACKTRACE` is set: errors are one line.
+    /// Drops every backtrace candle attaches when `RUST_BACKTRACE` is set, however deep inside
+    /// its context and path wrappers: a user sees one line, never a stack.
     fn from(e: candle_core::Error) -> Self {
-        match e {
-            candle_core::Error::WithBacktrace { inner, .. } => Error::from(*inner),
-            other => Error::Candle(other),
+        Error::Candle(without_backtraces(e))
+    }
+}
+
+fn without_backtraces(e: candle_core::Error) -> candle_core::Error {
+    use candle_core::Error as C;
+    match e {
+        C::WithBacktrace { inner, .. } => without_backtraces(*inner),
+        C::Context { inner, context } => {
+            C::Msg(format!("{context}: {}", without_backtraces(*inner)))
         }
+        C::WithPath { inner, path } => C::WithPath {
+            inner: Box::new(without_backtraces(*inner)),
+            path,
+        },
+        other => other,
     }
 }
 
@@ -57,3 +70,22 @@ impl Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candle_errors_lose_their_backtraces_at_any_depth() {
+        let bt = |inner: candle_core::Error| candle_core::Error::WithBacktrace {
+            inner: Box::new(inner),
+            backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+        };
+        let nested = bt(candle_core::Error::Context {
+            inner: Box::new(bt(candle_core::Error::Msg("unexpected end of file".into()))),
+            context: Box::new("reading tensor"),
+        });
+        let message = Error::from(nested).to_string();
+        assert_eq!(message, "reading tensor: unexpected end of file");
+    }
+}

@@ -148,8 +148,15 @@ fn truncated_gguf_is_a_one_line_error() {
     for (name, keep) in [("header.gguf", 4096), ("tensors.gguf", 20 << 20)] {
         let p = tmp.path().join(name);
         std::fs::write(&p, &data[..keep]).unwrap();
-        let out = kedit(&["inspect", "-m", p.to_str().unwrap()]);
+        let out = kedit_with_backtraces(&["inspect", "-m", p.to_str().unwrap()]);
         assert_one_line_error(&out, &[name]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !stderr.contains("backtrace")
+                && !stderr.contains("candle_core::")
+                && stderr.len() < 400,
+            "a backtrace in the message: {stderr}"
+        );
     }
 }
 

@@ -105,7 +105,10 @@ fn memit_writes_a_batch_of_ten_facts_at_once() {
         .apply(&mut model, &requests, &EditCtx::default())
         .unwrap();
     assert_eq!(edit.changes.len(), 5, "one down projection per layer");
-    assert_eq!(edit.value_fits.len(), 10, "one target vector per fact");
+    let fits = edit
+        .report_as::<kedit::editors::rank_one::values::ValueReport>()
+        .unwrap();
+    assert_eq!(fits.value_fits.len(), 10, "one target vector per fact");
     let success = rewritten(&model, &requests);
     let locality = kept(&model, &requests, &before);
     eprintln!("MEMIT batch of 10: rewritten {success}, locality {locality}");
@@ -169,7 +172,7 @@ fn an_undone_alphaedit_edit_leaves_nothing_in_the_key_memory() {
             &EditCtx::default(),
         )
         .unwrap();
-    for (a, b) in first.changes.iter().zip(&second.changes) {
+    for (a, b) in first.weight_changes().zip(second.weight_changes()) {
         let da = (&a.after - &a.before).unwrap();
         let db = (&b.after - &b.before).unwrap();
         let scale = da
@@ -236,7 +239,7 @@ fn alphaedit_reads_its_projector_from_p_loc() {
         )
         .unwrap();
     assert_eq!(edit.changes.len(), 1);
-    let change = &edit.changes[0];
+    let change = edit.weight_changes().next().unwrap();
     assert_eq!(max_abs_diff(&change.before, &change.after), 0.0);
 
     // A file of the wrong shape is refused, naming it.

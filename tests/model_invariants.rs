@@ -193,6 +193,21 @@ impl kedit::model::Overlay for ShiftOverlay {
         );
         output.broadcast_add(&self.0)
     }
+
+    fn kind(&self) -> &'static str {
+        "test_shift"
+    }
+
+    fn parts(&self) -> kedit::Result<kedit::model::OverlayParts> {
+        Ok(kedit::model::OverlayParts {
+            header: serde_json::Value::Null,
+            tensors: vec![("shift".into(), self.0.clone())],
+        })
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
 }
 
 #[test]
@@ -215,7 +230,7 @@ fn overlay_acts_like_an_add_and_removing_it_restores_the_model() {
 
     let site = Site::MlpOut(1);
     assert!(model
-        .set_overlay(site, Some(Box::new(ShiftOverlay(shift))))
+        .set_overlay(site, Some(std::sync::Arc::new(ShiftOverlay(shift))))
         .unwrap()
         .is_none());
     assert!(model.overlay(site).is_some());

@@ -7,10 +7,8 @@ use candle_core::{IndexOp, D};
 use common::*;
 use kedit::data::read_dataset;
 use kedit::editors::rank_one::keys::mean_key;
-use kedit::editors::rank_one::locate::{
-    fact_token, fact_token_by_counts, with_placeholder, FactToken,
-};
 use kedit::editors::{build_editor, EditCtx};
+use kedit::model::subject::{fact_token, fact_token_by_counts, with_placeholder, FactToken};
 
 fn next_token_top(model: &kedit::model::Model, prompt: &str) -> (u32, candle_core::Tensor) {
     let ids = model.encode(prompt).unwrap();
@@ -73,7 +71,7 @@ fn rome_matches_easyedit_left_and_right_vectors() {
             )
             .unwrap();
         assert_eq!(edit.changes.len(), 1);
-        let change = &edit.changes[0];
+        let change = edit.weight_changes().next().unwrap();
         assert_eq!(
             model.checkpoint_name(change.id).unwrap(),
             case["weight"].as_str().unwrap()
@@ -154,7 +152,7 @@ fn fact_token_from_offsets_agrees_with_easyedits_token_counts() {
 #[test]
 fn rome_with_statistics_writes_along_the_inverse_covariance_of_the_key() {
     use kedit::editors::rank_one::solve::{solve_vector, to_mat};
-    use kedit::editors::rank_one::stats::{second_moments, Corpus, StatsOptions};
+    use kedit::editors::rank_one::stats::{second_moments, Corpus, StatsStore};
     let mut model = smollm2();
     let data = read_dataset(&fixture("data/counterfact_easyedit_edit.json"), None).unwrap();
     let request = &data.cases[0].1;
@@ -173,7 +171,7 @@ fn rome_with_statistics_writes_along_the_inverse_covariance_of_the_key() {
         &model,
         &[5],
         &Corpus::builtin(),
-        &StatsOptions::new(4),
+        &StatsStore::in_memory().options(4).unwrap(),
         &mut |_, _| {},
     )
     .unwrap();
@@ -213,7 +211,10 @@ fn rome_with_statistics_writes_along_the_inverse_covariance_of_the_key() {
     );
     // One value optimisation (one fact, one layer): it stops early only below EasyEdit's loss
     // floor of 5e-2, else it runs all 25 steps.
-    let fits = &edit.value_fits;
+    let fits = &edit
+        .report_as::<kedit::editors::rank_one::values::ValueReport>()
+        .unwrap()
+        .value_fits;
     assert_eq!(fits.len(), 1, "{fits:?}");
     assert!(
         (1..=25).contains(&fits[0].steps)
@@ -222,7 +223,8 @@ fn rome_with_statistics_writes_along_the_inverse_covariance_of_the_key() {
         "{fits:?}"
     );
 
-    let delta = (&edit.changes[0].after - &edit.changes[0].before).unwrap();
+    let change = edit.weight_changes().next().unwrap();
+    let delta = (&change.after - &change.before).unwrap();
     // ΔW = w uᵀ: nothing of ΔW is left once its component along u is taken out.
     let w = delta.matmul(&u.unsqueeze(1).unwrap()).unwrap();
     let rest = (&delta - w.matmul(&u.unsqueeze(0).unwrap()).unwrap()).unwrap();

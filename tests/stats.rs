@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use kedit::editors::rank_one::keys::activations_at;
-use kedit::editors::rank_one::stats::{second_moments, Corpus, StatsOptions};
+use kedit::editors::rank_one::stats::{second_moments, Corpus, StatsStore};
 use kedit::model::Site;
 
 #[test]
@@ -24,9 +24,9 @@ fn second_moment_equals_the_mean_outer_product_of_every_key() {
     std::fs::write(&corpus_path, lines.join("\n")).unwrap();
     let corpus = Corpus::from_file(&corpus_path).unwrap();
     let model = tiny_gpt2();
-    let mut opts = StatsOptions::new(100);
-    opts.cache_dir = tmp.path().join("cache");
-    opts.context = 8; // long texts become several windows
+    let mut store = StatsStore::on_disk(tmp.path().join("cache"));
+    store.context = 8; // long texts become several windows
+    let opts = store.options(100).unwrap();
     let layer = 1;
     let got = second_moments(&model, &[layer], &corpus, &opts, &mut |_, _| {}).unwrap();
     assert!(got[0].computed);

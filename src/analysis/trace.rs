@@ -8,8 +8,8 @@ use candle_core::{DType, Tensor, D};
 use rand::{RngExt, SeedableRng};
 use serde::Serialize;
 
-use crate::editors::rank_one::locate::{fact_token, FactToken};
 use crate::error::{Error, Result};
+use crate::model::subject::{fact_token, FactToken};
 use crate::model::{HookSpec, Intervention, Model, Site, TokenBatch};
 
 #[derive(Debug, Clone)]
@@ -215,9 +215,12 @@ pub fn causal_trace(
         .iter()
         .map(|&id| model.decode(&[id]))
         .collect::<Result<Vec<_>>>()?;
-    let attention = tables.pop().expect("three kinds");
-    let mlp = tables.pop().expect("three kinds");
-    let residual = tables.pop().expect("three kinds");
+    let (Some(attention), Some(mlp), Some(residual)) = (tables.pop(), tables.pop(), tables.pop())
+    else {
+        return Err(crate::Error::Invalid(
+            "causal tracing made fewer than three tables".into(),
+        ));
+    };
     Ok(Trace {
         prompt: prompt.to_string(),
         subject: subject.to_string(),

@@ -7,21 +7,23 @@ use anyhow::{bail, Context};
 use clap::Args;
 use serde::Serialize;
 
-use super::ModelArgs;
+use super::{ModelArgs, StoreArgs};
 use crate::data::{read_dataset, EditRequest, PromptSet};
-use crate::editors::rank_one::values::ValueFit;
-use crate::editors::{build_editor, default_hparams, Edit, EditCtx};
-use crate::eval::runner::{measure_after, measure_before, CaseResult, Protocol, RunOptions};
+use crate::editors::registry::overlay_from_parts;
+use crate::editors::{build_editor, default_hparams, patch, Edit, Patch};
+use crate::eval::case::{measure_after, measure_before, CaseResult, MeasureOptions};
 use crate::eval::sentiment::SentimentProtocol;
-use crate::eval::summary::summarize;
 use crate::model::Sampling;
+use crate::report::summary::summarize;
 
 #[derive(Args, Debug)]
 pub struct ApplyArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Editing method (FT-L, FT-M); not needed with --patch
-    #[arg(long, required_unless_present = "patch")]
+    #[command(flatten)]
+    stores: StoreArgs,
+    /// Editing method; not needed with --patch alone
+    #[arg(long, required_unless_present = "patch", value_parser = super::editor_parser())]
     editor: Option<String>,
     /// EasyEdit hyperparameter YAML (default: hparams/<METHOD>/<model>.yaml for known models)
     #[arg(long)]
@@ -54,10 +56,13 @@ pub struct ApplyArgs {
     /// Read the request from a JSON file holding one record in any supported layout
     #[arg(long, conflicts_with_all = ["prompt", "target"])]
     request: Option<PathBuf>,
-    /// Re-apply an edit saved with --save-edit instead of running an editor
-    #[arg(long, conflicts_with = "editor")]
-    patch: Option<PathBuf>,
-    /// Write the edit (the changed tensors, safetensors) here
+    /// Re-apply an edit saved with --save-edit (repeatable: patches stack in the order they were
+    /// made). With --editor, the editor then continues from the last patch's editor state, as a
+    /// sequential edit in one process would
+    #[arg(long)]
+    patch: Vec<PathBuf>,
+    /// Write the edit here (safetensors: the changed weights, overlays and the editor's state,
+    /// with a header naming the method and the model's fingerprint)
     #[arg(long)]
     save_edit: Option<PathBuf>,
     /// Tokens of greedy continuation to show before and after
@@ -66,6 +71,9 @@ pub struct ApplyArgs {
     /// Seed of the fluency sample (the same before and after the edit)
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Skip the fluency sample (100 tokens, more than a small model's context may hold)
+    #[arg(long)]
+    no_fluency: bool,
     /// ConvSent: score es/dd against the unedited model, with next-token labels and each row's
     /// own question mask (EasyEdit compares the edited model with itself, so its dd is 0)
     #[arg(long)]
@@ -93,8 +101,9 @@ struct Report<'a> {
     generation_after: String,
     /// Seconds per phase of the edit (template sampling, value optimisation, ...).
     phases: BTreeMap<&'static str, f64>,
-    /// How each target-vector optimisation ended (locate-then-edit methods).
-    value_fits: &'a [ValueFit],
+    /// The method's own report (value fits of the locate-then-edit methods, ...).
+    #[serde(flatten)]
+    method: serde_json::Map<String, serde_json::Value>,
 }
 
 fn pairs(what: &str, prompts: &[String], answers: &[String]) -> anyhow::Result<Option<PromptSet>> {
@@ -167,57 +176,101 @@ pub fn run(args: ApplyArgs) -> anyhow::Result<ExitCode> {
                 .text,
         )
     };
-    let opts = RunOptions {
-        batch_size: 1,
+    let hparams = match (&args.hparams, &args.editor) {
+        (Some(p), _) => Some(p.clone()),
+        (None, Some(editor)) => {
+            let found = default_hparams(editor, model.spec(), &super::hparams_roots())?;
+            if !args.json {
+                eprintln!("kedit: using {}", found.display());
+            }
+            Some(found)
+        }
+        (None, None) => None,
+    };
+    let opts = MeasureOptions {
         scoring: args.metric.scoring(args.gen_em_leading_space),
-        fluency_seed: Some(args.seed),
-        protocol: Protocol::Single,
+        fluency_seed: (!args.no_fluency).then_some(args.seed),
         sentiment: if args.convsent_corrected {
             SentimentProtocol::Corrected
         } else {
             SentimentProtocol::AsPublished
         },
         chat_template: args.chat_template
-            || match &args.hparams {
+            || match &hparams {
                 Some(h) => crate::editors::hparams::wants_chat_template(h)?,
                 None => false,
             },
-        ctx: EditCtx { seed: args.seed },
     };
+    let ctx = args.stores.ctx(args.seed);
+    let mut editor = match (&args.editor, &hparams) {
+        (Some(name), Some(h)) => Some(build_editor(name, h)?),
+        _ => None,
+    };
+
+    // Patches first, each checked against the model the previous one left.
+    let mut patched = Edit::default();
+    let mut state = None;
+    let mut patch_method = None;
+    for path in &args.patch {
+        let p = Patch::load(&model, path, &overlay_from_parts)?;
+        let done = p.edit.reapply(&mut model)?;
+        patched.changes.extend(done.changes);
+        patch_method = p.method().map(str::to_string).or(patch_method);
+        if p.state.is_some() {
+            state = p.state;
+        }
+    }
+    if let (Some(editor), Some(state)) = (editor.as_mut(), &state) {
+        editor
+            .restore_state(state)
+            .context("restoring the editor's state from the last --patch")?;
+    }
+
     let before = measure_before(&model, &request, &opts)?;
     let generation_before = greedy(&model)?;
+    let base_fingerprint = model.fingerprint()?;
     let start = std::time::Instant::now();
-    let (edit, name) = match (&args.patch, &args.editor) {
-        (Some(patch), _) => (
-            Edit::load(&model, patch)?.reapply(&mut model)?,
-            "patch".to_string(),
-        ),
-        (None, Some(editor)) => {
-            let hparams = match &args.hparams {
-                Some(p) => p.clone(),
-                None => default_hparams(editor, model.spec())?,
-            };
-            let mut editor = build_editor(editor, &hparams)?;
-            let edit = editor.apply(&mut model, std::slice::from_ref(&request), &opts.ctx)?;
+    let (edit, name) = match editor.as_mut() {
+        Some(editor) => {
+            let edit = editor.apply(&mut model, std::slice::from_ref(&request), &ctx)?;
             (edit, editor.name().to_string())
         }
-        (None, None) => bail!("give --editor or --patch"),
+        None => (
+            std::mem::take(&mut patched),
+            patch_method.clone().unwrap_or_else(|| "patch".into()),
+        ),
     };
     let seconds = start.elapsed().as_secs_f64();
     let case = measure_after(&model, 0, &request, before, seconds, &opts)?;
     let generation_after = greedy(&model)?;
     if let Some(path) = &args.save_edit {
-        edit.save(&model, path)
+        let editor_state = match editor.as_ref() {
+            Some(editor) => editor.state()?,
+            None => state.clone(),
+        };
+        // Patches alone are saved against the model they were made on.
+        let made_on = match editor {
+            Some(_) => base_fingerprint,
+            None => match args.patch.first() {
+                Some(first) => patch_fingerprint(first)?,
+                None => base_fingerprint,
+            },
+        };
+        patch::save(path, &model, &name, &made_on, &edit, editor_state.as_ref())
             .with_context(|| format!("saving the edit to {}", path.display()))?;
     }
     let mut out = std::io::stdout().lock();
     if args.json {
+        let method = match edit.report.as_ref().map(|r| r.to_json()) {
+            Some(serde_json::Value::Object(map)) => map,
+            _ => serde_json::Map::new(),
+        };
         let report = Report {
             case: &case,
             generation_before,
             generation_after,
             phases: edit.phases.iter().collect(),
-            value_fits: &edit.value_fits,
+            method,
         };
         serde_json::to_writer_pretty(&mut out, &report)?;
         writeln!(out)?;
@@ -231,12 +284,8 @@ pub fn run(args: ApplyArgs) -> anyhow::Result<ExitCode> {
         if edit.phases.iter().next().is_some() {
             writeln!(out, "time: {}", edit.phases)?;
         }
-        for fit in &edit.value_fits {
-            writeln!(
-                out,
-                "value fit: {} steps, final loss {:.4}",
-                fit.steps, fit.loss
-            )?;
+        for line in edit.report.iter().flat_map(|r| r.lines()) {
+            writeln!(out, "{line}")?;
         }
         write!(out, "{}", summary.table())?;
         writeln!(out, "before: {}{}", request.prompt, generation_before)?;
@@ -246,4 +295,18 @@ pub fn run(args: ApplyArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The fingerprint a patch file says it was made on (a headerless one: unknown, so "").
+fn patch_fingerprint(path: &std::path::Path) -> anyhow::Result<String> {
+    let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("kedit_patch"))
+        .and_then(|json| serde_json::from_str::<patch::PatchHeader>(json).ok())
+        .map(|h| h.model_fingerprint)
+        .unwrap_or_default())
 }

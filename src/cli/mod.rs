@@ -62,6 +62,70 @@ pub struct ModelArgs {
     pub tokenizer: Option<std::path::PathBuf>,
 }
 
+/// Where the stores an editor uses live; shared by the subcommands that edit.
+#[derive(Args, Debug, Clone)]
+pub struct StoreArgs {
+    /// Where key statistics are cached (default $KEDIT_CACHE/stats, else ~/.cache/kedit/stats);
+    /// `kedit stats` fills the same folder
+    #[arg(long, alias = "cache-dir")]
+    pub stats_dir: Option<std::path::PathBuf>,
+    /// Tokens per statistics window: use the statistics `kedit stats --context N` wrote
+    #[arg(long, default_value_t = 1024)]
+    pub stats_context: usize,
+}
+
+impl StoreArgs {
+    pub fn stats_store(&self) -> crate::editors::rank_one::stats::StatsStore {
+        let mut store = crate::editors::rank_one::stats::StatsStore::on_disk(
+            self.stats_dir
+                .clone()
+                .unwrap_or_else(|| cache_root().join("stats")),
+        );
+        store.context = self.stats_context;
+        store
+    }
+
+    /// The editing context for a run seeded with `seed`.
+    pub fn ctx(&self, seed: u64) -> crate::editors::EditCtx {
+        let mut ctx = crate::editors::EditCtx::with_cache_dir(seed, &cache_root());
+        ctx.stats = self.stats_store();
+        ctx
+    }
+}
+
+/// `--editor`'s values: every name the registry holds, listed in the help and in the error for
+/// any other name.
+pub fn editor_parser() -> clap::builder::PossibleValuesParser {
+    clap::builder::PossibleValuesParser::new(
+        crate::editors::registry::EDITORS
+            .iter()
+            .map(|(name, _)| *name),
+    )
+}
+
+/// kedit's cache folder: `$KEDIT_CACHE`, else `~/.cache/kedit`. The only place the library's
+/// stores are located from the environment.
+pub fn cache_root() -> std::path::PathBuf {
+    if let Some(dir) = std::env::var_os("KEDIT_CACHE").filter(|d| !d.is_empty()) {
+        return dir.into();
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| ".".into(), std::path::PathBuf::from);
+    home.join(".cache").join("kedit")
+}
+
+/// Where shipped hyperparameter files are looked for: `$KEDIT_HPARAMS`, `./hparams`, then the
+/// source tree kedit was built from.
+pub fn hparams_roots() -> Vec<std::path::PathBuf> {
+    let mut roots: Vec<std::path::PathBuf> = std::env::var_os("KEDIT_HPARAMS")
+        .filter(|d| !d.is_empty())
+        .map(Into::into)
+        .into_iter()
+        .collect();
+    roots.push("hparams".into());
+    roots.push(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("hparams"));
+    roots
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum DTypeArg {
     Auto,

@@ -6,7 +6,7 @@ use clap::Args;
 use serde::Serialize;
 
 use super::ModelArgs;
-use crate::editors::rank_one::stats::{second_moments, Corpus, StatsOptions};
+use crate::editors::rank_one::stats::{second_moments, Corpus, StatsStore};
 
 #[derive(Args, Debug)]
 pub struct StatsArgs {
@@ -25,9 +25,10 @@ pub struct StatsArgs {
     /// Tokens per window; longer articles are cut into consecutive windows
     #[arg(long, default_value_t = 1024)]
     context: usize,
-    /// Where statistics are cached (default $KEDIT_CACHE/stats or ~/.cache/kedit/stats)
-    #[arg(long)]
-    cache_dir: Option<PathBuf>,
+    /// Where statistics are cached (default $KEDIT_CACHE/stats or ~/.cache/kedit/stats); give
+    /// `eval` and `apply` the same --stats-dir and --stats-context to use them
+    #[arg(long, alias = "cache-dir")]
+    stats_dir: Option<PathBuf>,
     /// Print one JSON object per layer instead of a table
     #[arg(long)]
     json: bool,
@@ -41,7 +42,7 @@ struct LayerReport {
     layer: usize,
     tokens: u64,
     computed: bool,
-    path: PathBuf,
+    path: Option<PathBuf>,
     /// Mean of the diagonal: the average squared key entry.
     mean_square: f64,
 }
@@ -50,16 +51,21 @@ pub fn run(args: StatsArgs) -> anyhow::Result<ExitCode> {
     if args.context == 0 {
         anyhow::bail!("--context must be at least 1");
     }
+    if args.samples == 0 {
+        anyhow::bail!("--samples must be at least 1: moments over no articles are not statistics");
+    }
     let corpus = match &args.corpus {
         Some(path) => Corpus::from_file(path)?,
         None => Corpus::builtin(),
     };
     let model = args.model.load()?;
-    let mut opts = StatsOptions::new(args.samples);
-    opts.context = args.context;
-    if let Some(dir) = &args.cache_dir {
-        opts.cache_dir = dir.clone();
-    }
+    let mut store = StatsStore::on_disk(
+        args.stats_dir
+            .clone()
+            .unwrap_or_else(|| super::cache_root().join("stats")),
+    );
+    store.context = args.context;
+    let opts = store.options(args.samples)?;
     let bar = (!args.quiet && std::io::stderr().is_terminal()).then(|| {
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(
@@ -110,7 +116,10 @@ pub fn run(args: StatsArgs) -> anyhow::Result<ExitCode> {
                 } else {
                     "cached"
                 },
-                report.path.display()
+                report
+                    .path
+                    .as_deref()
+                    .map_or_else(|| "(not cached)".into(), |p| p.display().to_string())
             )?;
         }
     }

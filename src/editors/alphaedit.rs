@@ -5,11 +5,13 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use candle_core::Tensor;
 use faer::Mat;
 
 use super::rank_one::solve::{alphaedit_delta, null_space_projector, to_mat};
 use super::rank_one::spread::{grouped_keys_at_layers, spread_edit, MassParams, MassState};
-use super::{Edit, EditCtx, Editor, Phases};
+use super::rank_one::values::ValueReport;
+use super::{Edit, EditCtx, EditReport, Editor, EditorState, Phases};
 use crate::data::EditRequest;
 use crate::error::{Error, Result};
 use crate::model::Model;
@@ -22,6 +24,47 @@ pub struct AlphaEdit {
     projectors: BTreeMap<usize, Mat<f64>>,
     /// `Σ_l`: the sum of `k kᵀ` over the keys of every edit applied so far, per layer.
     memory: BTreeMap<usize, Mat<f64>>,
+    /// The keys behind `memory`, per edit in the order applied: what a saved state holds (a few
+    /// rows per edit instead of `d_ff²` per layer), and what undo takes back out.
+    remembered: Vec<Remembered>,
+    next_edit: u64,
+}
+
+/// One edit's keys `[n, d_ff]` per layer.
+#[derive(Debug, Clone)]
+struct Remembered {
+    edit: u64,
+    keys: BTreeMap<usize, Tensor>,
+}
+
+/// AlphaEdit's report of an edit: the value fits, and which entry of the key memory it added.
+#[derive(Debug)]
+pub struct AlphaEditReport {
+    pub values: ValueReport,
+    /// The memory entry this edit added (undo takes it back out).
+    pub memory_entry: u64,
+    /// Keys `[n, d_ff]` per layer that the edit added to the memory.
+    pub remembered_keys: BTreeMap<usize, Tensor>,
+}
+
+impl EditReport for AlphaEditReport {
+    fn lines(&self) -> Vec<String> {
+        let mut lines = self.values.lines();
+        let rows: usize = self.remembered_keys.values().map(|k| k.dims()[0]).sum();
+        lines.push(format!(
+            "key memory: {rows} keys added over {} layers",
+            self.remembered_keys.len()
+        ));
+        lines
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        self.values.to_json()
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
 }
 
 impl AlphaEdit {
@@ -39,6 +82,8 @@ impl AlphaEdit {
             state: MassState::default(),
             projectors: BTreeMap::new(),
             memory: BTreeMap::new(),
+            remembered: Vec::new(),
+            next_edit: 0,
         })
     }
 
@@ -67,7 +112,7 @@ impl Editor for AlphaEdit {
     ) -> Result<Edit> {
         let mut phases = Phases::default();
         let (facts, groups) = phases.time("templates", || {
-            self.state.prepare(model, requests, &self.params, ctx.seed)
+            self.state.prepare(model, requests, &self.params, ctx)
         })?;
         let d_ff = model.spec().d_mlp;
         let statistics_start = std::time::Instant::now();
@@ -79,7 +124,7 @@ impl Editor for AlphaEdit {
                 // directory alone (the covariances it derives from are cached).
                 None => self
                     .state
-                    .covariances(model, &self.params)?
+                    .covariances(model, &self.params, ctx)?
                     .iter()
                     .map(|c| null_space_projector(c, self.threshold))
                     .collect::<Result<Vec<_>>>()?,
@@ -110,24 +155,130 @@ impl Editor for AlphaEdit {
                 self.params.fact_token,
             )
         })?;
-        for (&layer, keys) in self.params.layers.iter().zip(layer_keys) {
-            let gram = gram(&keys)?;
-            *self
-                .memory
-                .entry(layer)
-                .or_insert_with(|| Mat::zeros(d_ff, d_ff)) += gram;
-            edit.remembered_keys.insert(layer, keys);
-        }
+        let entry = Remembered {
+            edit: self.next_edit,
+            keys: self.params.layers.iter().copied().zip(layer_keys).collect(),
+        };
+        self.next_edit += 1;
+        self.remember(&entry, d_ff)?;
         edit.phases = phases.then(&edit.phases).then(&memory_phase);
+        let values = edit.report_as::<ValueReport>().cloned().unwrap_or_default();
+        edit.report = Some(Box::new(AlphaEditReport {
+            values,
+            memory_entry: entry.edit,
+            remembered_keys: entry.keys.clone(),
+        }));
+        self.remembered.push(entry);
         Ok(edit)
     }
 
     fn undo(&mut self, model: &mut Model, edit: &Edit) -> Result<()> {
         edit.undo(model)?;
-        for (layer, keys) in &edit.remembered_keys {
-            if let Some(sigma) = self.memory.get_mut(layer) {
-                *sigma -= gram(keys)?;
+        let Some(report) = edit.report_as::<AlphaEditReport>() else {
+            return Ok(());
+        };
+        if let Some(at) = self
+            .remembered
+            .iter()
+            .position(|r| r.edit == report.memory_entry)
+        {
+            let entry = self.remembered.remove(at);
+            for (layer, keys) in &entry.keys {
+                if let Some(sigma) = self.memory.get_mut(layer) {
+                    *sigma -= gram(keys)?;
+                }
             }
+        }
+        Ok(())
+    }
+
+    /// The key memory as the keys of every remembered edit, stacked per layer.
+    fn state(&self) -> Result<Option<EditorState>> {
+        let mut tensors = Vec::new();
+        for &layer in &self.params.layers {
+            let rows: Vec<Tensor> = self
+                .remembered
+                .iter()
+                .filter_map(|r| r.keys.get(&layer).cloned())
+                .collect();
+            if !rows.is_empty() {
+                tensors.push((format!("keys.layer{layer}"), Tensor::cat(&rows, 0)?));
+            }
+        }
+        let rows_per_edit: Vec<usize> = self
+            .remembered
+            .iter()
+            .map(|r| r.keys.values().next().map_or(0, |k| k.dims()[0]))
+            .collect();
+        Ok(Some(EditorState {
+            header: serde_json::json!({
+                "method": "AlphaEdit",
+                "layers": self.params.layers,
+                "rows_per_edit": rows_per_edit,
+            }),
+            tensors,
+        }))
+    }
+
+    /// Rebuilds the memory edit by edit in the saved order, so `Σ` is summed as it was.
+    fn restore_state(&mut self, state: &EditorState) -> Result<()> {
+        let bad = |why: String| Error::Invalid(format!("AlphaEdit state: {why}"));
+        let layers: Vec<usize> = serde_json::from_value(state.header["layers"].clone())
+            .map_err(|e| bad(format!("layers: {e}")))?;
+        if layers != self.params.layers {
+            return Err(bad(format!(
+                "saved for layers {layers:?}, this editor edits {:?}",
+                self.params.layers
+            )));
+        }
+        let rows_per_edit: Vec<usize> =
+            serde_json::from_value(state.header["rows_per_edit"].clone())
+                .map_err(|e| bad(format!("rows_per_edit: {e}")))?;
+        let mut stacked = BTreeMap::new();
+        for &layer in &layers {
+            let name = format!("keys.layer{layer}");
+            match state.tensors.iter().find(|(n, _)| *n == name) {
+                Some((_, t)) => {
+                    stacked.insert(layer, t.clone());
+                }
+                None if rows_per_edit.iter().all(|&r| r == 0) => {}
+                None => return Err(bad(format!("no tensor {name}"))),
+            }
+        }
+        self.memory.clear();
+        self.remembered.clear();
+        let mut start = 0;
+        for &rows in &rows_per_edit {
+            let mut keys = BTreeMap::new();
+            for (&layer, all) in &stacked {
+                keys.insert(
+                    layer,
+                    all.narrow(0, start, rows).map_err(|e| bad(e.to_string()))?,
+                );
+            }
+            start += rows;
+            let d_ff = keys.values().next().map_or(0, |k| k.dims()[1]);
+            let entry = Remembered {
+                edit: self.next_edit,
+                keys,
+            };
+            self.next_edit += 1;
+            self.remember(&entry, d_ff)?;
+            self.remembered.push(entry);
+        }
+        Ok(())
+    }
+}
+
+impl AlphaEdit {
+    /// Adds an edit's keys to `Σ`.
+    fn remember(&mut self, entry: &Remembered, d_ff: usize) -> Result<()> {
+        for (&layer, keys) in &entry.keys {
+            let gram = gram(keys)?;
+            *self
+                .memory
+                .entry(layer)
+                .or_insert_with(|| Mat::zeros(d_ff, d_ff)) += gram;
         }
         Ok(())
     }
@@ -152,7 +303,7 @@ fn projectors_from_file(file: &Path, layers: &[usize], d_ff: usize) -> Result<Ve
 }
 
 /// `Kᵀ K` (`[d_ff, d_ff]`, f64) of keys `[n, d_ff]`.
-fn gram(keys: &candle_core::Tensor) -> Result<Mat<f64>> {
+fn gram(keys: &Tensor) -> Result<Mat<f64>> {
     let keys = to_mat(keys)?;
     Ok(keys.transpose() * &keys)
 }

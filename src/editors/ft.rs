@@ -219,10 +219,7 @@ impl Editor for Ft {
             });
         }
         trained?;
-        Ok(Edit {
-            changes,
-            ..Edit::default()
-        })
+        Ok(Edit::of_weights(changes))
     }
 }
 

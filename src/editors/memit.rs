@@ -48,10 +48,11 @@ impl Editor for Memit {
     ) -> Result<Edit> {
         let mut phases = Phases::default();
         let (facts, groups) = phases.time("templates", || {
-            self.state.prepare(model, requests, &self.params, ctx.seed)
+            self.state.prepare(model, requests, &self.params, ctx)
         })?;
-        let covariances =
-            phases.time("statistics", || self.state.covariances(model, &self.params))?;
+        let covariances = phases.time("statistics", || {
+            self.state.covariances(model, &self.params, ctx)
+        })?;
         let lambda = self.params.mom2_update_weight;
         let mut edit = spread_edit(
             model,

@@ -2,40 +2,32 @@
 //! A method is one file plus one line in [`registry`].
 
 mod alphaedit;
+mod ctx;
 mod ft;
 pub mod hparams;
 mod memit;
 pub mod optim;
+pub mod patch;
 pub mod rank_one;
 pub mod registry;
 mod rome;
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::any::Any;
+use std::sync::Arc;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
 use crate::data::EditRequest;
 use crate::error::{Error, Result};
-use crate::model::{Model, WeightId};
+use crate::model::{Model, Overlay, Site, WeightId};
 
 pub use alphaedit::AlphaEdit;
+pub use ctx::{ArtefactStore, EditCtx, TemplateCache};
 pub use ft::{Ft, FtParams, Objective};
 pub use memit::Memit;
+pub use patch::Patch;
 pub use registry::{build_editor, default_hparams, editor_from_hparams, EditorKind};
 pub use rome::{Rome, RomeParams};
-
-/// What an editor needs besides the model and the requests; everything EasyEdit kept in globals.
-#[derive(Debug, Clone)]
-pub struct EditCtx {
-    pub seed: u64,
-}
-
-impl Default for EditCtx {
-    fn default() -> Self {
-        Self { seed: 42 }
-    }
-}
 
 pub trait Editor {
     fn name(&self) -> &'static str;
@@ -49,24 +41,96 @@ pub trait Editor {
     fn apply(&mut self, model: &mut Model, requests: &[EditRequest], ctx: &EditCtx)
         -> Result<Edit>;
 
-    /// Takes back an edit this editor made: the weights, and what the editor remembered of it
-    /// (AlphaEdit's key memory), so that later edits are not held to facts no longer in the model.
+    /// Takes back an edit this editor made: the model's changes, and what the editor remembered of
+    /// it (AlphaEdit's key memory), so that later edits are not held to facts no longer in the model.
     fn undo(&mut self, model: &mut Model, edit: &Edit) -> Result<()> {
         edit.undo(model)
     }
+
+    /// What the editor remembers across edits (AlphaEdit's key memory, a codebook's bookkeeping),
+    /// to be saved with a patch; `None` for editors that remember nothing.
+    fn state(&self) -> Result<Option<EditorState>> {
+        Ok(None)
+    }
+
+    /// Takes back a state saved by [`Editor::state`] (of an editor of the same method), so that
+    /// an edit in a new process continues where the saved one left off.
+    fn restore_state(&mut self, _state: &EditorState) -> Result<()> {
+        Err(Error::Unsupported {
+            what: format!("restoring {} editor state", self.name()),
+            why: "this method keeps no state across edits".into(),
+        })
+    }
 }
 
-/// The weights an edit changed, before and after, by role.
+/// An editor's memory across edits as it is saved: a JSON header and named tensors.
 #[derive(Debug, Clone, Default)]
+pub struct EditorState {
+    pub header: serde_json::Value,
+    pub tensors: Vec<(String, Tensor)>,
+}
+
+/// What an edit changed, in the order it changed it: every entry undoes exactly.
+#[derive(Default)]
 pub struct Edit {
-    pub changes: Vec<WeightChange>,
-    /// Keys `[n, d_ff]` per layer that the editor added to its memory for this edit (AlphaEdit).
-    pub remembered_keys: BTreeMap<usize, Tensor>,
+    pub changes: Vec<Change>,
     /// Where the edit's time went, for `kedit apply` and the benchmarks.
     pub phases: Phases,
-    /// How each target-vector optimisation ended (locate-then-edit methods; one per fact and layer
-    /// optimised), so a user can tell a converged edit from one that ran out of steps.
-    pub value_fits: Vec<rank_one::values::ValueFit>,
+    /// The method's own account of the edit (ROME's value fits, AlphaEdit's remembered keys).
+    pub report: Option<Box<dyn EditReport>>,
+}
+
+impl std::fmt::Debug for Edit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Edit")
+            .field("changes", &self.changes)
+            .field("phases", &self.phases)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One change to the model.
+#[derive(Debug, Clone)]
+pub enum Change {
+    Weight(WeightChange),
+    Overlay(OverlayChange),
+}
+
+/// A weight, before and after (full tensors: the model's own, so no copy is made).
+#[derive(Debug, Clone)]
+pub struct WeightChange {
+    pub id: WeightId,
+    pub before: Tensor,
+    pub after: Tensor,
+}
+
+/// What was installed at an overlay site before the edit and what is installed now.
+#[derive(Clone)]
+pub struct OverlayChange {
+    pub site: Site,
+    pub before: Option<Arc<dyn Overlay>>,
+    pub after: Option<Arc<dyn Overlay>>,
+}
+
+impl std::fmt::Debug for OverlayChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = |o: &Option<Arc<dyn Overlay>>| o.as_ref().map(|o| o.kind());
+        f.debug_struct("OverlayChange")
+            .field("site", &self.site)
+            .field("before", &kind(&self.before))
+            .field("after", &kind(&self.after))
+            .finish()
+    }
+}
+
+/// A method's diagnostics of one edit: lines for `kedit apply`, JSON for `--json`, and its
+/// concrete type for the editor that made it (undo reads AlphaEdit's keys from it).
+pub trait EditReport: Send + Sync {
+    /// Human-readable lines (`value fit: 16 steps, final loss 0.0497`).
+    fn lines(&self) -> Vec<String>;
+    /// The same as JSON fields, merged into `kedit apply --json`.
+    fn to_json(&self) -> serde_json::Value;
+    fn as_any(&self) -> &dyn Any;
 }
 
 /// Seconds spent in each phase of an edit (summed over layers and facts), in the order the phases
@@ -113,97 +177,68 @@ impl std::fmt::Display for Phases {
     }
 }
 
-#[derive(Debug, Clone)]
-pub struct WeightChange {
-    pub id: WeightId,
-    pub before: Tensor,
-    pub after: Tensor,
-}
-
 impl Edit {
-    /// Puts back every weight as it was before the edit (the model's own tensors, no copy).
+    /// An edit of weight changes only.
+    pub fn of_weights(changes: Vec<WeightChange>) -> Self {
+        Edit {
+            changes: changes.into_iter().map(Change::Weight).collect(),
+            ..Edit::default()
+        }
+    }
+
+    /// The weight changes, in order.
+    pub fn weight_changes(&self) -> impl Iterator<Item = &WeightChange> {
+        self.changes.iter().filter_map(|c| match c {
+            Change::Weight(w) => Some(w),
+            Change::Overlay(_) => None,
+        })
+    }
+
+    /// The method's report as its concrete type.
+    pub fn report_as<T: 'static>(&self) -> Option<&T> {
+        self.report.as_ref()?.as_any().downcast_ref::<T>()
+    }
+
+    /// Puts back every weight and overlay as it was before the edit (the model's own tensors and
+    /// overlays, no copy), last change first.
     pub fn undo(&self, model: &mut Model) -> Result<()> {
         for change in self.changes.iter().rev() {
-            model.replace_weight(change.id, change.before.clone())?;
+            match change {
+                Change::Weight(w) => {
+                    model.replace_weight(w.id, w.before.clone())?;
+                }
+                Change::Overlay(o) => {
+                    model.set_overlay(o.site, o.before.clone())?;
+                }
+            }
         }
         Ok(())
     }
 
-    /// Applies the edit's new weights to a model (for instance a fresh one).
+    /// Makes the edit's changes on a model (for instance a fresh one); the returned edit's
+    /// `before` is what that model held.
     pub fn reapply(&self, model: &mut Model) -> Result<Edit> {
         let mut done = Vec::with_capacity(self.changes.len());
         for change in &self.changes {
-            let after = change
-                .after
-                .to_device(model.device())?
-                .to_dtype(model.dtype())?;
-            let before = model.replace_weight(change.id, after.clone())?;
-            done.push(WeightChange {
-                id: change.id,
-                before,
-                after,
+            done.push(match change {
+                Change::Weight(w) => {
+                    let after = w.after.to_device(model.device())?.to_dtype(model.dtype())?;
+                    let before = model.replace_weight(w.id, after.clone())?;
+                    Change::Weight(WeightChange {
+                        id: w.id,
+                        before,
+                        after,
+                    })
+                }
+                Change::Overlay(o) => Change::Overlay(OverlayChange {
+                    site: o.site,
+                    before: model.set_overlay(o.site, o.after.clone())?,
+                    after: o.after.clone(),
+                }),
             });
         }
         Ok(Edit {
             changes: done,
-            ..Edit::default()
-        })
-    }
-
-    /// Writes the changed tensors (after the edit) as safetensors under their checkpoint names,
-    /// through a temporary file renamed into place, so a crash never leaves a half-written file.
-    pub fn save(&self, model: &Model, path: &Path) -> Result<()> {
-        let mut tensors = HashMap::new();
-        for change in &self.changes {
-            let name = model
-                .checkpoint_name(change.id)
-                .ok_or(Error::UnknownWeight(change.id))?;
-            tensors.insert(name, change.after.to_device(&Device::Cpu)?);
-        }
-        let dir = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let tmp = dir.join(format!(
-            ".{}.partial",
-            path.file_name().and_then(|n| n.to_str()).unwrap_or("edit")
-        ));
-        candle_core::safetensors::save(&tensors, &tmp)?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
-    }
-
-    /// Reads an edit saved by [`Edit::save`] for `model` (whose current weights become `before`).
-    pub fn load(model: &Model, path: &Path) -> Result<Edit> {
-        let tensors = candle_core::safetensors::load(path, &Device::Cpu)
-            .map_err(|e| Error::file(path, format!("not a saved edit: {}", Error::from(e))))?;
-        let mut changes = Vec::with_capacity(tensors.len());
-        let mut names: Vec<&String> = tensors.keys().collect();
-        names.sort();
-        for name in names {
-            let id = model.weight_id_by_name(name).ok_or_else(|| {
-                Error::file(
-                    path,
-                    format!("tensor `{name}` is not a weight of this model"),
-                )
-            })?;
-            let before = model.weight(id)?;
-            let after = tensors[name]
-                .to_device(model.device())?
-                .to_dtype(model.dtype())?;
-            if after.dims() != before.dims() {
-                return Err(Error::file(
-                    path,
-                    format!(
-                        "tensor `{name}` has shape {:?}, the model's is {:?}",
-                        after.dims(),
-                        before.dims()
-                    ),
-                ));
-            }
-            changes.push(WeightChange { id, before, after });
-        }
-        Ok(Edit {
-            changes,
             ..Edit::default()
         })
     }

@@ -16,19 +16,55 @@ pub enum EditorKind {
     AlphaEdit,
 }
 
+/// Every name `--editor` takes, with the method it selects: the one list the CLI's help and the
+/// "not supported" error are made from.
+pub const EDITORS: &[(&str, EditorKind)] = &[
+    ("FT-L", EditorKind::Ft),
+    ("FT-M", EditorKind::Ft),
+    ("FT", EditorKind::Ft),
+    ("ROME", EditorKind::Rome),
+    ("MEMIT", EditorKind::Memit),
+    ("AlphaEdit", EditorKind::AlphaEdit),
+];
+
+/// The names `--editor` takes, comma-separated.
+pub fn editor_names() -> String {
+    EDITORS
+        .iter()
+        .map(|(name, _)| *name)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 impl EditorKind {
     /// EasyEdit's `alg_name` → method.
     pub fn from_alg_name(name: &str) -> Result<Self> {
-        match name {
-            "FT" | "FT-L" | "FT-M" => Ok(EditorKind::Ft),
-            "ROME" => Ok(EditorKind::Rome),
-            "MEMIT" => Ok(EditorKind::Memit),
-            "AlphaEdit" => Ok(EditorKind::AlphaEdit),
-            other => Err(Error::Unsupported {
-                what: format!("editing method {other:?}"),
-                why: "kedit implements FT (FT-L, FT-M), ROME, MEMIT and AlphaEdit so far".into(),
-            }),
-        }
+        EDITORS
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, kind)| *kind)
+            .ok_or_else(|| Error::Unsupported {
+                what: format!("editing method {name:?}"),
+                why: format!("kedit implements {}", editor_names()),
+            })
+    }
+}
+
+/// Rebuilds an overlay saved in a patch from its kind and parts.
+pub fn overlay_from_parts(
+    kind: &str,
+    parts: &crate::model::OverlayParts,
+    device: &candle_core::Device,
+) -> Result<std::sync::Arc<dyn crate::model::Overlay>> {
+    use crate::model::LowRankAdapter;
+    match kind {
+        LowRankAdapter::KIND => Ok(std::sync::Arc::new(LowRankAdapter::from_parts(
+            parts, device,
+        )?)),
+        other => Err(Error::Unsupported {
+            what: format!("overlay kind {other:?}"),
+            why: format!("this kedit rebuilds {}", [LowRankAdapter::KIND].join(", ")),
+        }),
     }
 }
 
@@ -77,31 +113,44 @@ pub fn build_editor(name: &str, hparams: &Path) -> Result<Box<dyn Editor>> {
     })
 }
 
-/// The shipped hyperparameter file for `name` on a known model (GPT-2 XL, LLaMA-2-7B, SmolLM2-135M),
-/// looked for in `$KEDIT_HPARAMS`, `./hparams`, then the source tree kedit was built from.
-pub fn default_hparams(name: &str, spec: &crate::model::ModelSpec) -> Result<std::path::PathBuf> {
+/// Which model the shipped files were tuned for, by its whole shape: layers, widths, heads and
+/// vocabulary (a LLaMA-3-8B has LLaMA-2-7B's depth and width, but not its MLP, KV heads or
+/// vocabulary, and must not get its file).
+fn shipped_model_name(spec: &crate::model::ModelSpec) -> Option<&'static str> {
     use crate::model::Arch;
+    let shape = (
+        spec.arch,
+        spec.n_layers,
+        spec.d_model,
+        spec.d_mlp,
+        spec.n_kv_heads,
+        spec.vocab_size,
+    );
+    match shape {
+        (Arch::Gpt2, 48, 1600, 6400, 25, 50257) => Some("gpt2-xl"),
+        (Arch::Llama, 32, 4096, 11008, 32, 32000) => Some("llama-7b"),
+        (Arch::Llama, 30, 576, 1536, 3, 49152) => Some("smollm2-135m"),
+        _ => None,
+    }
+}
+
+/// The shipped hyperparameter file for `name` on a known model (GPT-2 XL, LLaMA-2-7B,
+/// SmolLM2-135M), looked for under each of `roots` in turn.
+pub fn default_hparams(
+    name: &str,
+    spec: &crate::model::ModelSpec,
+    roots: &[std::path::PathBuf],
+) -> Result<std::path::PathBuf> {
     let kind = EditorKind::from_alg_name(name)?;
-    let model = match (spec.arch, spec.n_layers, spec.d_model) {
-        (Arch::Gpt2, 48, 1600) => "gpt2-xl",
-        (Arch::Llama, 32, 4096) => "llama-7b",
-        (Arch::Llama, 30, 576) => "smollm2-135m",
-        _ => {
-            return Err(Error::Invalid(format!(
-            "no shipped hyperparameters for this {:?} model ({} layers, width {}); pass --hparams",
-            spec.arch, spec.n_layers, spec.d_model
-        )))
-        }
-    };
-    let roots = [
-        std::env::var_os("KEDIT_HPARAMS").map(std::path::PathBuf::from),
-        Some(std::path::PathBuf::from("hparams")),
-        Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("hparams")),
-    ];
+    let model = shipped_model_name(spec).ok_or_else(|| {
+        Error::Invalid(format!(
+            "no shipped hyperparameters for this {:?} model ({} layers, width {}, MLP {}, {} KV heads, vocabulary {}); pass --hparams",
+            spec.arch, spec.n_layers, spec.d_model, spec.d_mlp, spec.n_kv_heads, spec.vocab_size
+        ))
+    })?;
     let rel = Path::new(kind.hparams_dir()).join(format!("{model}.yaml"));
     roots
-        .into_iter()
-        .flatten()
+        .iter()
         .map(|root| root.join(&rel))
         .find(|p| p.is_file())
         .ok_or_else(|| {

@@ -6,13 +6,13 @@ use std::path::Path;
 use serde::Deserialize;
 
 use super::hparams::{float, read_yaml};
-use super::rank_one::locate::FactToken;
 use super::rank_one::stats::CovarianceCache;
-use super::rank_one::values::{optimise_value, ValueParams};
+use super::rank_one::values::{optimise_value, ValueParams, ValueReport};
 use super::rank_one::{keys, rewrite_weight, solve, templates, FactEdit};
 use super::{Edit, EditCtx, Editor, Phases, WeightChange};
 use crate::data::EditRequest;
 use crate::error::{Error, Result};
+use crate::model::subject::FactToken;
 use crate::model::{Model, Site};
 
 /// EasyEdit's `ROMEHyperParams`, read from `hparams/ROME/*.yaml` unchanged.
@@ -49,8 +49,6 @@ pub struct RomeParams {
 
 pub struct Rome {
     params: RomeParams,
-    /// Sampled once per model and reused by every edit, as EasyEdit caches them per process.
-    templates: Option<(String, Vec<String>)>,
     covariances: CovarianceCache,
 }
 
@@ -68,7 +66,6 @@ impl Rome {
         }
         Ok(Rome {
             params,
-            templates: None,
             covariances: CovarianceCache::default(),
         })
     }
@@ -80,23 +77,22 @@ impl Rome {
         })
     }
 
-    fn templates(&mut self, model: &Model, ctx: &EditCtx) -> Result<Vec<String>> {
+    /// Fixed by the file, or sampled once per model, lengths and seed and shared through the
+    /// context's cache, as EasyEdit caches them per process.
+    fn templates(&self, model: &Model, ctx: &EditCtx) -> Result<Vec<String>> {
         if let Some(fixed) = &self.params.context_templates {
             return Ok(fixed.clone());
         }
-        let key = model.origin().source.clone();
-        match &self.templates {
-            Some((k, t)) if *k == key => Ok(t.clone()),
-            _ => {
-                let t = templates::rome_templates(
-                    model,
-                    &self.params.context_template_length_params,
-                    ctx.seed,
-                )?;
-                self.templates = Some((key, t.clone()));
-                Ok(t)
-            }
-        }
+        let lengths = &self.params.context_template_length_params;
+        let key = format!(
+            "rome {} {lengths:?} seed {}",
+            model.origin().source,
+            ctx.seed
+        );
+        let groups = ctx.templates.get_or_sample(&key, || {
+            Ok(vec![templates::rome_templates(model, lengths, ctx.seed)?])
+        })?;
+        Ok(groups.into_iter().flatten().collect())
     }
 }
 
@@ -136,6 +132,7 @@ impl Editor for Rome {
                     &layers,
                     p.mom2_n_samples.unwrap_or(100_000),
                     p.mom2_corpus.as_deref(),
+                    &ctx.stats,
                 )
             })?)
         } else {
@@ -204,19 +201,13 @@ impl Editor for Rome {
             }
             Ok(())
         })();
+        let mut edit = Edit::of_weights(changes);
         if let Err(e) = result {
-            Edit {
-                changes,
-                ..Edit::default()
-            }
-            .undo(model)?;
+            edit.undo(model)?;
             return Err(e);
         }
-        Ok(Edit {
-            changes,
-            phases,
-            value_fits,
-            ..Edit::default()
-        })
+        edit.phases = phases;
+        edit.report = Some(Box::new(ValueReport { value_fits }));
+        Ok(edit)
     }
 }

@@ -12,10 +12,13 @@ mod hooks;
 mod llama;
 pub mod load;
 pub mod ops;
+mod overlay;
 mod spec;
+pub mod subject;
 mod weights;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, D};
 use tokenizers::Tokenizer;
@@ -23,6 +26,7 @@ use tokenizers::Tokenizer;
 use generate::Past;
 pub use generate::{Generation, KvCache, PrefixCache, Sampling, StepTopK};
 pub use hooks::{HookSpec, Intervention, Site};
+pub use overlay::{LowRankAdapter, Overlay, OverlayInput, OverlayParts};
 pub use spec::{Activation, Arch, ModelSpec};
 pub use weights::{Module, Param, WeightId};
 
@@ -112,32 +116,10 @@ pub struct ForwardOut {
 impl ForwardOut {
     /// A captured activation, or an error if the spec did not ask for it.
     pub fn capture(&self, site: Site) -> Result<&Tensor> {
-        self.captures.get(&site).ok_or(Error::MissingCapture(site))
+        self.captures
+            .get(&site)
+            .ok_or_else(|| Error::MissingCapture(site.to_string()))
     }
-}
-
-/// What an overlay can read: the activations of its layer computed before its site.
-#[derive(Debug)]
-pub struct OverlayInput<'a> {
-    /// `[b, s, d_model]`: the residual stream entering the layer.
-    pub resid_pre: &'a Tensor,
-    /// `[b, s, d_model]`: the normalised input of the MLP (absent at `AttnOut`).
-    pub mlp_in: Option<&'a Tensor>,
-    /// `[b, s, d_mlp]`: the input of the down-projection (present at `MlpOut` and `ResidPost`).
-    pub mlp_act: Option<&'a Tensor>,
-    /// Real length of every row of this pass's tokens (right padding; with a KV cache, the new
-    /// tokens only), for overlays that key on a row's last token.
-    pub lengths: &'a [usize],
-}
-
-/// A learned addition to the model installed as a value at a site (GRACE's codebook, WISE's side
-/// memory, CaliNet's calibration neurons, LoRA adapters). It returns the activation to use
-/// instead of `output`. Overlays may sit at `AttnOut(l)`, `MlpAct(l)`, `MlpOut(l)` and `ResidPost(l)`;
-/// they run before that site's hooks, so hooks see their effect.
-pub trait Overlay: Send + Sync {
-    /// # Shapes
-    /// `output` and the result have the site's shape.
-    fn forward(&self, input: &OverlayInput<'_>, output: &Tensor) -> candle_core::Result<Tensor>;
 }
 
 /// One layer's view of [`Past`].
@@ -161,7 +143,7 @@ pub struct ModelOrigin {
 pub struct Model {
     spec: ModelSpec,
     weights: BTreeMap<WeightId, Tensor>,
-    overlays: BTreeMap<Site, Box<dyn Overlay>>,
+    overlays: BTreeMap<Site, Arc<dyn Overlay>>,
     tokenizer: Tokenizer,
     chat_template: Option<String>,
     device: Device,
@@ -196,7 +178,7 @@ impl Model {
         };
         for (id, shape) in required_weights(&spec) {
             match weights.get(&id) {
-                None => return Err(Error::UnknownWeight(id)),
+                None => return Err(Error::UnknownWeight(id.to_string())),
                 Some(w) if w.dims() != shape.as_slice() => {
                     return Err(Error::Invalid(format!(
                         "weight {id} has shape {:?}, the config implies {shape:?}",
@@ -243,6 +225,38 @@ impl Model {
         &self.origin
     }
 
+    /// A digest of the model's architecture and a strided sample of every weight: the same unedited
+    /// model always gives the same fingerprint, an edited one does not.
+    pub fn fingerprint(&self) -> Result<String> {
+        use sha2::{Digest, Sha256};
+        let spec = self.spec();
+        let mut hash = Sha256::new();
+        hash.update(format!(
+            "{:?} {} {} {} {}",
+            spec.arch, spec.n_layers, spec.d_model, spec.d_mlp, spec.vocab_size
+        ));
+        for (id, w) in self.weights() {
+            hash.update(id.to_string().as_bytes());
+            let flat = w.flatten_all()?;
+            let n = flat.dim(0)?;
+            let stride = (n / 4096).max(1);
+            let idx: Vec<u32> = (0..n).step_by(stride).map(|i| i as u32).collect();
+            let picked = flat
+                .index_select(&Tensor::new(idx.as_slice(), w.device())?, 0)?
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()?;
+            for v in picked {
+                hash.update(v.to_le_bytes());
+            }
+        }
+        Ok(hash
+            .finalize()
+            .iter()
+            .take(8)
+            .map(|b| format!("{b:02x}"))
+            .collect())
+    }
+
     /// The ids of every weight the model holds, in a stable order.
     pub fn weight_ids(&self) -> impl Iterator<Item = WeightId> + '_ {
         self.weights.keys().copied()
@@ -253,14 +267,17 @@ impl Model {
         self.weights
             .get(&self.resolve(id))
             .cloned()
-            .ok_or(Error::UnknownWeight(id))
+            .ok_or_else(|| Error::UnknownWeight(id.to_string()))
     }
 
     /// Puts `w` in place of weight `id` and returns the tensor it replaced (the undo record).
     /// `w` may be a `Var`'s tensor: gradients then flow to it through every later forward.
     pub fn replace_weight(&mut self, id: WeightId, w: Tensor) -> Result<Tensor> {
         let id = self.resolve(id);
-        let old = self.weights.get(&id).ok_or(Error::UnknownWeight(id))?;
+        let old = self
+            .weights
+            .get(&id)
+            .ok_or_else(|| Error::UnknownWeight(id.to_string()))?;
         if old.dims() != w.dims() {
             return Err(Error::Invalid(format!(
                 "replacement for {id} has shape {:?}, expected {:?}",
@@ -277,12 +294,26 @@ impl Model {
                 old.device()
             )));
         }
-        self.weights.insert(id, w).ok_or(Error::UnknownWeight(id))
+        self.weights
+            .insert(id, w)
+            .ok_or_else(|| Error::UnknownWeight(id.to_string()))
     }
 
     /// The overlay installed at `site`, if any.
-    pub fn overlay(&self, site: Site) -> Option<&dyn Overlay> {
-        self.overlays.get(&site).map(|o| o.as_ref())
+    pub fn overlay(&self, site: Site) -> Option<&Arc<dyn Overlay>> {
+        self.overlays.get(&site)
+    }
+
+    /// The overlay at `site` as its concrete type, for the editor that owns it: it reads its
+    /// current state there and installs the grown or moved successor with [`Model::set_overlay`],
+    /// so that every change of an overlay is a before/after pair that undoes exactly.
+    pub fn overlay_as<T: Overlay + 'static>(&self, site: Site) -> Option<&T> {
+        self.overlays.get(&site)?.as_any().downcast_ref::<T>()
+    }
+
+    /// Every installed overlay, by site.
+    pub fn overlays(&self) -> impl Iterator<Item = (Site, &Arc<dyn Overlay>)> {
+        self.overlays.iter().map(|(site, o)| (*site, o))
     }
 
     /// Installs an overlay at `site` (or removes it with `None`) and returns the one it displaced,
@@ -293,8 +324,8 @@ impl Model {
     pub fn set_overlay(
         &mut self,
         site: Site,
-        overlay: Option<Box<dyn Overlay>>,
-    ) -> Result<Option<Box<dyn Overlay>>> {
+        overlay: Option<Arc<dyn Overlay>>,
+    ) -> Result<Option<Arc<dyn Overlay>>> {
         match site {
             Site::AttnOut(l) | Site::MlpAct(l) | Site::MlpOut(l) | Site::ResidPost(l) => {
                 self.check_layer(l)?

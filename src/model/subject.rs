@@ -1,11 +1,12 @@
-//! Where the fact lives in a prompt: the token whose MLP key ROME, MEMIT and AlphaEdit rewrite
-//! (SPEC-editors §2.2). Positions count from the left of an unpadded sequence, so batches built
+//! Where a subject lives in a prompt: the token whose MLP key ROME, MEMIT and AlphaEdit rewrite
+//! (SPEC-editors §2.2), and the span causal tracing corrupts. It reads only the tokenizer, so
+//! editors and analyses share it. Positions count from the left of an unpadded sequence, so batches built
 //! from them are right-padded.
 
 use serde::Deserialize;
 
+use super::Model;
 use crate::error::{Error, Result};
-use crate::model::Model;
 
 /// EasyEdit's `fact_token` rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

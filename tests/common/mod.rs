@@ -111,6 +111,15 @@ pub fn kedit<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> std::process::Output {
         .unwrap()
 }
 
+/// `kedit` with `RUST_BACKTRACE=1`, as many users run it: errors must still be one plain line.
+pub fn kedit_with_backtraces<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_kedit"))
+        .args(args)
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap()
+}
+
 /// The command succeeded; its stdout.
 pub fn ok(out: &std::process::Output) -> String {
     assert!(

@@ -3,8 +3,8 @@
 
 use candle_core::{DType, Tensor};
 
-use super::locate::{fact_token, FactToken};
 use crate::error::{Error, Result};
+use crate::model::subject::{fact_token, FactToken};
 use crate::model::{HookSpec, Model, Site, TokenBatch};
 
 /// Texts per forward pass.

@@ -1,10 +1,9 @@
 //! The machinery ROME, MEMIT and AlphaEdit share (SPEC-editors §2): where the fact is
-//! ([`locate`]), the contexts it is averaged over ([`templates`]), the MLP keys ([`keys`]), the
+//! ([`crate::model::subject`]), the contexts it is averaged over ([`templates`]), the MLP keys ([`keys`]), the
 //! optimised target vector ([`values`]), key statistics ([`stats`]) and the closed-form updates
 //! ([`solve`]). Each method is then a short composition of these.
 
 pub mod keys;
-pub mod locate;
 pub mod solve;
 pub mod spread;
 pub mod stats;
@@ -43,7 +42,7 @@ impl FactEdit {
             .subject
             .as_deref()
             .ok_or_else(|| Error::Invalid("the request has no subject".into()))?;
-        let prompt = locate::with_placeholder(&request.prompt, subject)?;
+        let prompt = crate::model::subject::with_placeholder(&request.prompt, subject)?;
         let target = if request.target_new.starts_with(' ') {
             request.target_new.clone()
         } else {

@@ -8,13 +8,13 @@ use faer::Mat;
 use serde::Deserialize;
 
 use super::keys::{activations_at, activations_at_sites, template_positions};
-use super::locate::FactToken;
 use super::solve::{from_mat, to_mat};
-use super::values::{optimise_value, ValueParams};
+use super::values::{optimise_value, ValueParams, ValueReport};
 use super::{rewrite_weight, FactEdit};
 use crate::editors::hparams::{float, float_or_false, read_yaml};
-use crate::editors::{Edit, Phases, WeightChange};
+use crate::editors::{Edit, EditCtx, Phases, WeightChange};
 use crate::error::{Error, Result};
+use crate::model::subject::FactToken;
 use crate::model::{Model, Site};
 
 /// EasyEdit's `MEMITHyperParams`, and `AlphaEditHyperParams` (the same plus `P_loc`,
@@ -80,7 +80,7 @@ impl MassParams {
     }
 
     fn value_params(&self, n_layers: usize) -> ValueParams {
-        let z_layer = *self.layers.last().expect("checked non-empty");
+        let z_layer = self.layers.last().copied().unwrap_or(0);
         ValueParams {
             site: Site::ResidPost(z_layer),
             loss_layer: self.v_loss_layer.min(n_layers - 1),
@@ -193,7 +193,10 @@ pub fn spread_edit(
     })?;
     let targets: Vec<Tensor> = values.iter().map(|v| v.target.clone()).collect();
     let z = Tensor::stack(&targets, 0)?;
-    let z_layer = *params.layers.last().expect("checked non-empty");
+    let z_layer = *params
+        .layers
+        .last()
+        .ok_or_else(|| Error::Invalid("layers is empty".into()))?;
     let mut changes = Vec::with_capacity(params.layers.len());
     let result = (|| -> Result<()> {
         for (i, &layer) in params.layers.iter().enumerate() {
@@ -222,12 +225,11 @@ pub fn spread_edit(
         }
         Ok(())
     })();
-    let edit = Edit {
-        changes,
-        phases,
+    let mut edit = Edit::of_weights(changes);
+    edit.phases = phases;
+    edit.report = Some(Box::new(ValueReport {
         value_fits: values.iter().map(|v| v.fit).collect(),
-        ..Edit::default()
-    };
+    }));
     if let Err(e) = result {
         edit.undo(model)?;
         return Err(e);
@@ -235,65 +237,52 @@ pub fn spread_edit(
     Ok(edit)
 }
 
-/// What a mass editor keeps between calls: the context templates and the key covariances, both
-/// computed once per model (EasyEdit keeps them in process globals).
+/// What a mass editor keeps between calls: the key covariances, computed once per model
+/// (EasyEdit keeps them in process globals).
 #[derive(Default)]
 pub struct MassState {
-    model_key: Option<String>,
-    templates: Vec<Vec<String>>,
     covariances: super::stats::CovarianceCache,
 }
 
 impl MassState {
-    fn reset_for(&mut self, model: &Model) {
-        let key = model.origin().source.clone();
-        if self.model_key.as_deref() != Some(key.as_str()) {
-            *self = MassState {
-                model_key: Some(key),
-                ..MassState::default()
-            };
-        }
-    }
-
     /// The requests as facts, with the grouped context templates.
     pub fn prepare(
         &mut self,
         model: &Model,
         requests: &[crate::data::EditRequest],
         params: &MassParams,
-        seed: u64,
+        ctx: &EditCtx,
     ) -> Result<(Vec<FactEdit>, Vec<Vec<String>>)> {
         let facts = requests
             .iter()
             .map(|r| FactEdit::new(model, r))
             .collect::<Result<Vec<_>>>()?;
-        Ok((facts, self.templates(model, params, seed)?))
+        Ok((facts, templates(model, params, ctx)?))
     }
 
-    /// The grouped context templates: fixed by the file, or sampled once.
-    pub fn templates(
+    /// `E[k kᵀ]` of every edited layer, from the statistics store (computed on first use).
+    pub fn covariances(
         &mut self,
         model: &Model,
         params: &MassParams,
-        seed: u64,
-    ) -> Result<Vec<Vec<String>>> {
-        if let Some(fixed) = &params.context_templates {
-            return Ok(fixed.clone());
-        }
-        self.reset_for(model);
-        if self.templates.is_empty() {
-            self.templates = super::templates::memit_templates(model, seed)?;
-        }
-        Ok(self.templates.clone())
-    }
-
-    /// `E[k kᵀ]` of every edited layer, from the statistics cache (computed on first use).
-    pub fn covariances(&mut self, model: &Model, params: &MassParams) -> Result<Vec<Mat<f64>>> {
+        ctx: &EditCtx,
+    ) -> Result<Vec<Mat<f64>>> {
         self.covariances.get(
             model,
             &params.layers,
             params.mom2_n_samples,
             params.mom2_corpus.as_deref(),
+            &ctx.stats,
         )
     }
+}
+
+/// The grouped context templates: fixed by the file, or sampled once per model and seed.
+pub fn templates(model: &Model, params: &MassParams, ctx: &EditCtx) -> Result<Vec<Vec<String>>> {
+    if let Some(fixed) = &params.context_templates {
+        return Ok(fixed.clone());
+    }
+    let key = format!("memit {} seed {}", model.origin().source, ctx.seed);
+    ctx.templates
+        .get_or_sample(&key, || super::templates::memit_templates(model, ctx.seed))
 }

@@ -116,15 +116,23 @@ pub struct CovarianceCache {
 
 impl CovarianceCache {
     /// `E[k kᵀ]` (f64) of each of `layers`, over `samples` articles of `corpus` (default: the
-    /// built-in WikiText-2).
+    /// built-in WikiText-2) unless the store overrides them, read from or added to the store.
     pub fn get(
         &mut self,
         model: &Model,
         layers: &[usize],
         samples: usize,
         corpus: Option<&Path>,
+        store: &StatsStore,
     ) -> Result<Vec<Mat<f64>>> {
-        let key = format!("{} {samples} {corpus:?}", model.origin().source);
+        let samples = store.samples.unwrap_or(samples);
+        let corpus = store.corpus.as_deref().or(corpus);
+        let key = format!(
+            "{} {samples} {corpus:?} {} {:?}",
+            model.origin().source,
+            store.context,
+            store.dir
+        );
         if self.model_key.as_deref() != Some(key.as_str()) {
             self.model_key = Some(key);
             self.by_layer.clear();
@@ -139,13 +147,76 @@ impl CovarianceCache {
                 Some(path) => Corpus::from_file(path)?,
                 None => Corpus::builtin(),
             };
-            let opts = StatsOptions::new(samples);
+            let opts = store.options(samples)?;
             for m in second_moments(model, &missing, &corpus, &opts, &mut |_, _| {})? {
                 self.by_layer
                     .insert(m.layer, super::solve::to_mat(&m.second_moment)?);
             }
         }
-        Ok(layers.iter().map(|l| self.by_layer[l].clone()).collect())
+        layers
+            .iter()
+            .map(|l| {
+                self.by_layer.get(l).cloned().ok_or_else(|| {
+                    Error::Invalid(format!("no statistics were gathered for layer {l}"))
+                })
+            })
+            .collect()
+    }
+}
+
+/// Where statistics are cached and how they are gathered: the settings `kedit stats` writes
+/// with, so that an editor given the same store reads what it wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatsStore {
+    /// The cache folder; `None` keeps statistics in memory only.
+    pub dir: Option<PathBuf>,
+    /// Tokens per window.
+    pub context: usize,
+    /// Overrides the hparams file's `mom2_corpus`.
+    pub corpus: Option<PathBuf>,
+    /// Overrides the hparams file's `mom2_n_samples`.
+    pub samples: Option<usize>,
+}
+
+impl StatsStore {
+    pub fn in_memory() -> Self {
+        StatsStore {
+            dir: None,
+            context: 1024,
+            corpus: None,
+            samples: None,
+        }
+    }
+
+    pub fn on_disk(dir: PathBuf) -> Self {
+        StatsStore {
+            dir: Some(dir),
+            ..Self::in_memory()
+        }
+    }
+
+    /// How to gather `samples` articles' statistics (the store's own sample count wins).
+    ///
+    /// # Errors
+    /// No articles or a zero context: moments over no tokens are not statistics.
+    pub fn options(&self, samples: usize) -> Result<StatsOptions> {
+        let samples = self.samples.unwrap_or(samples);
+        if samples == 0 {
+            return Err(Error::Invalid(
+                "statistics over 0 samples: mom2_n_samples (or --samples) must be at least 1"
+                    .into(),
+            ));
+        }
+        if self.context == 0 {
+            return Err(Error::Invalid(
+                "statistics with a context of 0 tokens: the context must be at least 1".into(),
+            ));
+        }
+        Ok(StatsOptions {
+            samples,
+            context: self.context,
+            cache_dir: self.dir.clone(),
+        })
     }
 }
 
@@ -156,52 +227,8 @@ pub struct StatsOptions {
     pub samples: usize,
     /// Tokens per window; longer articles are cut into consecutive windows.
     pub context: usize,
-    pub cache_dir: PathBuf,
-}
-
-impl StatsOptions {
-    pub fn new(samples: usize) -> Self {
-        StatsOptions {
-            samples,
-            context: 1024,
-            cache_dir: default_cache_dir(),
-        }
-    }
-}
-
-/// `$KEDIT_CACHE/stats`, else `~/.cache/kedit/stats`.
-pub fn default_cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("KEDIT_CACHE") {
-        return PathBuf::from(dir).join("stats");
-    }
-    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
-    home.join(".cache").join("kedit").join("stats")
-}
-
-/// A digest of the model's architecture and a strided sample of every weight: the same unedited
-/// model always gives the same fingerprint, an edited one does not.
-pub fn model_fingerprint(model: &Model) -> Result<String> {
-    let spec = model.spec();
-    let mut hash = Sha256::new();
-    hash.update(format!(
-        "{:?} {} {} {} {}",
-        spec.arch, spec.n_layers, spec.d_model, spec.d_mlp, spec.vocab_size
-    ));
-    for (id, w) in model.weights() {
-        hash.update(id.to_string().as_bytes());
-        let flat = w.flatten_all()?;
-        let n = flat.dim(0)?;
-        let stride = (n / 4096).max(1);
-        let idx: Vec<u32> = (0..n).step_by(stride).map(|i| i as u32).collect();
-        let picked = flat
-            .index_select(&Tensor::new(idx.as_slice(), w.device())?, 0)?
-            .to_dtype(DType::F32)?
-            .to_vec1::<f32>()?;
-        for v in picked {
-            hash.update(v.to_le_bytes());
-        }
-    }
-    Ok(hex(&hash.finalize())[..16].to_string())
+    /// Where the moments are cached; `None` computes them without reading or writing a cache.
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// The statistics of one layer.
@@ -210,7 +237,8 @@ pub struct LayerMoments {
     /// `E[k kᵀ]`, `[d_ff, d_ff]`, f64.
     pub second_moment: Tensor,
     pub tokens: u64,
-    pub path: PathBuf,
+    /// The cache file (`None` when the statistics are not cached).
+    pub path: Option<PathBuf>,
     /// False when read from the cache.
     pub computed: bool,
 }
@@ -237,7 +265,7 @@ pub fn second_moments(
     opts: &StatsOptions,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<LayerMoments>> {
-    let fingerprint = model_fingerprint(model)?;
+    let fingerprint = model.fingerprint()?;
     let mut found = BTreeMap::new();
     let mut missing = Vec::new();
     for &layer in layers {
@@ -247,10 +275,14 @@ pub fn second_moments(
                 model.spec().n_layers
             )));
         }
-        let path = cache_path(&opts.cache_dir, &fingerprint, layer, corpus, opts);
+        let Some(dir) = &opts.cache_dir else {
+            missing.push(layer);
+            continue;
+        };
+        let path = cache_path(dir, &fingerprint, layer, corpus, opts);
         match read_cache(&path, model.spec().d_mlp) {
             Ok(Some((sum, tokens))) => {
-                found.insert(layer, (sum, tokens, path, false));
+                found.insert(layer, (sum, tokens, Some(path), false));
             }
             Ok(None) => missing.push(layer),
             Err(why) => {
@@ -265,15 +297,29 @@ pub fn second_moments(
     if !missing.is_empty() {
         let sums = accumulate(model, &missing, corpus, opts, progress)?;
         for (layer, (sum, tokens)) in missing.iter().zip(sums) {
-            let path = cache_path(&opts.cache_dir, &fingerprint, *layer, corpus, opts);
-            write_cache(&path, &sum, tokens)?;
+            let path = match &opts.cache_dir {
+                Some(dir) => {
+                    let path = cache_path(dir, &fingerprint, *layer, corpus, opts);
+                    write_cache(&path, &sum, tokens)?;
+                    Some(path)
+                }
+                None => None,
+            };
             found.insert(*layer, (sum, tokens, path, true));
         }
     }
     layers
         .iter()
         .map(|layer| {
-            let (sum, tokens, path, computed) = found[layer].clone();
+            let (sum, tokens, path, computed) = found
+                .get(layer)
+                .cloned()
+                .ok_or_else(|| Error::Invalid(format!("no statistics for layer {layer}")))?;
+            if tokens == 0 {
+                return Err(Error::Invalid(format!(
+                    "the statistics corpus gave no tokens for layer {layer}: E[k kᵀ] over nothing is not defined"
+                )));
+            }
             Ok(LayerMoments {
                 layer: *layer,
                 second_moment: (sum / tokens as f64)?,
@@ -310,13 +356,23 @@ fn accumulate(
     let mut windows = windows(model, corpus, opts)?;
     windows.sort_by_key(Vec::len);
     let total: usize = windows.iter().map(Vec::len).sum();
+    if total == 0 {
+        return Err(Error::Invalid(format!(
+            "the statistics corpus ({} articles, {} drawn) has no tokens: E[k kᵀ] over nothing is not defined",
+            corpus.articles.len(),
+            opts.samples
+        )));
+    }
     let d_ff = model.spec().d_mlp;
     let dev = model.device();
     let mut sums: Vec<Tensor> = layers
         .iter()
         .map(|_| Tensor::zeros((d_ff, d_ff), DType::F64, dev))
         .collect::<candle_core::Result<_>>()?;
-    let last = *layers.iter().max().expect("at least one layer");
+    let last = *layers
+        .iter()
+        .max()
+        .ok_or_else(|| Error::Invalid("statistics for no layers".into()))?;
     let mut hooks = HookSpec::new().stop_after(last);
     for &l in layers {
         hooks = hooks.capture(Site::MlpAct(l));
@@ -357,7 +413,7 @@ fn checksum(bytes: &[u8]) -> String {
 }
 
 fn write_cache(path: &Path, sum: &Tensor, tokens: u64) -> Result<()> {
-    let dir = path.parent().expect("cache paths have a folder");
+    let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let values: Vec<f64> = sum.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
     let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -403,7 +459,11 @@ fn read_cache(path: &Path, d_ff: usize) -> std::result::Result<Option<(Tensor, u
     let values: Vec<f64> = view
         .data()
         .chunks_exact(8)
-        .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")))
+        .map(|b| {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(b);
+            f64::from_le_bytes(word)
+        })
         .collect();
     let sum = Tensor::from_vec(values, (d_ff, d_ff), &Device::Cpu).map_err(|e| e.to_string())?;
     Ok(Some((sum, tokens)))

@@ -6,9 +6,9 @@ use candle_core::{DType, Tensor, Var};
 use serde::Serialize;
 
 use super::keys::template_positions;
-use super::locate::FactToken;
 use crate::editors::optim::Adam;
 use crate::error::{Error, Result};
+use crate::model::subject::FactToken;
 use crate::model::{ForwardOut, HookSpec, Intervention, Model, PrefixCache, Site, TokenBatch};
 
 /// The value loop stops once the loss is below this.
@@ -44,6 +44,31 @@ pub struct TargetValue {
 pub struct ValueFit {
     pub steps: usize,
     pub loss: f64,
+}
+
+/// The locate-then-edit methods' report of an edit: how each target-vector optimisation ended
+/// (one per fact and layer optimised), so a user can tell a converged edit from one that ran out
+/// of steps.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ValueReport {
+    pub value_fits: Vec<ValueFit>,
+}
+
+impl crate::editors::EditReport for ValueReport {
+    fn lines(&self) -> Vec<String> {
+        self.value_fits
+            .iter()
+            .map(|fit| format!("value fit: {} steps, final loss {:.4}", fit.steps, fit.loss))
+            .collect()
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({ "value_fits": self.value_fits })
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
 }
 
 /// Optimises δ for `prompt` (one `{}` for the subject) and the target token ids.
@@ -169,7 +194,9 @@ pub fn optimise_value(
                 .collect::<Result<Vec<_>>>()?;
             Model::log_probs(&model.unembed(&Tensor::stack(&picked, 0)?)?)?
         };
-        let m0 = m0.as_ref().expect("set at the first iteration");
+        let m0 = m0.as_ref().ok_or_else(|| {
+            crate::Error::Invalid("the unedited distribution was not taken at step 0".into())
+        })?;
         let n = rows * t;
         let target_lp = log_probs
             .narrow(0, 0, n)?

@@ -14,8 +14,12 @@ use crate::model::{Activation, Arch, Model, ModelOrigin, ModelSpec};
 pub(super) fn load_gguf(path: &Path, source: &str, opts: &LoadOptions) -> Result<Model> {
     let bad = |msg: String| Error::file(path, msg);
     let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let content = Content::read(&mut file)
-        .map_err(|e| bad(format!("truncated or corrupt GGUF header: {e}")))?;
+    let content = Content::read(&mut file).map_err(|e| {
+        bad(format!(
+            "truncated or corrupt GGUF header: {}",
+            Error::from(e)
+        ))
+    })?;
     let spec = spec_from_metadata(&content).map_err(bad)?;
     let tokenizer = match &opts.tokenizer {
         Some(p) => super::tokenizer::tokenizer_from_file(p)?,
@@ -69,7 +73,7 @@ fn spec_from_metadata(content: &Content) -> std::result::Result<ModelSpec, Strin
             .ok_or_else(|| format!("metadata key `{}` is missing", key(k)))?
             .to_u64()
             .map(|v| v as usize)
-            .map_err(|e| format!("metadata key `{}`: {e}", key(k)))
+            .map_err(|e| format!("metadata key `{}`: {}", key(k), Error::from(e)))
     };
     let f64_of =
         |k: &str| -> Option<f64> { md.get(&key(k)).and_then(|v| v.to_f32().ok()).map(f64::from) };
@@ -113,5 +117,5 @@ pub(super) fn get_str(md: &HashMap<String, Value>, k: &str) -> std::result::Resu
         .ok_or_else(|| format!("metadata key `{k}` is missing"))?
         .to_string()
         .cloned()
-        .map_err(|e| format!("metadata key `{k}`: {e}"))
+        .map_err(|e| format!("metadata key `{k}`: {}", Error::from(e)))
 }

@@ -158,7 +158,7 @@ pub(crate) fn assemble(
             Arch::Gpt2 => gpt2::checkpoint_name(id, format),
             Arch::Llama => llama::checkpoint_name(id, format),
         }
-        .ok_or(Error::UnknownWeight(id))?;
+        .ok_or_else(|| Error::UnknownWeight(id.to_string()))?;
         let Some(mut w) = fetch(&name)? else {
             if is_required {
                 return Err(Error::Invalid(format!(

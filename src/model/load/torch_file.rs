@@ -23,7 +23,10 @@ pub fn read_single_tensor(path: &Path) -> Result<Tensor> {
             .map_err(|e| {
                 Error::file(
                     path,
-                    format!("neither a torch.save zip nor safetensors: {e}"),
+                    format!(
+                        "neither a torch.save zip nor safetensors: {}",
+                        Error::from(e)
+                    ),
                 )
             })?
             .into_values()
@@ -60,11 +63,11 @@ fn read_torch_zip(path: &Path) -> Result<Vec<Tensor>> {
             .map_err(|e| bad(format!("{pickle_name}: {e}")))?;
         stack
             .read_loop(&mut BufReader::new(entry))
-            .map_err(|e| bad(format!("{pickle_name}: {e}")))?;
+            .map_err(|e| bad(format!("{pickle_name}: {}", Error::from(e))))?;
     }
     let object = stack
         .finalize()
-        .map_err(|e| bad(format!("{pickle_name}: {e}")))?;
+        .map_err(|e| bad(format!("{pickle_name}: {}", Error::from(e))))?;
     // A bare tensor, or a dict of them (a state dict).
     let named = match object {
         Object::Dict(entries) => entries,
@@ -74,7 +77,7 @@ fn read_torch_zip(path: &Path) -> Result<Vec<Tensor>> {
     for (name, value) in named {
         let info = value
             .into_tensor_info(name, Path::new(&dir))
-            .map_err(|e| bad(format!("{pickle_name}: {e}")))?
+            .map_err(|e| bad(format!("{pickle_name}: {}", Error::from(e))))?
             .ok_or_else(|| bad(format!("{pickle_name} holds something other than tensors")))?;
         if !info.layout.is_contiguous() {
             return Err(bad(format!("tensor `{}` is not contiguous", info.name)));

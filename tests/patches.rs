@@ -1,0 +1,396 @@
+//! Edits as files: overlays and weights saved in a patch and made again on a fresh model, editor
+//! state carried across processes, patches refused on the wrong model, and the stores an editor
+//! shares with `kedit stats`.
+
+mod common;
+
+use std::sync::Arc;
+
+use candle_core::{DType, Tensor};
+use common::*;
+use kedit::data::EditRequest;
+use kedit::editors::registry::overlay_from_parts;
+use kedit::editors::{
+    build_editor, patch, Change, Edit, EditCtx, OverlayChange, Patch, WeightChange,
+};
+use kedit::model::{LowRankAdapter, Module, Site, WeightId};
+
+fn adapter(model: &kedit::model::Model, layer: usize) -> LowRankAdapter {
+    let spec = model.spec();
+    let a = Tensor::arange(0f32, (2 * spec.d_mlp) as f32, model.device())
+        .unwrap()
+        .reshape((2, spec.d_mlp))
+        .unwrap()
+        .affine(1e-3, -0.1)
+        .unwrap()
+        .sin()
+        .unwrap();
+    let b = Tensor::arange(0f32, (spec.d_model * 2) as f32, model.device())
+        .unwrap()
+        .reshape((spec.d_model, 2))
+        .unwrap()
+        .affine(0.37, 0.0)
+        .unwrap()
+        .cos()
+        .unwrap();
+    let _ = layer;
+    LowRankAdapter { a, b, scale: 0.5 }
+}
+
+#[test]
+fn a_low_rank_adapter_equals_its_merged_weight_and_removes_exactly() {
+    let mut model = tiny_gpt2();
+    let ids = model.encode("The capital of France is").unwrap();
+    let plain = logits_alone(&model, &ids);
+    let site = Site::MlpOut(1);
+    let lora = adapter(&model, 1);
+    // The reference: the same update merged into the down projection, W + scale · B A.
+    let down = WeightId::layer(1, Module::MlpDown);
+    let w = model.weight(down).unwrap();
+    let merged = (&w + (lora.b.matmul(&lora.a).unwrap() * lora.scale).unwrap()).unwrap();
+    model.replace_weight(down, merged).unwrap();
+    let by_weight = logits_alone(&model, &ids);
+    model.replace_weight(down, w).unwrap();
+
+    model.set_overlay(site, Some(Arc::new(lora))).unwrap();
+    let by_overlay = logits_alone(&model, &ids);
+    assert!(
+        max_abs_diff(&plain, &by_overlay) > 1e-2,
+        "the adapter changed nothing"
+    );
+    assert!(max_abs_diff(&by_weight, &by_overlay) < 1e-4);
+    assert!(model.overlay_as::<LowRankAdapter>(site).is_some());
+    model.set_overlay(site, None).unwrap();
+    assert_eq!(max_abs_diff(&plain, &logits_alone(&model, &ids)), 0.0);
+}
+
+#[test]
+fn an_edit_of_weights_and_overlays_saves_reloads_and_undoes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut model = tiny_gpt2();
+    let ids = model.encode("The capital of France is").unwrap();
+    let plain = logits_alone(&model, &ids);
+    let base = model.fingerprint().unwrap();
+
+    let up = WeightId::layer(0, Module::MlpUp);
+    let before = model.weight(up).unwrap();
+    let after = (&before * 1.5).unwrap();
+    model.replace_weight(up, after.clone()).unwrap();
+    let site = Site::MlpOut(1);
+    let overlay: Arc<dyn kedit::model::Overlay> = Arc::new(adapter(&model, 1));
+    let displaced = model.set_overlay(site, Some(overlay.clone())).unwrap();
+    let edit = Edit {
+        changes: vec![
+            Change::Weight(WeightChange {
+                id: up,
+                before,
+                after,
+            }),
+            Change::Overlay(OverlayChange {
+                site,
+                before: displaced,
+                after: Some(overlay),
+            }),
+        ],
+        ..Edit::default()
+    };
+    let edited = logits_alone(&model, &ids);
+    let file = tmp.path().join("edit.safetensors");
+    patch::save(&file, &model, "test", &base, &edit, None).unwrap();
+
+    // In a fresh model, the patch gives the same logits, bit for bit.
+    let mut fresh = tiny_gpt2();
+    let patch = Patch::load(&fresh, &file, &overlay_from_parts).unwrap();
+    assert_eq!(patch.method(), Some("test"));
+    let made = patch.edit.reapply(&mut fresh).unwrap();
+    assert_eq!(max_abs_diff(&edited, &logits_alone(&fresh, &ids)), 0.0);
+    // Undo goes back exactly, weights and overlay alike.
+    made.undo(&mut fresh).unwrap();
+    assert!(fresh.overlay(site).is_none());
+    assert_eq!(max_abs_diff(&plain, &logits_alone(&fresh, &ids)), 0.0);
+    edit.undo(&mut model).unwrap();
+    assert_eq!(max_abs_diff(&plain, &logits_alone(&model, &ids)), 0.0);
+
+    // On another model (one weight differs), the patch is refused, naming both fingerprints.
+    let mut other = tiny_gpt2();
+    let emb = WeightId::global(Module::Embed);
+    let changed = (other.weight(emb).unwrap() + 1e-3).unwrap();
+    other.replace_weight(emb, changed).unwrap();
+    let err = Patch::load(&other, &file, &overlay_from_parts)
+        .err()
+        .unwrap()
+        .to_string();
+    let theirs = other.fingerprint().unwrap();
+    assert!(
+        err.contains("edit.safetensors") && err.contains(&base) && err.contains(&theirs),
+        "{err}"
+    );
+}
+
+fn tiny_alphaedit_hparams(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("alphaedit-tiny.yaml");
+    std::fs::write(
+        &path,
+        r#"alg_name: "AlphaEdit"
+model_name: "tiny-gpt2"
+P_loc: "./no-such-projector.pt"
+layers: [1]
+fact_token: "subject_last"
+v_num_grad_steps: 5
+v_lr: 5e-1
+v_loss_layer: 1
+v_weight_decay: 0.5
+clamp_norm_factor: 4
+kl_factor: 0.0625
+mom2_update_weight: 15000
+rewrite_module_tmp: "transformer.h.{}.mlp.c_proj"
+mom2_n_samples: 2
+nullspace_threshold: 2e-2
+L2: 10
+context_templates: [["{}"]]
+"#,
+    )
+    .unwrap();
+    path
+}
+
+fn fact(prompt: &str, subject: &str, target: &str) -> EditRequest {
+    EditRequest {
+        prompt: prompt.into(),
+        target_new: target.into(),
+        subject: Some(subject.into()),
+        ..EditRequest::default()
+    }
+}
+
+fn apply_args(
+    model: &str,
+    hparams: &std::path::Path,
+    stats: &std::path::Path,
+    r: &EditRequest,
+) -> Vec<String> {
+    [
+        "apply",
+        "-m",
+        model,
+        "--json",
+        "--editor",
+        "AlphaEdit",
+        "--hparams",
+        hparams.to_str().unwrap(),
+        "--stats-dir",
+        stats.to_str().unwrap(),
+        "--prompt",
+        &r.prompt,
+        "--subject",
+        r.subject.as_deref().unwrap(),
+        "--target",
+        &r.target_new,
+        "--max-new-tokens",
+        "2",
+        "--no-fluency",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+#[test]
+fn alphaedit_state_in_a_patch_makes_two_processes_one_sequence() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hparams = tiny_alphaedit_hparams(tmp.path());
+    let stats = tmp.path().join("stats");
+    let first = fact("The capital of France is", "France", "Rome");
+    let second = fact("The capital of Germany is", "Germany", "Madrid");
+
+    // One process: two sequential edits, the second held to the first's keys.
+    let mut model = tiny_gpt2();
+    let mut editor = build_editor("AlphaEdit", &hparams).unwrap();
+    let ctx = EditCtx::default();
+    editor
+        .apply(&mut model, std::slice::from_ref(&first), &ctx)
+        .unwrap();
+    editor
+        .apply(&mut model, std::slice::from_ref(&second), &ctx)
+        .unwrap();
+    let down = WeightId::layer(1, Module::MlpDown);
+    let sequential = model.weight(down).unwrap();
+
+    // Two processes: the first edit saved with its state, the second made on top of it.
+    let tiny = fixture("tiny-gpt2");
+    let tiny = tiny.to_str().unwrap();
+    let a = tmp.path().join("a.safetensors");
+    let b = tmp.path().join("b.safetensors");
+    let mut args = apply_args(tiny, &hparams, &stats, &first);
+    args.extend(["--save-edit".into(), a.to_str().unwrap().into()]);
+    ok(&kedit(&args));
+    let mut args = apply_args(tiny, &hparams, &stats, &second);
+    args.extend([
+        "--patch".into(),
+        a.to_str().unwrap().into(),
+        "--save-edit".into(),
+        b.to_str().unwrap().into(),
+    ]);
+    ok(&kedit(&args));
+
+    let mut fresh = tiny_gpt2();
+    for file in [&a, &b] {
+        let p = Patch::load(&fresh, file, &overlay_from_parts).unwrap();
+        p.edit.reapply(&mut fresh).unwrap();
+    }
+    let two_processes = fresh.weight(down).unwrap();
+    let scale = (&sequential - &tiny_gpt2().weight(down).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(scale > 0.0, "the edits changed nothing");
+    let diff = max_abs_diff(&sequential, &two_processes);
+    assert!(
+        diff <= 1e-5 * scale,
+        "differ by {diff} (edit scale {scale})"
+    );
+
+    // Without the first patch's state, the second edit is not held to the first's keys.
+    let mut args = apply_args(tiny, &hparams, &stats, &second);
+    let c = tmp.path().join("c.safetensors");
+    args.extend(["--save-edit".into(), c.to_str().unwrap().into()]);
+    ok(&kedit(&args));
+    let mut alone = tiny_gpt2();
+    Patch::load(&alone, &c, &overlay_from_parts)
+        .unwrap()
+        .edit
+        .reapply(&mut alone)
+        .unwrap();
+    let mut after_first = tiny_gpt2();
+    Patch::load(&after_first, &a, &overlay_from_parts)
+        .unwrap()
+        .edit
+        .reapply(&mut after_first)
+        .unwrap();
+    let d_alone = (alone.weight(down).unwrap() - tiny_gpt2().weight(down).unwrap()).unwrap();
+    let d_second = (&two_processes - after_first.weight(down).unwrap()).unwrap();
+    assert!(
+        max_abs_diff(&d_alone, &d_second) > 1e-3 * scale,
+        "the restored key memory made no difference"
+    );
+
+    // Patches stack only in the order they were made.
+    let out = kedit(&[
+        "apply",
+        "-m",
+        tiny,
+        "--prompt",
+        "x",
+        "--target",
+        "y",
+        "--patch",
+        b.to_str().unwrap(),
+    ]);
+    assert_one_line_error(&out, &["b.safetensors", "was made for model"]);
+}
+
+#[test]
+fn statistics_written_by_kedit_stats_are_read_by_an_editor_with_the_same_store() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hparams = tiny_alphaedit_hparams(tmp.path());
+    let stats = tmp.path().join("stats");
+    let tiny = fixture("tiny-gpt2");
+    let tiny = tiny.to_str().unwrap();
+    let files = || -> Vec<(std::path::PathBuf, std::time::SystemTime)> {
+        let mut found = Vec::new();
+        for dir in std::fs::read_dir(&stats).unwrap() {
+            for f in std::fs::read_dir(dir.unwrap().path()).unwrap() {
+                let f = f.unwrap();
+                found.push((f.path(), f.metadata().unwrap().modified().unwrap()));
+            }
+        }
+        found.sort();
+        found
+    };
+    ok(&kedit(&[
+        "stats",
+        "-m",
+        tiny,
+        "--layers",
+        "1",
+        "--samples",
+        "2",
+        "--context",
+        "512",
+        "--stats-dir",
+        stats.to_str().unwrap(),
+        "--quiet",
+    ]));
+    let written = files();
+    assert_eq!(written.len(), 1, "{written:?}");
+    assert!(written[0].0.to_str().unwrap().contains("ctx512"));
+
+    let r = fact("The capital of France is", "France", "Rome");
+    let mut args = apply_args(tiny, &hparams, &stats, &r);
+    args.extend(["--stats-context".into(), "512".into()]);
+    ok(&kedit(&args));
+    assert_eq!(files(), written, "the editor recomputed the statistics");
+
+    // With another context it computes (and caches) its own: the first apply read the cache.
+    ok(&kedit(&apply_args(tiny, &hparams, &stats, &r)));
+    assert_eq!(files().len(), 2);
+}
+
+#[test]
+fn stats_over_zero_samples_is_refused() {
+    let tiny = fixture("tiny-gpt2");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = kedit(&[
+        "stats",
+        "-m",
+        tiny.to_str().unwrap(),
+        "--layers",
+        "1",
+        "--samples",
+        "0",
+        "--stats-dir",
+        tmp.path().to_str().unwrap(),
+    ]);
+    assert_one_line_error(&out, &["--samples"]);
+}
+
+#[test]
+fn an_eval_that_fails_before_its_first_case_leaves_no_results_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(tiny_alphaedit_hparams(tmp.path())).unwrap();
+    let wrong = fixture("torch_file/arange-2x3x4.pt");
+    let hparams = tmp.path().join("wrong-projector.yaml");
+    std::fs::write(
+        &hparams,
+        text.replace("./no-such-projector.pt", wrong.to_str().unwrap()),
+    )
+    .unwrap();
+    let out_file = tmp.path().join("results.jsonl");
+    let out = kedit(&[
+        "eval",
+        "-m",
+        fixture("tiny-gpt2").to_str().unwrap(),
+        "--editor",
+        "AlphaEdit",
+        "--hparams",
+        hparams.to_str().unwrap(),
+        "--data",
+        fixture("data/counterfact_easyedit_edit.json")
+            .to_str()
+            .unwrap(),
+        "--limit",
+        "2",
+        "--quiet",
+        "--out",
+        out_file.to_str().unwrap(),
+    ]);
+    assert_one_line_error(&out, &["arange-2x3x4.pt"]);
+    assert!(!out_file.exists(), "an empty results file was left behind");
+    assert!(!kedit::report::jsonl::record_path(&out_file).exists());
+}
