@@ -194,27 +194,7 @@ fn tiny_alphaedit_hparams(p_loc: &std::path::Path) -> std::path::PathBuf {
         "{}.yaml",
         p_loc.file_stem().unwrap().to_str().unwrap()
     ));
-    let yaml = format!(
-        r#"alg_name: "AlphaEdit"
-model_name: "tiny-gpt2"
-P_loc: "{}"
-layers: [1]
-fact_token: "subject_last"
-v_num_grad_steps: 5
-v_lr: 5e-1
-v_loss_layer: 1
-v_weight_decay: 0.5
-clamp_norm_factor: 4
-kl_factor: 0.0625
-mom2_update_weight: 15000
-rewrite_module_tmp: "transformer.h.{{}}.mlp.c_proj"
-mom2_n_samples: 2
-nullspace_threshold: 2e-2
-L2: 10
-context_templates: [["{{}}"]]
-"#,
-        p_loc.display()
-    );
+    let yaml = tiny_alphaedit_yaml(&p_loc.display().to_string());
     std::fs::write(&path, yaml).unwrap();
     path
 }

@@ -129,28 +129,7 @@ fn an_edit_of_weights_and_overlays_saves_reloads_and_undoes_exactly() {
 
 fn tiny_alphaedit_hparams(dir: &std::path::Path) -> std::path::PathBuf {
     let path = dir.join("alphaedit-tiny.yaml");
-    std::fs::write(
-        &path,
-        r#"alg_name: "AlphaEdit"
-model_name: "tiny-gpt2"
-P_loc: "./no-such-projector.pt"
-layers: [1]
-fact_token: "subject_last"
-v_num_grad_steps: 5
-v_lr: 5e-1
-v_loss_layer: 1
-v_weight_decay: 0.5
-clamp_norm_factor: 4
-kl_factor: 0.0625
-mom2_update_weight: 15000
-rewrite_module_tmp: "transformer.h.{}.mlp.c_proj"
-mom2_n_samples: 2
-nullspace_threshold: 2e-2
-L2: 10
-context_templates: [["{}"]]
-"#,
-    )
-    .unwrap();
+    std::fs::write(&path, tiny_alphaedit_yaml("./no-such-projector.pt")).unwrap();
     path
 }
 
