@@ -9,6 +9,7 @@ pub mod data;
 pub mod editors;
 pub mod error;
 pub mod eval;
+pub mod files;
 pub mod model;
 pub mod report;
 pub mod run;

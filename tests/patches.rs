@@ -15,7 +15,7 @@ use kedit::editors::{
 };
 use kedit::model::{LowRankAdapter, Module, Site, WeightId};
 
-fn adapter(model: &kedit::model::Model, layer: usize) -> LowRankAdapter {
+fn adapter(model: &kedit::model::Model) -> LowRankAdapter {
     let spec = model.spec();
     let a = Tensor::arange(0f32, (2 * spec.d_mlp) as f32, model.device())
         .unwrap()
@@ -33,7 +33,6 @@ fn adapter(model: &kedit::model::Model, layer: usize) -> LowRankAdapter {
         .unwrap()
         .cos()
         .unwrap();
-    let _ = layer;
     LowRankAdapter { a, b, scale: 0.5 }
 }
 
@@ -43,7 +42,7 @@ fn a_low_rank_adapter_equals_its_merged_weight_and_removes_exactly() {
     let ids = model.encode("The capital of France is").unwrap();
     let plain = logits_alone(&model, &ids);
     let site = Site::MlpOut(1);
-    let lora = adapter(&model, 1);
+    let lora = adapter(&model);
     // The reference: the same update merged into the down projection, W + scale · B A.
     let down = WeightId::layer(1, Module::MlpDown);
     let w = model.weight(down).unwrap();
@@ -77,7 +76,7 @@ fn an_edit_of_weights_and_overlays_saves_reloads_and_undoes_exactly() {
     let after = (&before * 1.5).unwrap();
     model.replace_weight(up, after.clone()).unwrap();
     let site = Site::MlpOut(1);
-    let overlay: Arc<dyn kedit::model::Overlay> = Arc::new(adapter(&model, 1));
+    let overlay: Arc<dyn kedit::model::Overlay> = Arc::new(adapter(&model));
     let displaced = model.set_overlay(site, Some(overlay.clone())).unwrap();
     let edit = Edit {
         changes: vec![
@@ -131,6 +130,16 @@ fn tiny_alphaedit_hparams(dir: &std::path::Path) -> std::path::PathBuf {
     let path = dir.join("alphaedit-tiny.yaml");
     std::fs::write(&path, tiny_alphaedit_yaml("./no-such-projector.pt")).unwrap();
     path
+}
+
+/// The tiny GPT-2 with `files` applied in order.
+fn patched(files: &[&std::path::Path]) -> kedit::model::Model {
+    let mut model = tiny_gpt2();
+    for file in files {
+        let p = Patch::load(&model, file, &overlay_from_parts).unwrap();
+        p.edit.reapply(&mut model).unwrap();
+    }
+    model
 }
 
 fn fact(prompt: &str, subject: &str, target: &str) -> EditRequest {
@@ -212,12 +221,7 @@ fn alphaedit_state_in_a_patch_makes_two_processes_one_sequence() {
     ]);
     ok(&kedit(&args));
 
-    let mut fresh = tiny_gpt2();
-    for file in [&a, &b] {
-        let p = Patch::load(&fresh, file, &overlay_from_parts).unwrap();
-        p.edit.reapply(&mut fresh).unwrap();
-    }
-    let two_processes = fresh.weight(down).unwrap();
+    let two_processes = patched(&[&a, &b]).weight(down).unwrap();
     let scale = (&sequential - &tiny_gpt2().weight(down).unwrap())
         .unwrap()
         .abs()
@@ -240,20 +244,9 @@ fn alphaedit_state_in_a_patch_makes_two_processes_one_sequence() {
     let c = tmp.path().join("c.safetensors");
     args.extend(["--save-edit".into(), c.to_str().unwrap().into()]);
     ok(&kedit(&args));
-    let mut alone = tiny_gpt2();
-    Patch::load(&alone, &c, &overlay_from_parts)
-        .unwrap()
-        .edit
-        .reapply(&mut alone)
-        .unwrap();
-    let mut after_first = tiny_gpt2();
-    Patch::load(&after_first, &a, &overlay_from_parts)
-        .unwrap()
-        .edit
-        .reapply(&mut after_first)
-        .unwrap();
-    let d_alone = (alone.weight(down).unwrap() - tiny_gpt2().weight(down).unwrap()).unwrap();
-    let d_second = (&two_processes - after_first.weight(down).unwrap()).unwrap();
+    let unedited = tiny_gpt2().weight(down).unwrap();
+    let d_alone = (patched(&[&c]).weight(down).unwrap() - &unedited).unwrap();
+    let d_second = (&two_processes - patched(&[&a]).weight(down).unwrap()).unwrap();
     assert!(
         max_abs_diff(&d_alone, &d_second) > 1e-3 * scale,
         "the restored key memory made no difference"

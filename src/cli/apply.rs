@@ -209,26 +209,44 @@ pub fn run(args: ApplyArgs) -> anyhow::Result<ExitCode> {
 
     // Patches first, each checked against the model the previous one left.
     let mut patched = Edit::default();
-    let mut state = None;
+    // The last patch's editor state, with the method that saved it.
+    let mut state: Option<(String, crate::editors::EditorState)> = None;
     let mut patch_method = None;
+    // What a merged patch (--patch ... --save-edit without --editor) was made on: the first one's model.
+    let mut first_made_on = None;
     for path in &args.patch {
         let p = Patch::load(&model, path, &overlay_from_parts)?;
+        if first_made_on.is_none() {
+            first_made_on = Some(
+                p.header
+                    .as_ref()
+                    .map(|h| h.model_fingerprint.clone())
+                    .unwrap_or_default(),
+            );
+        }
         let done = p.edit.reapply(&mut model)?;
         patched.changes.extend(done.changes);
-        patch_method = p.method().map(str::to_string).or(patch_method);
-        if p.state.is_some() {
-            state = p.state;
+        let method = p.method().map(str::to_string);
+        if let (Some(method), Some(s)) = (&method, p.state) {
+            state = Some((method.clone(), s));
         }
+        patch_method = method.or(patch_method);
     }
-    if let (Some(editor), Some(state)) = (editor.as_mut(), &state) {
-        editor
-            .restore_state(state)
-            .context("restoring the editor's state from the last --patch")?;
+    // The state is the memory of the method that saved it; another method starts afresh.
+    if let (Some(editor), Some((method, state))) = (editor.as_mut(), &state) {
+        if method == editor.name() {
+            editor
+                .restore_state(state)
+                .context("restoring the editor's state from the last --patch")?;
+        }
     }
 
     let before = measure_before(&model, &request, &opts)?;
     let generation_before = greedy(&model)?;
-    let base_fingerprint = model.fingerprint()?;
+    let base_fingerprint = match (&args.save_edit, &editor) {
+        (Some(_), Some(_)) => Some(model.fingerprint()?),
+        _ => None,
+    };
     let start = std::time::Instant::now();
     let (edit, name) = match editor.as_mut() {
         Some(editor) => {
@@ -246,16 +264,10 @@ pub fn run(args: ApplyArgs) -> anyhow::Result<ExitCode> {
     if let Some(path) = &args.save_edit {
         let editor_state = match editor.as_ref() {
             Some(editor) => editor.state()?,
-            None => state.clone(),
+            None => state.map(|(_, s)| s),
         };
-        // Patches alone are saved against the model they were made on.
-        let made_on = match editor {
-            Some(_) => base_fingerprint,
-            None => match args.patch.first() {
-                Some(first) => patch_fingerprint(first)?,
-                None => base_fingerprint,
-            },
-        };
+        // Patches alone are saved against the model the first of them was made on.
+        let made_on = base_fingerprint.or(first_made_on).unwrap_or_default();
         patch::save(path, &model, &name, &made_on, &edit, editor_state.as_ref())
             .with_context(|| format!("saving the edit to {}", path.display()))?;
     }
@@ -295,18 +307,4 @@ pub fn run(args: ApplyArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// The fingerprint a patch file says it was made on (a headerless one: unknown, so "").
-fn patch_fingerprint(path: &std::path::Path) -> anyhow::Result<String> {
-    let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    Ok(meta
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get("kedit_patch"))
-        .and_then(|json| serde_json::from_str::<patch::PatchHeader>(json).ok())
-        .map(|h| h.model_fingerprint)
-        .unwrap_or_default())
 }

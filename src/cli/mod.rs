@@ -75,22 +75,24 @@ pub struct StoreArgs {
 }
 
 impl StoreArgs {
-    pub fn stats_store(&self) -> crate::editors::rank_one::stats::StatsStore {
-        let mut store = crate::editors::rank_one::stats::StatsStore::on_disk(
-            self.stats_dir
-                .clone()
-                .unwrap_or_else(|| cache_root().join("stats")),
-        );
-        store.context = self.stats_context;
-        store
-    }
-
     /// The editing context for a run seeded with `seed`.
     pub fn ctx(&self, seed: u64) -> crate::editors::EditCtx {
         let mut ctx = crate::editors::EditCtx::with_cache_dir(seed, &cache_root());
-        ctx.stats = self.stats_store();
+        ctx.stats = stats_store(self.stats_dir.as_deref(), self.stats_context);
         ctx
     }
+}
+
+/// The statistics store `kedit stats` writes to and editors read from: `dir`, else
+/// `$KEDIT_CACHE/stats`, with windows of `context` tokens.
+pub fn stats_store(
+    dir: Option<&std::path::Path>,
+    context: usize,
+) -> crate::editors::rank_one::stats::StatsStore {
+    let dir = dir.map_or_else(|| cache_root().join("stats"), std::path::Path::to_path_buf);
+    let mut store = crate::editors::rank_one::stats::StatsStore::on_disk(dir);
+    store.context = context;
+    store
 }
 
 /// `--editor`'s values: every name the registry holds, listed in the help and in the error for

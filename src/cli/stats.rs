@@ -6,7 +6,7 @@ use clap::Args;
 use serde::Serialize;
 
 use super::ModelArgs;
-use crate::editors::rank_one::stats::{second_moments, Corpus, StatsStore};
+use crate::editors::rank_one::stats::{second_moments, Corpus};
 
 #[derive(Args, Debug)]
 pub struct StatsArgs {
@@ -59,13 +59,7 @@ pub fn run(args: StatsArgs) -> anyhow::Result<ExitCode> {
         None => Corpus::builtin(),
     };
     let model = args.model.load()?;
-    let mut store = StatsStore::on_disk(
-        args.stats_dir
-            .clone()
-            .unwrap_or_else(|| super::cache_root().join("stats")),
-    );
-    store.context = args.context;
-    let opts = store.options(args.samples)?;
+    let opts = super::stats_store(args.stats_dir.as_deref(), args.context).options(args.samples)?;
     let bar = (!args.quiet && std::io::stderr().is_terminal()).then(|| {
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(

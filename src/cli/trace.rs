@@ -2,7 +2,6 @@ use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::Args;
 
 use super::ModelArgs;
@@ -80,20 +79,7 @@ pub fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
         .unwrap_or(&args.model.model)
         .to_string();
     let svg = trace_svg(&trace, &name);
-    let dir = args
-        .out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(std::path::Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.partial",
-        args.out
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("trace")
-    ));
-    std::fs::write(&tmp, svg).with_context(|| format!("{}", tmp.display()))?;
-    std::fs::rename(&tmp, &args.out).with_context(|| format!("{}", args.out.display()))?;
+    crate::files::write_atomically(&args.out, svg.as_bytes())?;
     if args.json {
         let mut out = std::io::stdout().lock();
         serde_json::to_writer(&mut out, &trace)?;

@@ -43,17 +43,17 @@ pub struct AlphaEditReport {
     pub values: ValueReport,
     /// The memory entry this edit added (undo takes it back out).
     pub memory_entry: u64,
-    /// Keys `[n, d_ff]` per layer that the edit added to the memory.
-    pub remembered_keys: BTreeMap<usize, Tensor>,
+    /// How many keys the entry holds, summed over layers.
+    pub keys_added: usize,
+    pub layers: usize,
 }
 
 impl EditReport for AlphaEditReport {
     fn lines(&self) -> Vec<String> {
         let mut lines = self.values.lines();
-        let rows: usize = self.remembered_keys.values().map(|k| k.dims()[0]).sum();
         lines.push(format!(
-            "key memory: {rows} keys added over {} layers",
-            self.remembered_keys.len()
+            "key memory: {} keys added over {} layers",
+            self.keys_added, self.layers
         ));
         lines
     }
@@ -160,13 +160,14 @@ impl Editor for AlphaEdit {
             keys: self.params.layers.iter().copied().zip(layer_keys).collect(),
         };
         self.next_edit += 1;
-        self.remember(&entry, d_ff)?;
+        self.remember(&entry)?;
         edit.phases = phases.then(&edit.phases).then(&memory_phase);
         let values = edit.report_as::<ValueReport>().cloned().unwrap_or_default();
         edit.report = Some(Box::new(AlphaEditReport {
             values,
             memory_entry: entry.edit,
-            remembered_keys: entry.keys.clone(),
+            keys_added: entry.keys.values().map(|k| k.dims()[0]).sum(),
+            layers: entry.keys.len(),
         }));
         self.remembered.push(entry);
         Ok(edit)
@@ -257,13 +258,12 @@ impl Editor for AlphaEdit {
                 );
             }
             start += rows;
-            let d_ff = keys.values().next().map_or(0, |k| k.dims()[1]);
             let entry = Remembered {
                 edit: self.next_edit,
                 keys,
             };
             self.next_edit += 1;
-            self.remember(&entry, d_ff)?;
+            self.remember(&entry)?;
             self.remembered.push(entry);
         }
         Ok(())
@@ -272,13 +272,15 @@ impl Editor for AlphaEdit {
 
 impl AlphaEdit {
     /// Adds an edit's keys to `Σ`.
-    fn remember(&mut self, entry: &Remembered, d_ff: usize) -> Result<()> {
+    fn remember(&mut self, entry: &Remembered) -> Result<()> {
         for (&layer, keys) in &entry.keys {
             let gram = gram(keys)?;
-            *self
-                .memory
-                .entry(layer)
-                .or_insert_with(|| Mat::zeros(d_ff, d_ff)) += gram;
+            match self.memory.get_mut(&layer) {
+                Some(sigma) => *sigma += gram,
+                None => {
+                    self.memory.insert(layer, gram);
+                }
+            }
         }
         Ok(())
     }

@@ -145,21 +145,9 @@ pub fn save(
     let json = serde_json::to_string(&header)
         .map_err(|e| Error::Invalid(format!("cannot serialise the patch header: {e}")))?;
     let metadata = HashMap::from([(HEADER_KEY.to_string(), json)]);
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.partial",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("patch")
-    ));
-    safetensors::serialize_to_file(
-        tensors.iter().map(|(k, v)| (k.clone(), v)),
-        Some(metadata),
-        &tmp,
-    )
-    .map_err(|e| Error::file(&tmp, e.to_string()))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    let bytes = safetensors::serialize(tensors.iter().map(|(k, v)| (k.clone(), v)), Some(metadata))
+        .map_err(|e| Error::file(path, e.to_string()))?;
+    crate::files::write_atomically(path, &bytes)
 }
 
 impl Patch {

@@ -184,7 +184,7 @@ fn start_file(path: &Path, record: &RunRecord) -> Result<File> {
     let sidecar = record_path(path);
     let text = serde_json::to_string_pretty(record)
         .map_err(|e| Error::Invalid(format!("cannot serialise the run record: {e}")))?;
-    crate::report::write_atomically(&sidecar, text.as_bytes())?;
+    crate::files::write_atomically(&sidecar, text.as_bytes())?;
     OpenOptions::new()
         .create(true)
         .append(true)

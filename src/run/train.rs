@@ -223,6 +223,17 @@ mod tests {
         best: Option<(usize, f64)>,
     }
 
+    impl Quadratic {
+        fn at_zero() -> Self {
+            Quadratic {
+                w: 0.0,
+                grad: 0.0,
+                updates: 0,
+                best: None,
+            }
+        }
+    }
+
     impl Trainee for Quadratic {
         fn accumulate(&mut self, _step: usize) -> Result<Metrics> {
             self.grad += 2.0 * (self.w - 3.0);
@@ -246,12 +257,7 @@ mod tests {
 
     #[test]
     fn the_loop_validates_on_schedule_keeps_the_best_and_stops() {
-        let mut q = Quadratic {
-            w: 0.0,
-            grad: 0.0,
-            updates: 0,
-            best: None,
-        };
+        let mut q = Quadratic::at_zero();
         let mut schedule = Schedule {
             max_steps: 100,
             accumulate: 1,
@@ -284,12 +290,7 @@ mod tests {
         assert_eq!(q.best, Some((4, 2.8125)));
 
         // Without a stopper the loop runs to max_steps and validates once more at the end.
-        let mut q = Quadratic {
-            w: 0.0,
-            grad: 0.0,
-            updates: 0,
-            best: None,
-        };
+        let mut q = Quadratic::at_zero();
         let mut schedule = Schedule {
             max_steps: 7,
             accumulate: 2,

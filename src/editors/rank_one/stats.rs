@@ -413,8 +413,6 @@ fn checksum(bytes: &[u8]) -> String {
 }
 
 fn write_cache(path: &Path, sum: &Tensor, tokens: u64) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let values: Vec<f64> = sum.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
     let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
     let (r, c) = sum.dims2()?;
@@ -424,10 +422,9 @@ fn write_cache(path: &Path, sum: &Tensor, tokens: u64) -> Result<()> {
         ("tokens".to_string(), tokens.to_string()),
         ("sha256".to_string(), checksum(&bytes)),
     ]);
-    let tmp = path.with_extension("partial");
-    safetensors::serialize_to_file([("mom2.sum", view)], Some(metadata), &tmp)
-        .map_err(|e| Error::file(&tmp, e.to_string()))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    let file = safetensors::serialize([("mom2.sum", view)], Some(metadata))
+        .map_err(|e| Error::file(path, e.to_string()))?;
+    crate::files::write_atomically(path, &file)
 }
 
 /// `Ok(None)` when there is no cache file; `Err(why)` when there is one that cannot be trusted.
