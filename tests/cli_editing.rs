@@ -252,3 +252,30 @@ fn sanitation_edits_all_questions_then_judges_generations() {
     assert_eq!(summary["locality"], 100.0, "{summary}");
     assert_eq!(summary["edit_success_post"], summary["edit_success_pre"]);
 }
+
+#[test]
+fn a_loss_layer_outside_the_model_is_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hparams = tmp.path().join("alphaedit.yaml");
+    let yaml = tiny_alphaedit_yaml("./none.pt").replace("v_loss_layer: 1", "v_loss_layer: 9");
+    std::fs::write(&hparams, yaml).unwrap();
+    let out = kedit(&[
+        "apply",
+        "-m",
+        fixture("tiny-gpt2").to_str().unwrap(),
+        "--editor",
+        "AlphaEdit",
+        "--hparams",
+        hparams.to_str().unwrap(),
+        "--stats-dir",
+        tmp.path().join("stats").to_str().unwrap(),
+        "--prompt",
+        "The capital of France is",
+        "--subject",
+        "France",
+        "--target",
+        "Rome",
+        "--no-fluency",
+    ]);
+    assert_one_line_error(&out, &["v_loss_layer 9"]);
+}

@@ -101,7 +101,7 @@ impl Editor for AlphaEdit {
     }
 
     fn max_batch(&self) -> usize {
-        usize::MAX
+        self.params.max_batch()
     }
 
     fn apply(

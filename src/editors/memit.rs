@@ -37,7 +37,7 @@ impl Editor for Memit {
     }
 
     fn max_batch(&self) -> usize {
-        usize::MAX
+        self.params.max_batch()
     }
 
     fn apply(

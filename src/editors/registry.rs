@@ -182,6 +182,43 @@ mod tests {
     }
 
     #[test]
+    fn values_kedit_does_not_honour_are_refused_naming_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("hparams/MEMIT/gpt2-xl.yaml");
+        let text = std::fs::read_to_string(shipped).unwrap();
+        let variant = |name: &str, from: &str, to: &str| {
+            let path = dir.path().join(name);
+            assert!(text.contains(from), "{from}");
+            std::fs::write(&path, text.replace(from, to)).unwrap();
+            path
+        };
+        let random = variant(
+            "random.yaml",
+            "layer_selection: \"all\"",
+            "layer_selection: \"random\"",
+        );
+        let err = editor_from_hparams(&random).err().unwrap().to_string();
+        assert!(
+            err.contains("random.yaml") && err.contains("layer_selection"),
+            "{err}"
+        );
+        let long = variant("long.yaml", "layer_selection: \"all\"", "max_length: 40");
+        let err = editor_from_hparams(&long).err().unwrap().to_string();
+        assert!(
+            err.contains("long.yaml") && err.contains("max_length"),
+            "{err}"
+        );
+        // batch_size is honoured: it bounds the requests of one edit call, as EasyEdit chunks them.
+        let batched = variant("batched.yaml", "layer_selection: \"all\"", "batch_size: 2");
+        assert_eq!(editor_from_hparams(&batched).unwrap().max_batch(), 2);
+        let unbatched = variant("unbatched.yaml", "layer_selection: \"all\"", "");
+        assert_eq!(
+            editor_from_hparams(&unbatched).unwrap().max_batch(),
+            usize::MAX
+        );
+    }
+
+    #[test]
     fn a_field_no_method_knows_is_an_error_naming_file_and_field() {
         let dir = std::env::temp_dir().join(format!("kedit-registry-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

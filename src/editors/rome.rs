@@ -37,6 +37,7 @@ pub struct RomeParams {
     pub rewrite_module_tmp: String,
     #[serde(default)]
     pub mom2_n_samples: Option<usize>,
+    /// Refused when present: EasyEdit's ROME never reads it.
     #[serde(default)]
     pub max_length: Option<usize>,
     /// kedit extension: fixed context templates instead of sampled ones (each with one `{}`).
@@ -56,6 +57,11 @@ impl Rome {
     pub fn new(params: RomeParams) -> Result<Self> {
         if params.layers.is_empty() {
             return Err(Error::Invalid("ROME: layers is empty".into()));
+        }
+        if params.max_length.is_some() {
+            return Err(Error::Invalid(
+                "max_length is not used by ROME (it sets no editing step); remove it".into(),
+            ));
         }
         if let Some(t) = &params.context_templates {
             if t.is_empty() || t.iter().any(|t| t.matches("{}").count() != 1) {

@@ -24,6 +24,8 @@ use crate::model::{Model, Site};
 pub struct MassParams {
     pub alg_name: String,
     pub layers: Vec<usize>,
+    /// EasyEdit's MEMIT knows only `all` (every layer of `layers` takes part); any other value
+    /// is refused.
     #[serde(default)]
     pub layer_selection: Option<String>,
     pub fact_token: FactToken,
@@ -44,8 +46,10 @@ pub struct MassParams {
     pub mom2_update_weight: f64,
     pub rewrite_module_tmp: String,
     pub mom2_n_samples: usize,
+    /// Refused when present: EasyEdit's editing code for these methods never reads it.
     #[serde(default)]
     pub max_length: Option<usize>,
+    /// Requests per edit call, as EasyEdit's `batch_edit` chunks them (default: all at once).
     #[serde(default)]
     pub batch_size: Option<usize>,
     /// AlphaEdit: saved projectors `[n_layers, d_ff, d_ff]` (torch.save or safetensors), used when
@@ -76,14 +80,37 @@ impl MassParams {
         if sorted != p.layers {
             return Err(Error::file(path, "layers must be distinct and ascending"));
         }
+        if let Some(other) = p.layer_selection.as_deref().filter(|s| *s != "all") {
+            return Err(Error::file(
+                path,
+                format!("layer_selection {other:?} is not supported: kedit, as EasyEdit, implements only \"all\""),
+            ));
+        }
+        if p.max_length.is_some() {
+            return Err(Error::file(
+                path,
+                format!(
+                    "max_length is not used by {} (it sets no editing step); remove it",
+                    p.alg_name
+                ),
+            ));
+        }
+        if p.batch_size == Some(0) {
+            return Err(Error::file(path, "batch_size must be at least 1"));
+        }
         Ok(p)
     }
 
-    fn value_params(&self, n_layers: usize) -> ValueParams {
+    /// Most requests one edit call takes: `batch_size`, else all.
+    pub fn max_batch(&self) -> usize {
+        self.batch_size.unwrap_or(usize::MAX)
+    }
+
+    fn value_params(&self) -> ValueParams {
         let z_layer = self.layers.last().copied().unwrap_or(0);
         ValueParams {
             site: Site::ResidPost(z_layer),
-            loss_layer: self.v_loss_layer.min(n_layers - 1),
+            loss_layer: self.v_loss_layer,
             steps: self.v_num_grad_steps,
             lr: self.v_lr,
             weight_decay: self.v_weight_decay,
@@ -181,8 +208,7 @@ pub fn spread_edit(
     params: &MassParams,
     solve: &mut LayerSolve<'_>,
 ) -> Result<Edit> {
-    let n_layers = model.spec().n_layers;
-    let value = params.value_params(n_layers);
+    let value = params.value_params();
     let flat: Vec<String> = groups.iter().flatten().cloned().collect();
     let mut phases = Phases::default();
     let values = phases.time("values", || {

@@ -89,7 +89,15 @@ pub fn optimise_value(
         .layer()
         .ok_or_else(|| Error::Invalid(format!("δ site {} has no layer", params.site)))?;
     let n_layers = model.spec().n_layers;
-    let loss_layer = params.loss_layer.max(layer).min(n_layers - 1);
+    // EasyEdit reads the loss at this layer's output: past the last layer it has no module, below
+    // the edited one the loss cannot see δ. Both are refused rather than quietly moved.
+    let loss_layer = params.loss_layer;
+    if loss_layer >= n_layers || loss_layer < layer {
+        return Err(Error::Invalid(format!(
+            "v_loss_layer {loss_layer} is not a layer from the edited layer {layer} to the model's last, {}",
+            n_layers - 1
+        )));
+    }
     // Teacher forcing: every template's prompt followed by all target tokens but the last.
     let forced = model.decode(&target_ids[..t - 1])?;
     let lookups = template_positions(model, templates, prompt, subject, params.fact_token)?;
