@@ -385,3 +385,88 @@ fn batched_sampling_gives_each_row_what_it_samples_alone() {
     // Different seeds must draw different texts, or the rows are not independent.
     assert_ne!(batched[0], batched[2]);
 }
+
+/// `x Wᵀ + b` of `x` `[1, s, d_in]` for weight `[d_out, d_in]`, by hand.
+fn linear_by_hand(x: &Tensor, w: &Tensor, b: Option<Tensor>) -> Tensor {
+    let y = x.squeeze(0).unwrap().matmul(&w.t().unwrap()).unwrap();
+    match b {
+        Some(b) => y.broadcast_add(&b).unwrap(),
+        None => y,
+    }
+}
+
+fn mlp_projection_sites_hold_the_projections_outputs(model: &Model, gated: bool) {
+    let l = 1;
+    let ids = model.encode(PROMPTS[1]).unwrap();
+    let batch = TokenBatch::new(std::slice::from_ref(&ids), 0, model.device()).unwrap();
+    let mut spec = HookSpec::new()
+        .capture(Site::MlpIn(l))
+        .capture(Site::MlpUpOut(l))
+        .capture(Site::MlpAct(l));
+    if gated {
+        spec = spec.capture(Site::MlpGateOut(l));
+    }
+    let out = model.forward(&batch, &spec).unwrap();
+    let x = out.capture(Site::MlpIn(l)).unwrap();
+    let up = WeightId::layer(l, Module::MlpUp);
+    let bias = model.weight(up.bias()).ok();
+    let want_up = linear_by_hand(x, &model.weight(up).unwrap(), bias);
+    let got_up = out.capture(Site::MlpUpOut(l)).unwrap().squeeze(0).unwrap();
+    assert!(max_abs_diff(&want_up, &got_up) < 1e-4);
+    let act = out.capture(Site::MlpAct(l)).unwrap().squeeze(0).unwrap();
+    let want_act = if gated {
+        let gate = linear_by_hand(
+            x,
+            &model.weight(WeightId::layer(l, Module::MlpGate)).unwrap(),
+            None,
+        );
+        let got_gate = out
+            .capture(Site::MlpGateOut(l))
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        assert!(max_abs_diff(&gate, &got_gate) < 1e-4);
+        // SiLU by hand: g · σ(g).
+        let sigmoid = (gate.neg().unwrap().exp().unwrap() + 1.0)
+            .unwrap()
+            .recip()
+            .unwrap();
+        ((&gate * sigmoid).unwrap() * &want_up).unwrap()
+    } else {
+        want_up.gelu().unwrap()
+    };
+    assert!(max_abs_diff(&want_act, &act) < 1e-4);
+
+    // An intervention at the up projection's output reaches the activation.
+    let shifted = model
+        .forward(
+            &batch,
+            &HookSpec::new().capture(Site::MlpAct(l)).intervene(
+                Site::MlpUpOut(l),
+                Intervention::Add(Tensor::new(0.5f32, model.device()).unwrap()),
+            ),
+        )
+        .unwrap();
+    let moved = shifted
+        .capture(Site::MlpAct(l))
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    assert!(max_abs_diff(&moved, &act) > 1e-2);
+}
+
+#[test]
+fn mlp_up_and_gate_sites_hold_the_projections_outputs() {
+    mlp_projection_sites_hold_the_projections_outputs(&tiny_gpt2(), false);
+    mlp_projection_sites_hold_the_projections_outputs(smol(), true);
+    let model = tiny_gpt2();
+    let batch = TokenBatch::new(&[vec![1, 2]], 0, model.device()).unwrap();
+    let err = model
+        .forward(&batch, &HookSpec::new().capture(Site::MlpGateOut(0)))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("mlp_gate_out.0") && err.contains("no gate"),
+        "{err}"
+    );
+}

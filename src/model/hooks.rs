@@ -20,8 +20,14 @@ pub enum Site {
     ResidPre(usize),
     /// `[b, s, d_model]`: the attention output of layer `l` (after the output projection, before the residual add).
     AttnOut(usize),
-    /// `[b, s, d_model]`: the normalised input of layer `l`'s MLP.
+    /// `[b, s, d_model]`: the normalised input of layer `l`'s MLP, the input of its up (and gate)
+    /// projection.
     MlpIn(usize),
+    /// `[b, s, d_mlp]`: the output of the up projection (`c_fc` / `up_proj`, bias included), before
+    /// the activation. MEND and KE read the gradient here.
+    MlpUpOut(usize),
+    /// `[b, s, d_mlp]`: the output of LLaMA's gate projection, before SiLU (GPT-2 has none).
+    MlpGateOut(usize),
     /// `[b, s, d_mlp]`: the input of `down_proj` / `c_proj` — the key `k` of ROME and MEMIT.
     MlpAct(usize),
     /// `[b, s, d_model]`: the MLP output of layer `l`, where ROME adds its value delta.
@@ -40,6 +46,8 @@ impl Site {
             Site::ResidPre(l)
             | Site::AttnOut(l)
             | Site::MlpIn(l)
+            | Site::MlpUpOut(l)
+            | Site::MlpGateOut(l)
             | Site::MlpAct(l)
             | Site::MlpOut(l)
             | Site::ResidPost(l) => Some(l),
@@ -54,6 +62,8 @@ impl fmt::Display for Site {
             Site::ResidPre(l) => write!(f, "resid_pre.{l}"),
             Site::AttnOut(l) => write!(f, "attn_out.{l}"),
             Site::MlpIn(l) => write!(f, "mlp_in.{l}"),
+            Site::MlpUpOut(l) => write!(f, "mlp_up_out.{l}"),
+            Site::MlpGateOut(l) => write!(f, "mlp_gate_out.{l}"),
             Site::MlpAct(l) => write!(f, "mlp_act.{l}"),
             Site::MlpOut(l) => write!(f, "mlp_out.{l}"),
             Site::ResidPost(l) => write!(f, "resid_post.{l}"),
@@ -80,6 +90,8 @@ impl FromStr for Site {
             "resid_pre" => Site::ResidPre(l),
             "attn_out" => Site::AttnOut(l),
             "mlp_in" => Site::MlpIn(l),
+            "mlp_up_out" => Site::MlpUpOut(l),
+            "mlp_gate_out" => Site::MlpGateOut(l),
             "mlp_act" => Site::MlpAct(l),
             "mlp_out" => Site::MlpOut(l),
             "resid_post" => Site::ResidPost(l),
@@ -252,6 +264,8 @@ mod tests {
             Site::ResidPre(0),
             Site::AttnOut(3),
             Site::MlpIn(1),
+            Site::MlpUpOut(4),
+            Site::MlpGateOut(5),
             Site::MlpAct(17),
             Site::MlpOut(2),
             Site::ResidPost(29),

@@ -520,6 +520,12 @@ impl Model {
             if let Some(l) = site.layer() {
                 self.check_layer(l)?;
             }
+            if matches!(site, Site::MlpGateOut(_)) && self.spec.activation != Activation::Silu {
+                return Err(Error::Invalid(format!(
+                    "site {site}: this {:?} model's MLP has no gate projection",
+                    self.spec.arch
+                )));
+            }
         }
         // A growing cache must see every layer of every new token; a read-only one need not.
         let growing = matches!(past, Past::Growing(_));
@@ -626,7 +632,7 @@ impl Model {
             let h = self.norm(&xs, WeightId::layer(l, Module::MlpNorm))?;
             let mlp_in = hooks.visit(Site::MlpIn(l), h, &mut captures)?;
             input.mlp_in = Some(&mlp_in);
-            let act = self.mlp_act(l, &mlp_in)?;
+            let act = self.mlp_act(l, &mlp_in, hooks, &mut captures)?;
             let act = self.overlaid(Site::MlpAct(l), &input, act)?;
             let act = hooks.visit(Site::MlpAct(l), act, &mut captures)?;
             input.mlp_act = Some(&act);
@@ -771,16 +777,26 @@ impl Model {
     ///
     /// # Shapes
     /// `h: [b, s, d_model]` → `[b, s, d_mlp]`
-    fn mlp_act(&self, l: usize, h: &Tensor) -> candle_core::Result<Tensor> {
+    /// The MLP's activations `[b, s, d_mlp]` from its normalised input, with the up and gate
+    /// projections' outputs as hook sites.
+    fn mlp_act(
+        &self,
+        l: usize,
+        h: &Tensor,
+        hooks: &HookSpec,
+        captures: &mut BTreeMap<Site, Tensor>,
+    ) -> Result<Tensor> {
         let up = self.proj(h, WeightId::layer(l, Module::MlpUp))?;
-        match self.spec.activation {
-            Activation::GeluTanh => up.gelu(),
-            Activation::GeluErf => up.gelu_erf(),
+        let up = hooks.visit(Site::MlpUpOut(l), up, captures)?;
+        Ok(match self.spec.activation {
+            Activation::GeluTanh => up.gelu()?,
+            Activation::GeluErf => up.gelu_erf()?,
             Activation::Silu => {
                 let gate = self.proj(h, WeightId::layer(l, Module::MlpGate))?;
-                candle_nn::ops::silu(&gate)? * up
+                let gate = hooks.visit(Site::MlpGateOut(l), gate, captures)?;
+                (candle_nn::ops::silu(&gate)? * up)?
             }
-        }
+        })
     }
 
     /// Tokenises `text` without special tokens (neither GPT-2 nor SmolLM2 adds a BOS).
