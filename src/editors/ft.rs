@@ -85,7 +85,8 @@ pub struct FtParams {
     #[serde(default, deserialize_with = "float_or_false")]
     pub norm_constraint: Option<f64>,
     pub objective_optimization: Objective,
-    pub rewrite_module_tmp: String,
+    #[serde(deserialize_with = "crate::model::module_template")]
+    pub rewrite_module_tmp: crate::model::ModuleTemplate,
     /// Evaluation setting (score prompts in the chat template); the CLI reads it.
     #[serde(default)]
     pub use_chat_template: bool,
@@ -190,7 +191,7 @@ impl Editor for Ft {
     ) -> Result<Edit> {
         let mut ids: Vec<WeightId> = Vec::new();
         for &layer in &self.params.layers {
-            ids.extend(model.weights_matching(&self.params.rewrite_module_tmp, layer)?);
+            ids.extend(self.params.rewrite_module_tmp.weights(model, layer)?);
         }
         let vars = ids
             .iter()

@@ -34,7 +34,8 @@ pub struct RomeParams {
     pub kl_factor: f64,
     pub mom2_adjustment: bool,
     pub context_template_length_params: Vec<[usize; 2]>,
-    pub rewrite_module_tmp: String,
+    #[serde(deserialize_with = "crate::model::module_template")]
+    pub rewrite_module_tmp: crate::model::ModuleTemplate,
     #[serde(default)]
     pub mom2_n_samples: Option<usize>,
     /// Refused when present: EasyEdit's ROME never reads it.

@@ -15,6 +15,7 @@ pub mod ops;
 mod overlay;
 mod spec;
 pub mod subject;
+mod template;
 mod weights;
 
 use std::collections::BTreeMap;
@@ -28,6 +29,7 @@ pub use generate::{Generation, KvCache, PrefixCache, Sampling, StepTopK};
 pub use hooks::{HookSpec, Intervention, Site};
 pub use overlay::{LowRankAdapter, Overlay, OverlayInput, OverlayParts};
 pub use spec::{Activation, Arch, ModelSpec};
+pub use template::{module_template, ModuleTemplate};
 pub use weights::{Module, Param, WeightId};
 
 use crate::error::{Error, Result};
@@ -346,13 +348,7 @@ impl Model {
     /// The Hugging Face checkpoint name of a weight (`transformer.h.5.mlp.c_proj.weight`,
     /// `model.layers.5.mlp.down_proj.weight`), for EasyEdit's string templates and for saved edits.
     pub fn checkpoint_name(&self, id: WeightId) -> Option<String> {
-        match self.spec.arch {
-            Arch::Gpt2 => gpt2::checkpoint_name(id, load::Format::Hf).map(|n| match id.module {
-                Module::LmHead => n,
-                _ => format!("transformer.{n}"),
-            }),
-            Arch::Llama => llama::checkpoint_name(id, load::Format::Hf),
-        }
+        hf_checkpoint_name(self.spec.arch, id)
     }
 
     /// The weight with a given Hugging Face checkpoint name.
@@ -363,39 +359,7 @@ impl Model {
             .find(|id| self.checkpoint_name(*id).as_deref() == Some(name))
     }
 
-    /// The weights an EasyEdit module template selects for `layer`: every weight whose checkpoint
-    /// name contains the template with `{}` replaced by the layer (EasyEdit's substring rule, so
-    /// `transformer.h.{}.mlp.c_proj` selects weight and bias, `...down_proj.weight` the weight only).
-    ///
-    /// # Errors
-    /// A layer out of range, a template without `{}`, or one that selects nothing.
-    pub fn weights_matching(&self, template: &str, layer: usize) -> Result<Vec<WeightId>> {
-        self.check_layer(layer)?;
-        if !template.contains("{}") {
-            return Err(Error::Invalid(format!(
-                "module template {template:?} has no {{}} for the layer index"
-            )));
-        }
-        let needle = template.replace("{}", &layer.to_string());
-        let ids: Vec<WeightId> = self
-            .weights
-            .keys()
-            .copied()
-            .filter(|id| {
-                self.checkpoint_name(*id)
-                    .is_some_and(|n| n.contains(&needle))
-            })
-            .collect();
-        if ids.is_empty() {
-            return Err(Error::Invalid(format!(
-                "module template {template:?} matches no weight of this {:?} model at layer {layer}",
-                self.spec.arch
-            )));
-        }
-        Ok(ids)
-    }
-
-    fn check_layer(&self, layer: usize) -> Result<()> {
+    pub(crate) fn check_layer(&self, layer: usize) -> Result<()> {
         if layer >= self.spec.n_layers {
             return Err(Error::Invalid(format!(
                 "layer {layer} is out of range: the model has layers 0..{}",
@@ -876,6 +840,17 @@ impl Model {
 }
 
 /// Every weight an architecture needs, with its `[out, in]` shape.
+/// The Hugging Face checkpoint name of a weight of an `arch` model.
+fn hf_checkpoint_name(arch: Arch, id: WeightId) -> Option<String> {
+    match arch {
+        Arch::Gpt2 => gpt2::checkpoint_name(id, load::Format::Hf).map(|n| match id.module {
+            Module::LmHead => n,
+            _ => format!("transformer.{n}"),
+        }),
+        Arch::Llama => llama::checkpoint_name(id, load::Format::Hf),
+    }
+}
+
 fn required_weights(spec: &ModelSpec) -> Vec<(WeightId, Vec<usize>)> {
     match spec.arch {
         Arch::Gpt2 => gpt2::required_weights(spec),

@@ -88,7 +88,7 @@ impl Module {
         }
     }
 
-    const ALL: [Module; 14] = [
+    pub(crate) const ALL: [Module; 14] = [
         Module::Embed,
         Module::PosEmbed,
         Module::LmHead,

@@ -16,13 +16,18 @@ use crate::model::{Model, Module, WeightId};
 
 /// The down-projection weight of `layer` that `rewrite_module_tmp` names, checked to be the one
 /// these methods rewrite.
-pub fn rewrite_weight(model: &Model, template: &str, layer: usize) -> Result<WeightId> {
+pub fn rewrite_weight(
+    model: &Model,
+    template: &crate::model::ModuleTemplate,
+    layer: usize,
+) -> Result<WeightId> {
     let down = WeightId::layer(layer, Module::MlpDown);
-    if model.weights_matching(template, layer)?.contains(&down) {
+    if template.weights(model, layer)?.contains(&down) {
         Ok(down)
     } else {
         Err(Error::Invalid(format!(
-            "rewrite_module_tmp {template:?} does not name layer {layer}'s MLP down projection, which this method rewrites"
+            "rewrite_module_tmp {:?} does not name layer {layer}'s MLP down projection, which this method rewrites",
+            template.text
         )))
     }
 }

@@ -44,7 +44,8 @@ pub struct MassParams {
     pub mom2_adjustment: Option<bool>,
     #[serde(deserialize_with = "float")]
     pub mom2_update_weight: f64,
-    pub rewrite_module_tmp: String,
+    #[serde(deserialize_with = "crate::model::module_template")]
+    pub rewrite_module_tmp: crate::model::ModuleTemplate,
     pub mom2_n_samples: usize,
     /// Refused when present: EasyEdit's editing code for these methods never reads it.
     #[serde(default)]
