@@ -159,13 +159,13 @@ fn sharded_tiny_gpt2(dir: &Path) -> PathBuf {
 fn opts(cache: &Path, endpoint: Option<String>) -> LoadOptions {
     LoadOptions {
         dtype: DTypeChoice::Exact(candle_core::DType::F32),
-        hub: HubOptions {
+        hub: Some(HubOptions {
             cache_dir: cache.to_path_buf(),
             endpoint,
             token: None,
             offline: false,
             progress: false,
-        },
+        }),
         ..LoadOptions::default()
     }
 }
@@ -235,7 +235,7 @@ fn hub_download_fills_the_cache_and_a_second_load_needs_no_server() {
 fn offline_hub_load_of_an_uncached_model_names_the_cache() {
     let tmp = tempfile::tempdir().unwrap();
     let mut o = opts(tmp.path(), None);
-    o.hub.offline = true;
+    o.hub.as_mut().unwrap().offline = true;
     let err = load("kedit-test/absent", &o).unwrap_err().to_string();
     assert!(
         err.contains("not in the cache") && err.contains("config.json"),

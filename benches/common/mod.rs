@@ -12,8 +12,13 @@ pub fn smollm2_f32() -> Model {
         dtype: DTypeChoice::Exact(DType::F32),
         ..LoadOptions::default()
     };
-    load(fetched_smollm2().to_str().unwrap_or_default(), &opts)
-        .expect("SmolLM2 GGUF: run scripts/fetch-model.sh")
+    load(
+        fetched_smollm2(|k| std::env::var_os(k))
+            .to_str()
+            .unwrap_or_default(),
+        &opts,
+    )
+    .expect("SmolLM2 GGUF: run scripts/fetch-model.sh")
 }
 
 /// The CounterFact records copied into the test fixtures.

@@ -147,7 +147,9 @@ impl ModelArgs {
                 DTypeArg::Bf16 => DTypeChoice::Exact(DType::BF16),
             },
             tokenizer: self.tokenizer.clone(),
-            ..LoadOptions::default()
+            hub: Some(crate::model::load::HubOptions::from_vars(|k| {
+                std::env::var(k).ok()
+            })),
         };
         Ok(load::load(&self.model, &opts)?)
     }

@@ -22,7 +22,7 @@ pub fn read_json(rel: &str) -> serde_json::Value {
 /// The SmolLM2 GGUF fetched by `scripts/fetch-model.sh` (or `$KEDIT_SMOLLM2_GGUF`). A missing
 /// model fails the test: the suite's command fetches it first, so absence is a real error.
 pub fn smollm2_path() -> PathBuf {
-    let path = kedit::model::load::fetched_smollm2();
+    let path = kedit::model::load::fetched_smollm2(|k| std::env::var_os(k));
     assert!(
         path.is_file(),
         "{} is missing: run scripts/fetch-model.sh first",

@@ -1,6 +1,7 @@
 //! Hub ids resolved through the Hugging Face cache (the layout Python's `huggingface_hub` uses, so
-//! both share downloads). `HF_HOME`, `HF_HUB_CACHE`, `HF_ENDPOINT`, `HF_TOKEN` and
-//! `HF_HUB_OFFLINE` are honoured.
+//! both share downloads). [`HubOptions::from_vars`] reads `HF_HOME`, `HF_HUB_CACHE`,
+//! `HF_ENDPOINT`, `HF_TOKEN` and `HF_HUB_OFFLINE` from a lookup its caller gives (the CLI passes
+//! the environment), so the library itself reads no environment variable.
 
 use std::path::{Path, PathBuf};
 
@@ -21,15 +22,28 @@ pub struct HubOptions {
 }
 
 impl HubOptions {
-    pub fn from_env() -> Self {
-        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        let cache_dir = var("HF_HUB_CACHE")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| Cache::from_env().path().clone());
+    /// The options `huggingface_hub` would take from these variables: the cache in
+    /// `$HF_HUB_CACHE`, else `$HF_HOME/hub` (`$HF_HOME` defaulting to `~/.cache/huggingface`), the
+    /// token in `$HF_TOKEN`, else the `token` file in `$HF_HOME`.
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Self {
+        let var = |k: &str| var(k).filter(|v| !v.is_empty());
+        let hf_home = var("HF_HOME").map(PathBuf::from).unwrap_or_else(|| {
+            PathBuf::from(var("HOME").unwrap_or_else(|| ".".into()))
+                .join(".cache")
+                .join("huggingface")
+        });
+        let saved_token = || {
+            std::fs::read_to_string(hf_home.join("token"))
+                .ok()
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty())
+        };
         Self {
-            cache_dir,
+            cache_dir: var("HF_HUB_CACHE")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| hf_home.join("hub")),
             endpoint: var("HF_ENDPOINT"),
-            token: var("HF_TOKEN").or_else(|| Cache::from_env().token()),
+            token: var("HF_TOKEN").or_else(saved_token),
             offline: var("HF_HUB_OFFLINE").is_some_and(|v| v != "0"),
             progress: false,
         }

@@ -18,17 +18,16 @@ pub use hub::{resolve_hub, HubOptions};
 pub use tokenizer::tokenizer_from_gguf;
 
 /// Where `scripts/fetch-model.sh` keeps the SmolLM2-135M-Instruct GGUF (the model tests and
-/// benchmarks run on): `$KEDIT_SMOLLM2_GGUF`, else `SmolLM2-135M-Instruct.Q4_1.gguf` in
-/// `$KEDIT_MODELS` (default `~/.cache/kedit/models`). The file may not exist yet.
-pub fn fetched_smollm2() -> PathBuf {
-    if let Some(p) = std::env::var_os("KEDIT_SMOLLM2_GGUF") {
+/// benchmarks run on), given the variables `var` looks up (tests and benches pass the
+/// environment): `$KEDIT_SMOLLM2_GGUF`, else `SmolLM2-135M-Instruct.Q4_1.gguf` in `$KEDIT_MODELS`
+/// (default `~/.cache/kedit/models`). The file may not exist yet.
+pub fn fetched_smollm2(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> PathBuf {
+    if let Some(p) = var("KEDIT_SMOLLM2_GGUF") {
         return PathBuf::from(p);
     }
-    let dir = std::env::var_os("KEDIT_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/kedit/models")
-        });
+    let dir = var("KEDIT_MODELS").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(var("HOME").unwrap_or_default()).join(".cache/kedit/models")
+    });
     dir.join("SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
@@ -54,7 +53,8 @@ pub struct LoadOptions {
     pub dtype: DTypeChoice,
     /// A `tokenizer.json` to use instead of the one the source provides.
     pub tokenizer: Option<PathBuf>,
-    pub hub: HubOptions,
+    /// Where Hub ids are looked for; `None` refuses them.
+    pub hub: Option<HubOptions>,
 }
 
 impl Default for LoadOptions {
@@ -63,7 +63,7 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             dtype: DTypeChoice::Auto,
             tokenizer: None,
-            hub: HubOptions::from_env(),
+            hub: None,
         }
     }
 }
@@ -97,7 +97,12 @@ pub fn load(source: &str, opts: &LoadOptions) -> Result<Model> {
         };
     }
     if looks_like_hub_id(source) {
-        let folder = resolve_hub(source, &opts.hub)?;
+        let hub = opts.hub.as_ref().ok_or_else(|| {
+            Error::Invalid(format!(
+                "{source} looks like a Hub id, but no Hugging Face cache is configured to find it in"
+            ))
+        })?;
+        let folder = resolve_hub(source, hub)?;
         return hf::load_folder(&folder, source, "hub", opts);
     }
     Err(Error::file(
