@@ -5,10 +5,12 @@
 //! ([`WeightId`]) in `[out, in]` orientation, so an editor can read, replace or optimise any of them
 //! without knowing the checkpoint's names or layout.
 
+pub mod blas;
 pub mod chat;
 mod generate;
 mod gpt2;
 mod hooks;
+pub mod kernels;
 mod llama;
 pub mod load;
 pub mod ops;

@@ -14,6 +14,10 @@
 
 use candle_core::{DType, Device, Result, Tensor, D};
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::{blas, kernels};
+
 /// Whether a gradient can flow through any of `ts` (f64 always takes the composed path, which the
 /// finite-difference tests rely on, and the fused kernels do not all support).
 fn needs_grad(ts: &[&Tensor]) -> bool {
@@ -90,17 +94,132 @@ pub fn linear(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Ten
 /// `x @ wᵀ` for a 2-D `x`. When a gradient flows through `x` but `w` is a constant, candle's
 /// matmul backward would still build the full `[out, in]` gradient of `w` (for the LM head, a
 /// vocabulary-sized matrix) on every backward pass and throw it away; [`ConstWeightMatmul`]
-/// returns only the gradient of `x`.
+/// returns only the gradient of `x`. f32 products on the CPU go to [`kernels`] or OpenBLAS, both ways.
 ///
 /// # Shapes
 /// `xs: [n, in]`, `weight: [out, in]` → `[n, out]`
 pub fn matmul_t(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    if xs.track_op() && !weight.track_op() && xs.device().is_cpu() {
-        xs.contiguous()?.apply_op1(ConstWeightMatmul {
-            weight: weight.clone(),
+    if xs.device().is_cpu() && !weight.track_op() {
+        if xs.track_op() {
+            return xs.contiguous()?.apply_op1(ConstWeightMatmul {
+                weight: weight.clone(),
+            });
+        }
+        if let Some(ys) = short_product(xs, weight, Product::XWt)? {
+            return Ok(ys);
+        }
+    }
+    xs.matmul(&weight.t()?)
+}
+
+/// `dy @ w`, the gradient of `x` through `x @ wᵀ` for a constant `w`.
+fn const_weight_grad(dy: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    if !dy.track_op() {
+        if let Some(dx) = short_product(dy, weight, Product::DyW)? {
+            return Ok(dx);
+        }
+    }
+    dy.contiguous()?.matmul(weight)
+}
+
+static FAST_PRODUCTS: AtomicBool = AtomicBool::new(true);
+
+/// Turns [`kernels`] and OpenBLAS off (or back on) for the whole process, leaving candle's matmul
+/// for every product: the reference the fast paths are tested against.
+pub fn set_fast_products(on: bool) {
+    FAST_PRODUCTS.store(on, Ordering::Relaxed);
+}
+
+#[derive(Clone, Copy)]
+enum Product {
+    /// `x @ wᵀ`: `[m, k] × [n, k]ᵀ`.
+    XWt,
+    /// `dy @ w`: `[m, n] × [n, k]`.
+    DyW,
+}
+
+/// The product by [`kernels`] (up to [`kernels::MAX_ROWS`] rows) or OpenBLAS (more rows), for f32
+/// on the CPU with a 2-D left side and a contiguous weight; `None` where neither applies.
+fn short_product(lhs: &Tensor, weight: &Tensor, product: Product) -> Result<Option<Tensor>> {
+    let (m, width) = match lhs.dims() {
+        &[m, width] => (m, width),
+        _ => return Ok(None),
+    };
+    let short = m <= kernels::MAX_ROWS;
+    if lhs.dtype() != DType::F32
+        || weight.dtype() != DType::F32
+        || !weight.is_contiguous()
+        || !FAST_PRODUCTS.load(Ordering::Relaxed)
+        || !(if short {
+            kernels::available()
+        } else {
+            blas::LINKED
         })
-    } else {
-        xs.matmul(&weight.t()?)
+    {
+        return Ok(None);
+    }
+    let (rows, cols) = weight.dims2()?;
+    let lhs = lhs.contiguous()?;
+    let (out, out_cols) = {
+        let (Some(a), Some(w)) = (cpu_f32(&lhs), cpu_f32(weight)) else {
+            return Ok(None);
+        };
+        let (a, w) = (a.slice(), w.slice());
+        let out = match product {
+            Product::XWt if width == cols => (
+                if short {
+                    Some(kernels::x_wt(a, w, m, cols, rows))
+                } else {
+                    blas::x_wt(a, w, m, cols, rows)
+                },
+                rows,
+            ),
+            Product::DyW if width == rows => (
+                if short {
+                    Some(kernels::dy_w(a, w, m, rows, cols))
+                } else {
+                    blas::dy_w(a, w, m, rows, cols)
+                },
+                cols,
+            ),
+            _ => return Ok(None), // mismatched widths: candle's matmul reports them
+        };
+        match out {
+            (Some(v), c) => (v, c),
+            (None, _) => return Ok(None),
+        }
+    };
+    Ok(Some(Tensor::from_vec(out, (m, out_cols), &Device::Cpu)?))
+}
+
+/// A contiguous CPU f32 tensor's elements, read in place.
+struct F32View<'a> {
+    guard: candle_core::StorageRef<'a>,
+    start: usize,
+    len: usize,
+}
+
+impl F32View<'_> {
+    fn slice(&self) -> &[f32] {
+        match &*self.guard {
+            candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => {
+                &v[self.start..self.start + self.len]
+            }
+            _ => unreachable!("cpu_f32 checked the storage"),
+        }
+    }
+}
+
+fn cpu_f32(t: &Tensor) -> Option<F32View<'_>> {
+    let (guard, layout) = t.storage_and_layout();
+    let start = layout.contiguous_offsets()?.0;
+    match &*guard {
+        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(_)) => Some(F32View {
+            guard,
+            start,
+            len: layout.shape().elem_count(),
+        }),
+        _ => None,
     }
 }
 
@@ -131,7 +250,10 @@ impl candle_core::CustomOp1 for ConstWeightMatmul {
             S::BF16(v) => Tensor::from_slice(&v[start..end], dims, &Device::Cpu)?,
             _ => candle_core::bail!("const-weight-matmul: unsupported dtype"),
         };
-        let ys = xs.matmul(&self.weight.t()?)?;
+        let ys = match short_product(&xs, &self.weight, Product::XWt)? {
+            Some(ys) => ys,
+            None => xs.matmul(&self.weight.t()?)?,
+        };
         let (storage, _) = ys.storage_and_layout();
         match &*storage {
             candle_core::Storage::Cpu(cpu) => Ok((cpu.clone(), ys.shape().clone())),
@@ -140,7 +262,7 @@ impl candle_core::CustomOp1 for ConstWeightMatmul {
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad_res.contiguous()?.matmul(&self.weight)?))
+        Ok(Some(const_weight_grad(grad_res, &self.weight)?))
     }
 }
 

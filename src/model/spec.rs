@@ -232,7 +232,7 @@ impl ModelSpec {
         if self.n_heads == 0 || self.n_kv_heads == 0 || self.n_layers == 0 {
             return Err("the model needs at least one layer, head and key/value head".into());
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(format!(
                 "{} attention heads cannot be grouped over {} key/value heads",
                 self.n_heads, self.n_kv_heads
@@ -244,7 +244,7 @@ impl ModelSpec {
                 self.d_model, self.n_heads
             ));
         }
-        if self.arch == Arch::Llama && self.head_dim % 2 != 0 {
+        if self.arch == Arch::Llama && !self.head_dim.is_multiple_of(2) {
             return Err(format!(
                 "rotary embeddings need an even head_dim, got {}",
                 self.head_dim

@@ -174,7 +174,7 @@ pub fn train(
         }
         trainee.update()?;
         outcome.steps += 1;
-        if outcome.steps % interval == 0 {
+        if outcome.steps.is_multiple_of(interval) {
             validated_at = Some(outcome.steps);
             if validate(trainee, outcome.steps, &mut outcome)? {
                 outcome.stopped_early = true;

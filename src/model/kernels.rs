@@ -1,0 +1,382 @@
+//! f32 matrix products on the CPU for inputs of a few dozen rows against a weight stored
+//! `[out, in]`: the shapes of editing and training, where one prompt of ten to thirty tokens meets
+//! every weight of the model.
+//!
+//! A packing GEMM (candle's `gemm`, OpenBLAS) copies the weight into panels on every call, and
+//! with so few rows that copy costs as much as the product (`benches/kernels.rs` measures both).
+//! These kernels read each weight row once, straight from where it lies, against rows of the input
+//! held in the L1 cache: `x · wᵀ` as 4 × 4 tiles of dot products, `dy · w` as 4-row × 64-column
+//! tiles of outer-product updates, both in AVX-512 with the work split over rayon's pool by runs of
+//! weight rows. Summation order differs from a GEMM's, so
+//! results agree with it to float rounding, not bit for bit.
+//!
+//! Where AVX-512 is missing, [`available`] is false and callers keep candle's matmul.
+
+use rayon::prelude::*;
+
+/// The most input rows the kernels take; above it a packing GEMM amortises its copies and wins.
+pub const MAX_ROWS: usize = 32;
+
+/// Whether this CPU runs the kernels.
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Weight rows per parallel task of [`x_wt`]: small enough to spread one matrix over the pool,
+/// large enough that a task outweighs rayon's scheduling.
+const ROWS_PER_TASK: usize = 16;
+/// Output columns per tile of [`dy_w`]: four AVX-512 vectors.
+const COLS_PER_TILE: usize = 64;
+
+/// `x · wᵀ`.
+///
+/// # Shapes
+/// `x: [m, k]`, `w: [n, k]` (both row-major) → `[m, n]`
+///
+/// # Panics
+/// If the slices do not have those lengths, or [`available`] is false.
+pub fn x_wt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+    assert!(available(), "kernels::x_wt needs AVX-512");
+    assert_eq!(x.len(), m * k, "x_wt: x is not [m, k]");
+    assert_eq!(w.len(), n * k, "x_wt: w is not [n, k]");
+    // Each task fills rows of the transposed product, which are contiguous, so tasks write
+    // disjoint slices; one small transpose at the end puts it back as [m, n].
+    let mut out_t = vec![0f32; n * m];
+    if m == 0 || n == 0 {
+        return out_t;
+    }
+    out_t
+        .par_chunks_mut(ROWS_PER_TASK * m)
+        .enumerate()
+        .for_each(|(task, out)| {
+            let j0 = task * ROWS_PER_TASK;
+            let rows = out.len() / m;
+            // SAFETY: `available()` checked AVX-512; the slices cover rows j0..j0 + rows of `w`.
+            unsafe { avx512::x_wt_rows(x, &w[j0 * k..(j0 + rows) * k], m, k, out) };
+        });
+    let mut out = vec![0f32; m * n];
+    for (j, col) in out_t.chunks_exact(m).enumerate() {
+        for (i, &v) in col.iter().enumerate() {
+            out[i * n + j] = v;
+        }
+    }
+    out
+}
+
+/// `dy · w`: the gradient of `x` through `x · wᵀ`.
+///
+/// # Shapes
+/// `dy: [m, n]`, `w: [n, k]` (both row-major) → `[m, k]`
+///
+/// # Panics
+/// If the slices do not have those lengths, or [`available`] is false.
+pub fn dy_w(dy: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+    assert!(available(), "kernels::dy_w needs AVX-512");
+    assert_eq!(dy.len(), m * n, "dy_w: dy is not [m, n]");
+    assert_eq!(w.len(), n * k, "dy_w: w is not [n, k]");
+    if m == 0 || k == 0 || n == 0 {
+        return vec![0f32; m * k];
+    }
+    // Tasks take contiguous runs of weight rows (a stream the prefetcher follows) and sum into
+    // private partial products, added up at the end.
+    (0..n.div_ceil(ROWS_PER_TASK))
+        .into_par_iter()
+        .fold(
+            || vec![0f32; m * k],
+            |mut partial, task| {
+                let j0 = task * ROWS_PER_TASK;
+                let j1 = (j0 + ROWS_PER_TASK).min(n);
+                // SAFETY: `available()` checked AVX-512; rows j0..j1 lie inside `w` and `dy`.
+                unsafe { avx512::dy_w_rows(dy, w, m, n, k, j0, j1, &mut partial) };
+                partial
+            },
+        )
+        .reduce_with(|mut a, b| {
+            a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+            a
+        })
+        .unwrap_or_else(|| vec![0f32; m * k])
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    const LANES: usize = 16;
+
+    /// The lanes of the last, partial vector of a row of `k`.
+    fn tail_mask(k: usize) -> __mmask16 {
+        match k % LANES {
+            0 => 0xFFFF,
+            r => (1u32 << r) as u16 - 1,
+        }
+    }
+
+    /// `out_t[j, i] = w[j] · x[i]` for the weight rows given, all `m` input rows.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn x_wt_rows(x: &[f32], w: &[f32], m: usize, k: usize, out_t: &mut [f32]) {
+        let rows = w.len() / k;
+        let mut j = 0;
+        while j + 4 <= rows {
+            let mut i = 0;
+            while i + 4 <= m {
+                tile_x_wt::<4, 4>(x, w, m, k, i, j, out_t);
+                i += 4;
+            }
+            while i < m {
+                tile_x_wt::<1, 4>(x, w, m, k, i, j, out_t);
+                i += 1;
+            }
+            j += 4;
+        }
+        while j < rows {
+            let mut i = 0;
+            while i + 4 <= m {
+                tile_x_wt::<4, 1>(x, w, m, k, i, j, out_t);
+                i += 4;
+            }
+            while i < m {
+                tile_x_wt::<1, 1>(x, w, m, k, i, j, out_t);
+                i += 1;
+            }
+            j += 1;
+        }
+    }
+
+    /// One `MI × NJ` tile of dot products: input rows `i..i + MI`, weight rows `j..j + NJ`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn tile_x_wt<const MI: usize, const NJ: usize>(
+        x: &[f32],
+        w: &[f32],
+        m: usize,
+        k: usize,
+        i: usize,
+        j: usize,
+        out_t: &mut [f32],
+    ) {
+        let xp = x.as_ptr().add(i * k);
+        let wp = w.as_ptr().add(j * k);
+        let mut acc = [[_mm512_setzero_ps(); MI]; NJ];
+        let full = k / LANES;
+        for c in 0..full {
+            let off = c * LANES;
+            let mut xv = [_mm512_setzero_ps(); MI];
+            for (r, v) in xv.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(xp.add(r * k + off));
+            }
+            for (q, row) in acc.iter_mut().enumerate() {
+                let wv = _mm512_loadu_ps(wp.add(q * k + off));
+                for (a, v) in row.iter_mut().zip(xv.iter()) {
+                    *a = _mm512_fmadd_ps(wv, *v, *a);
+                }
+            }
+        }
+        if !k.is_multiple_of(LANES) {
+            let mask = tail_mask(k);
+            let off = full * LANES;
+            let mut xv = [_mm512_setzero_ps(); MI];
+            for (r, v) in xv.iter_mut().enumerate() {
+                *v = _mm512_maskz_loadu_ps(mask, xp.add(r * k + off));
+            }
+            for (q, row) in acc.iter_mut().enumerate() {
+                let wv = _mm512_maskz_loadu_ps(mask, wp.add(q * k + off));
+                for (a, v) in row.iter_mut().zip(xv.iter()) {
+                    *a = _mm512_fmadd_ps(wv, *v, *a);
+                }
+            }
+        }
+        for (q, row) in acc.iter().enumerate() {
+            for (r, a) in row.iter().enumerate() {
+                out_t[(j + q) * m + i + r] = _mm512_reduce_add_ps(*a);
+            }
+        }
+    }
+
+    /// `out[i, :] += Σ_{j0 ≤ j < j1} dy[i, j] · w[j, :]` for every input row `i`.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn dy_w_rows(
+        dy: &[f32],
+        w: &[f32],
+        m: usize,
+        n: usize,
+        k: usize,
+        j0: usize,
+        j1: usize,
+        out: &mut [f32],
+    ) {
+        let mut c0 = 0;
+        while c0 < k {
+            let cols = super::COLS_PER_TILE.min(k - c0);
+            let mut masks = [0 as __mmask16; 4];
+            for (v, mask) in masks.iter_mut().enumerate() {
+                let live = cols.saturating_sub(v * LANES).min(LANES);
+                *mask = ((1u32 << live) - 1) as u16;
+            }
+            let mut i = 0;
+            while i + 4 <= m {
+                tile_dy_w::<4>(dy, w, n, k, c0, i, j0, j1, &masks, out);
+                i += 4;
+            }
+            while i < m {
+                tile_dy_w::<1>(dy, w, n, k, c0, i, j0, j1, &masks, out);
+                i += 1;
+            }
+            c0 += super::COLS_PER_TILE;
+        }
+    }
+
+    /// Input rows `i..i + MI`, output columns `c0..c0 + 64` (masked past `k`), weight rows
+    /// `j0..j1`, added into `out` (`[m, k]`).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile_dy_w<const MI: usize>(
+        dy: &[f32],
+        w: &[f32],
+        n: usize,
+        k: usize,
+        c0: usize,
+        i: usize,
+        j0: usize,
+        j1: usize,
+        masks: &[__mmask16; 4],
+        out: &mut [f32],
+    ) {
+        let outp = out.as_mut_ptr().add(i * k + c0);
+        let mut acc = [[_mm512_setzero_ps(); 4]; MI];
+        for (r, a) in acc.iter_mut().enumerate() {
+            for (v, x) in a.iter_mut().enumerate() {
+                *x = _mm512_maskz_loadu_ps(masks[v], outp.add(r * k + v * LANES));
+            }
+        }
+        let dyp = dy.as_ptr().add(i * n);
+        let wp = w.as_ptr().add(c0);
+        for j in j0..j1 {
+            let row = wp.add(j * k);
+            let mut wv = [_mm512_setzero_ps(); 4];
+            for (v, x) in wv.iter_mut().enumerate() {
+                *x = _mm512_maskz_loadu_ps(masks[v], row.add(v * LANES));
+            }
+            for (r, a) in acc.iter_mut().enumerate() {
+                let b = _mm512_set1_ps(*dyp.add(r * n + j));
+                for (x, v) in a.iter_mut().zip(wv.iter()) {
+                    *x = _mm512_fmadd_ps(b, *v, *x);
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            for (v, x) in a.iter().enumerate() {
+                _mm512_mask_storeu_ps(outp.add(r * k + v * LANES), masks[v], *x);
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod avx512 {
+    pub(super) unsafe fn x_wt_rows(_: &[f32], _: &[f32], _: usize, _: usize, _: &mut [f32]) {
+        unreachable!("available() is false off x86_64")
+    }
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn dy_w_rows(
+        _: &[f32],
+        _: &[f32],
+        _: usize,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: &mut [f32],
+    ) {
+        unreachable!("available() is false off x86_64")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The products by their definition, in f64.
+    fn reference_x_wt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
+        let mut out = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = (0..k)
+                    .map(|c| x[i * k + c] as f64 * w[j * k + c] as f64)
+                    .sum();
+            }
+        }
+        out
+    }
+
+    fn reference_dy_w(dy: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f64> {
+        let mut out = vec![0f64; m * k];
+        for i in 0..m {
+            for c in 0..k {
+                out[i * k + c] = (0..n)
+                    .map(|j| dy[i * n + j] as f64 * w[j * k + c] as f64)
+                    .sum();
+            }
+        }
+        out
+    }
+
+    fn values(len: usize, seed: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| (((i * 7919 + seed * 104_729) % 2001) as f32 - 1000.0) / 1000.0)
+            .collect()
+    }
+
+    fn assert_close(got: &[f32], want: &[f64], what: &str) {
+        assert_eq!(got.len(), want.len());
+        for (idx, (&g, &w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                "{what}[{idx}] = {g}, expected {w}"
+            );
+        }
+    }
+
+    /// Every tile path: row counts off and on the 4-row tiles, widths off and on the 16-lane
+    /// vectors and the 64-column tiles, a single row (the LM head at one position).
+    #[test]
+    fn products_match_their_definition_at_every_tile_edge() {
+        if !available() {
+            eprintln!("skipped: no AVX-512 on this CPU");
+            return;
+        }
+        for &(m, k, n) in &[
+            (1, 16, 4),
+            (3, 17, 5),
+            (4, 64, 16),
+            (5, 70, 33),
+            (12, 576, 37),
+            (32, 129, 66),
+            (1, 33, 200),
+        ] {
+            let x = values(m * k, 1);
+            let w = values(n * k, 2);
+            let dy = values(m * n, 3);
+            assert_close(
+                &x_wt(&x, &w, m, k, n),
+                &reference_x_wt(&x, &w, m, k, n),
+                &format!("x_wt {m}x{k}x{n}"),
+            );
+            assert_close(
+                &dy_w(&dy, &w, m, n, k),
+                &reference_dy_w(&dy, &w, m, n, k),
+                &format!("dy_w {m}x{n}x{k}"),
+            );
+        }
+    }
+}

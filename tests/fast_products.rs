@@ -1,0 +1,99 @@
+//! kedit's AVX-512 kernels (inputs of up to 32 rows) and OpenBLAS (more rows, where it was linked)
+//! against candle's matmul, the pure-Rust fallback, on SmolLM2: the same logits and the same
+//! gradient within 1e-4. One test binary of its own, as the switch is process-wide.
+
+mod common;
+
+use candle_core::{Tensor, Var};
+use kedit::model::ops::set_fast_products;
+use kedit::model::{blas, kernels, HookSpec, Model, TokenBatch};
+
+/// Logits of a short prompt (the kernels' rows), a batch of 8 × 32 tokens (OpenBLAS's), and the
+/// gradient of one early weight through the rest of the model (the kernels' backward product).
+fn outputs(model: &mut Model) -> (Tensor, Tensor, Tensor) {
+    let short: Vec<u32> = (0..12).map(|t| 200 + 13 * t).collect();
+    let short = common::logits_alone(model, &short);
+    let rows: Vec<Vec<u32>> = (0..8)
+        .map(|b| (0..32).map(|t| (100 + 37 * b + 11 * t) as u32).collect())
+        .collect();
+    let batch = TokenBatch::new(&rows, 0, model.device()).unwrap();
+    let long = model.forward(&batch, &HookSpec::new()).unwrap().logits;
+
+    let id = model
+        .weight_id_by_name("model.layers.5.mlp.down_proj.weight")
+        .unwrap();
+    let original = model.weight(id).unwrap();
+    let var = Var::from_tensor(&original).unwrap();
+    model.replace_weight(id, var.as_tensor().clone()).unwrap();
+    let prompt =
+        TokenBatch::new(&[(0..16).map(|t| 300 + 7 * t).collect()], 0, model.device()).unwrap();
+    let logits = model
+        .forward_at(&prompt, &HookSpec::new(), &[(0, 15)])
+        .unwrap()
+        .logits;
+    let loss = Model::log_probs(&logits)
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .get(42)
+        .unwrap()
+        .neg()
+        .unwrap();
+    let grad = loss
+        .backward()
+        .unwrap()
+        .get(var.as_tensor())
+        .unwrap()
+        .clone();
+    model.replace_weight(id, original).unwrap();
+    (short, long, grad)
+}
+
+/// `max |a − b| / max(1, max |b|)`.
+fn relative_gap(a: &Tensor, b: &Tensor) -> f32 {
+    let scale = b
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .max(1.0);
+    common::max_abs_diff(a, b) / scale
+}
+
+#[test]
+fn fast_products_give_the_fallbacks_logits_and_gradients() {
+    let mut model = common::smollm2();
+    set_fast_products(false);
+    let (short_ref, long_ref, grad_ref) = outputs(&mut model);
+    set_fast_products(true);
+    let (short, long, grad) = outputs(&mut model);
+    eprintln!(
+        "AVX-512 kernels: {}; OpenBLAS linked: {}",
+        kernels::available(),
+        blas::LINKED
+    );
+    for (what, got, want) in [
+        ("logits of 12 tokens", &short, &short_ref),
+        ("logits of 8 x 32 tokens", &long, &long_ref),
+        ("gradient of layer 5's down_proj", &grad, &grad_ref),
+    ] {
+        let gap = relative_gap(got, want);
+        eprintln!("{what}: relative gap {gap:.2e}");
+        assert!(gap <= 1e-4, "{what}: fast and fallback differ by {gap:e}");
+    }
+    // The gradient is not zero, so the comparison means something.
+    assert!(
+        grad_ref
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 0.0
+    );
+}
