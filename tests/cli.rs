@@ -211,3 +211,37 @@ fn nonexistent_model_and_bad_device_are_refused() {
     let out = kedit(&["inspect", "-m", tiny.to_str().unwrap(), "--device", "tpu"]);
     assert_one_line_error(&out, &["--device tpu"]);
 }
+
+/// `--threads` changes how the work is split, not what it computes: one thread and two give the
+/// transformers reference's greedy continuation; zero threads is refused.
+#[test]
+fn threads_change_the_split_not_the_result() {
+    let tiny = fixture("tiny-gpt2");
+    let reference = &read_json("tiny-gpt2/reference_outputs.json")["prompts"][0];
+    for threads in ["1", "2"] {
+        let out = kedit(&[
+            "--threads",
+            threads,
+            "generate",
+            "--model",
+            tiny.to_str().unwrap(),
+            "--prompt",
+            "The capital of France is",
+            "--max-new-tokens",
+            "8",
+            "--json",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            json["generated_ids"], reference["greedy_new_ids"],
+            "--threads {threads}"
+        );
+    }
+    let out = kedit(&["inspect", "--threads", "0", "-m", tiny.to_str().unwrap()]);
+    assert_one_line_error(&out, &["--threads 0"]);
+}

@@ -22,6 +22,10 @@ use crate::model::{load, Model};
     about = "Knowledge editing for GPT-2 and LLaMA language models"
 )]
 struct Cli {
+    /// CPU threads for every kernel: matrix products (candle's, kedit's, OpenBLAS's) and the
+    /// element-wise ops. Default: $RAYON_NUM_THREADS, else the cores this process may use
+    #[arg(long, global = true, value_name = "N")]
+    threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -183,14 +187,14 @@ fn cuda(ordinal: usize) -> anyhow::Result<Device> {
 /// it into exit code 2 (1 is reserved for "ran, but the result failed a requested check").
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
+    let result = configure_threads(cli.threads).and_then(|()| match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Apply(args) => apply::run(*args),
         Command::Stats(args) => stats::run(args),
         Command::Trace(args) => trace::run(args),
-    };
+    });
     match result {
         Ok(code) => code,
         Err(err) => {
@@ -208,6 +212,30 @@ pub fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// Sizes every thread pool before any kernel runs: rayon's (kedit's kernels and candle's gemm),
+/// candle's own count, which it reads from `$RAYON_NUM_THREADS` on every call, and OpenBLAS's.
+fn configure_threads(requested: Option<usize>) -> anyhow::Result<()> {
+    let from_env = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0);
+    let threads = match requested {
+        Some(0) => anyhow::bail!("--threads 0: expected at least one thread"),
+        Some(n) => n,
+        None => from_env.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        }),
+    };
+    // Still single-threaded here: nothing else reads the environment concurrently.
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .map_err(|e| anyhow::anyhow!("--threads {threads}: {e}"))?;
+    crate::model::blas::set_threads(threads);
+    Ok(())
 }
 
 fn is_broken_pipe(err: &anyhow::Error) -> bool {
