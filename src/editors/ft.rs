@@ -15,7 +15,7 @@ use super::optim::Adam;
 use super::{Edit, EditCtx, Editor, WeightChange};
 use crate::data::EditRequest;
 use crate::error::{Error, Result};
-use crate::model::{HookSpec, Model, TokenBatch, WeightId};
+use crate::model::{HookSpec, Model, Site, TokenBatch, WeightId};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub enum Objective {
@@ -121,11 +121,36 @@ impl Ft {
         &self.params
     }
 
-    fn loss(&self, model: &Model, requests: &[EditRequest]) -> Result<Tensor> {
-        match self.params.objective_optimization {
-            Objective::PromptLast => prompt_last_loss(model, requests),
-            Objective::TargetNew => target_new_loss(model, requests),
+    /// Each chunk's tokens and, when no trained weight lies below layer `l + 1`, its residual
+    /// after layer `l`: those layers give the same output on every step, so they run once.
+    fn prepare(&self, model: &Model, requests: &[EditRequest]) -> Result<Vec<Chunk>> {
+        let lowest = self.params.layers.iter().copied().min().unwrap_or(0);
+        requests
+            .chunks(self.params.batch_size)
+            .map(|chunk| {
+                let inputs = match self.params.objective_optimization {
+                    Objective::PromptLast => prompt_last_inputs(model, chunk)?,
+                    Objective::TargetNew => target_new_inputs(model, chunk)?,
+                };
+                let prefix = match lowest.checked_sub(1) {
+                    Some(l) => {
+                        let hooks = HookSpec::new().capture(Site::ResidPost(l)).stop_after(l);
+                        let out = model.forward(&inputs.batch, &hooks)?;
+                        Some((l, out.capture(Site::ResidPost(l))?.clone()))
+                    }
+                    None => None,
+                };
+                Ok(Chunk { inputs, prefix })
+            })
+            .collect()
+    }
+
+    fn loss(&self, model: &Model, chunk: &Chunk) -> Result<Tensor> {
+        let mut hooks = HookSpec::new();
+        if let Some((l, resid)) = &chunk.prefix {
+            hooks = hooks.resume_after(*l, resid.clone());
         }
+        chunk.inputs.loss(model, &hooks)
     }
 
     /// The training loop, with the trainable weights already replaced by `vars`.
@@ -135,11 +160,10 @@ impl Ft {
             self.params.lr,
             self.params.weight_decay,
         )?;
+        let chunks = self.prepare(model, requests)?;
         for step in 0..self.params.num_steps {
             let mut total = 0.0;
-            let chunks = requests.chunks(self.params.batch_size);
-            let n_chunks = chunks.len();
-            for chunk in chunks {
+            for chunk in &chunks {
                 for t in vars {
                     t.install(model)?;
                 }
@@ -163,7 +187,7 @@ impl Ft {
                     }
                 }
             }
-            if total / (n_chunks as f64) < LOSS_FLOOR {
+            if total / (chunks.len() as f64) < LOSS_FLOOR {
                 break;
             }
         }
@@ -241,9 +265,59 @@ fn pad_id(model: &Model) -> u32 {
     model.spec().eos_id.or(model.spec().pad_id).unwrap_or(0)
 }
 
+/// One chunk of requests, ready for every training step.
+struct Chunk {
+    inputs: LossInputs,
+    /// The residual after the layer below the lowest trained weight, and that layer.
+    prefix: Option<(usize, Tensor)>,
+}
+
+/// The tokens a loss runs on and what it scores, tokenised once per edit.
+struct LossInputs {
+    batch: TokenBatch,
+    /// `(row, column)` of every position whose next-token distribution is scored.
+    positions: Vec<(usize, usize)>,
+    objective: Scored,
+}
+
+enum Scored {
+    /// FT-L: every target token of row `r` against the distribution at row `r`'s last prompt token.
+    PromptLast { targets: Vec<Vec<u32>> },
+    /// FT-M: one label per scored position, weighted `1 / (its request's count · #requests)`.
+    TargetNew { labels: Vec<u32>, weights: Vec<f32> },
+}
+
+impl LossInputs {
+    fn loss(&self, model: &Model, hooks: &HookSpec) -> Result<Tensor> {
+        let logits = model
+            .forward_at(&self.batch, hooks, &self.positions)?
+            .logits;
+        let log_probs = Model::log_probs(&logits)?;
+        match &self.objective {
+            Scored::PromptLast { targets } => {
+                let mut losses = Vec::with_capacity(targets.len());
+                for (row, targets) in targets.iter().enumerate() {
+                    let n = targets.len().max(1) as f64;
+                    let idx = Tensor::new(targets.as_slice(), model.device())?;
+                    let picked = log_probs.get(row)?.index_select(&idx, 0)?;
+                    losses.push((picked.sum_all()? * (-1.0 / n))?);
+                }
+                Ok((Tensor::stack(&losses, 0)?.sum_all()? / targets.len() as f64)?)
+            }
+            Scored::TargetNew { labels, weights } => {
+                let labels = Tensor::new(labels.as_slice(), model.device())?.unsqueeze(1)?;
+                let nll = log_probs.gather(&labels, D::Minus1)?.squeeze(1)?.neg()?;
+                let weights =
+                    Tensor::new(weights.as_slice(), model.device())?.to_dtype(nll.dtype())?;
+                Ok((nll * weights)?.sum_all()?)
+            }
+        }
+    }
+}
+
 /// FT-L: `−Σ_j log p(t_j | prompt) / #t` at the last prompt token, every target token against the
 /// same distribution; unknown-token targets are masked; mean over requests.
-fn prompt_last_loss(model: &Model, requests: &[EditRequest]) -> Result<Tensor> {
+fn prompt_last_inputs(model: &Model, requests: &[EditRequest]) -> Result<LossInputs> {
     let prompts = requests
         .iter()
         .map(|r| model.encode_with_special_tokens(&r.prompt))
@@ -254,28 +328,26 @@ fn prompt_last_loss(model: &Model, requests: &[EditRequest]) -> Result<Tensor> {
         .enumerate()
         .map(|(i, p)| (i, p.len() - 1))
         .collect();
-    let logits = model
-        .forward_at(&batch, &HookSpec::new(), &positions)?
-        .logits;
-    let log_probs = Model::log_probs(&logits)?;
     let unk = model.tokenizer().token_to_id("<unk>");
-    let mut losses = Vec::with_capacity(requests.len());
-    for (row, request) in requests.iter().enumerate() {
-        let targets: Vec<u32> = target_ids(model, request)?
-            .into_iter()
-            .filter(|&t| Some(t) != unk)
-            .collect();
-        let n = targets.len().max(1) as f64;
-        let idx = Tensor::new(targets.as_slice(), model.device())?;
-        let picked = log_probs.get(row)?.index_select(&idx, 0)?;
-        losses.push((picked.sum_all()? * (-1.0 / n))?);
-    }
-    Ok((Tensor::stack(&losses, 0)?.sum_all()? / requests.len() as f64)?)
+    let targets = requests
+        .iter()
+        .map(|request| {
+            Ok(target_ids(model, request)?
+                .into_iter()
+                .filter(|&t| Some(t) != unk)
+                .collect())
+        })
+        .collect::<Result<Vec<Vec<u32>>>>()?;
+    Ok(LossInputs {
+        batch,
+        positions,
+        objective: Scored::PromptLast { targets },
+    })
 }
 
 /// FT-M: teacher-forced cross-entropy on the target tokens of `prompt + " " + target`, averaged per
 /// request, then over requests. The target starts after as many tokens as the prompt alone has.
-fn target_new_loss(model: &Model, requests: &[EditRequest]) -> Result<Tensor> {
+fn target_new_inputs(model: &Model, requests: &[EditRequest]) -> Result<LossInputs> {
     let mut sequences = Vec::with_capacity(requests.len());
     let mut positions = Vec::new();
     let mut labels = Vec::new();
@@ -297,12 +369,6 @@ fn target_new_loss(model: &Model, requests: &[EditRequest]) -> Result<Tensor> {
         sequences.push(ids);
     }
     let batch = TokenBatch::new(&sequences, pad_id(model), model.device())?;
-    let logits = model
-        .forward_at(&batch, &HookSpec::new(), &positions)?
-        .logits;
-    let log_probs = Model::log_probs(&logits)?;
-    let labels = Tensor::new(labels.as_slice(), model.device())?.unsqueeze(1)?;
-    let nll = log_probs.gather(&labels, D::Minus1)?.squeeze(1)?.neg()?;
     // Per-request mean, then mean over requests: weight each position by 1 / (its request's count).
     let mut counts = vec![0usize; requests.len()];
     for &r in &rows {
@@ -312,6 +378,9 @@ fn target_new_loss(model: &Model, requests: &[EditRequest]) -> Result<Tensor> {
         .iter()
         .map(|&r| 1.0 / (counts[r] * requests.len()) as f32)
         .collect();
-    let weights = Tensor::new(weights.as_slice(), model.device())?.to_dtype(nll.dtype())?;
-    Ok((nll * weights)?.sum_all()?)
+    Ok(LossInputs {
+        batch,
+        positions,
+        objective: Scored::TargetNew { labels, weights },
+    })
 }
