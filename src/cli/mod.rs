@@ -214,8 +214,8 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// Sizes every thread pool before any kernel runs: rayon's (kedit's kernels and candle's gemm),
-/// candle's own count, which it reads from `$RAYON_NUM_THREADS` on every call, and OpenBLAS's.
+/// Sizes every thread pool before any kernel runs: rayon's (kedit's kernels, OpenBLAS's parts and
+/// candle's gemm) and candle's own count, which it reads from `$RAYON_NUM_THREADS` on every call.
 fn configure_threads(requested: Option<usize>) -> anyhow::Result<()> {
     let from_env = std::env::var("RAYON_NUM_THREADS")
         .ok()
@@ -234,7 +234,6 @@ fn configure_threads(requested: Option<usize>) -> anyhow::Result<()> {
         .num_threads(threads)
         .build_global()
         .map_err(|e| anyhow::anyhow!("--threads {threads}: {e}"))?;
-    crate::model::blas::set_threads(threads);
     Ok(())
 }
 

@@ -33,14 +33,15 @@ mod ffi {
     }
 }
 
-/// How many threads OpenBLAS runs a product on.
-pub fn set_threads(n: usize) {
-    #[cfg(kedit_openblas)]
+/// Keeps OpenBLAS on the calling thread, once, before its first product. Its own workers spin on
+/// `sched_yield` for a while after every product, taking the cores from rayon's workers between
+/// products (a profile of a ROME edit found a sixth of its time there), so products are split
+/// over rayon's pool instead.
+#[cfg(kedit_openblas)]
+fn use_calling_thread_only() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
     // SAFETY: a plain setter of OpenBLAS's thread count.
-    unsafe {
-        ffi::openblas_set_num_threads(n.clamp(1, i32::MAX as usize) as i32)
-    };
-    let _ = n;
+    ONCE.call_once(|| unsafe { ffi::openblas_set_num_threads(1) });
 }
 
 /// `x · wᵀ`; `x: [m, k]`, `w: [n, k]` → `[m, n]`. `None` where OpenBLAS is not linked or a
@@ -58,7 +59,8 @@ pub fn dy_w(dy: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Option<Vec<f
     sgemm(dy, w, m, k, n, false)
 }
 
-/// `a · b` or `a · bᵀ` (`b_transposed`) with `a: [rows, inner]`, into `[rows, cols]`.
+/// `a · b` or `a · bᵀ` (`b_transposed`) with `a: [rows, inner]`, into `[rows, cols]`, split by
+/// columns of the output over rayon's pool, one single-threaded `cblas_sgemm` per part.
 #[cfg(kedit_openblas)]
 fn sgemm(
     a: &[f32],
@@ -68,39 +70,69 @@ fn sgemm(
     inner: usize,
     b_transposed: bool,
 ) -> Option<Vec<f32>> {
+    use rayon::prelude::*;
+
+    use_calling_thread_only();
     let fits = |v: usize| i32::try_from(v).ok();
-    let (m, n, k) = (fits(rows)?, fits(cols)?, fits(inner)?);
+    let (m, k, ldc) = (fits(rows)?, fits(inner)?, fits(cols)?);
     let mut out = vec![0f32; rows * cols];
     if out.is_empty() || inner == 0 {
         return Some(out);
     }
+    // Parts of at least 64 columns, so each call still fills OpenBLAS's kernels.
+    let parts = rayon::current_num_threads().min(cols.div_ceil(64)).max(1);
+    let width = cols.div_ceil(parts);
     let (trans_b, ldb) = if b_transposed {
         (ffi::TRANS, k)
     } else {
-        (ffi::NO_TRANS, n)
+        (ffi::NO_TRANS, ldc)
     };
-    // SAFETY: the slices hold [rows, inner], the [inner, cols] operand (as `b_transposed` says)
-    // and [rows, cols], row-major with the leading dimensions given.
-    unsafe {
-        ffi::cblas_sgemm(
-            ffi::ROW_MAJOR,
-            ffi::NO_TRANS,
-            trans_b,
-            m,
-            n,
-            k,
-            1.0,
-            a.as_ptr(),
-            k,
-            b.as_ptr(),
-            ldb,
-            0.0,
-            out.as_mut_ptr(),
-            n,
-        )
-    };
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    (0..parts).into_par_iter().for_each(|part| {
+        let c0 = part * width;
+        let n = width.min(cols.saturating_sub(c0));
+        if n == 0 {
+            return;
+        }
+        // Columns c0.. of the [inner, cols] operand: rows c0.. of `b` when it is stored
+        // transposed, else an offset into each of its rows.
+        let b_part = if b_transposed {
+            &b[c0 * inner..]
+        } else {
+            &b[c0..]
+        };
+        let out_ptr = &out_ptr;
+        // SAFETY: `a` holds [rows, inner]; `b_part` the [inner, n] block with leading dimension
+        // `ldb`; the parts write disjoint column ranges c0..c0 + n of `out` ([rows, cols],
+        // leading dimension `ldc`), which outlives the parallel loop.
+        unsafe {
+            ffi::cblas_sgemm(
+                ffi::ROW_MAJOR,
+                ffi::NO_TRANS,
+                trans_b,
+                m,
+                n as i32,
+                k,
+                1.0,
+                a.as_ptr(),
+                k,
+                b_part.as_ptr(),
+                ldb,
+                0.0,
+                out_ptr.0.add(c0),
+                ldc,
+            )
+        };
+    });
     Some(out)
 }
+
+/// The output's address, shared by parts that write disjoint columns of it.
+#[cfg(kedit_openblas)]
+struct SendPtr(*mut f32);
+// SAFETY: every part writes only its own columns, and the buffer outlives the parallel loop.
+#[cfg(kedit_openblas)]
+unsafe impl Sync for SendPtr {}
 
 #[cfg(not(kedit_openblas))]
 fn sgemm(_: &[f32], _: &[f32], _: usize, _: usize, _: usize, _: bool) -> Option<Vec<f32>> {
