@@ -1,5 +1,7 @@
 //! Forward-pass throughput on SmolLM2-135M (batch of 8 prompts × 32 tokens, f32, CPU) beside one
-//! f32 GEMM of the same FLOPs, the practical limit of this machine.
+//! f32 matrix product of the same FLOPs and the same row count, by the fastest path kedit has
+//! (`ops::matmul_t`: OpenBLAS where linked), the practical limit of this machine, and by candle's
+//! gemm.
 //!
 //! `cargo bench --bench forward` (run scripts/fetch-model.sh first).
 
@@ -53,7 +55,10 @@ fn bench(c: &mut Criterion) {
         "forward = {:.2} GFLOP; equivalent GEMM [{m}x{k}] x [{k}x{n}]",
         flops / 1e9
     );
-    group.bench_function("gemm_same_flops_f32", |b| {
+    group.bench_function("product_same_flops_f32", |b| {
+        b.iter(|| kedit::model::ops::matmul_t(&a, &w).unwrap())
+    });
+    group.bench_function("candle_gemm_same_flops_f32", |b| {
         b.iter(|| a.matmul(&w.t().unwrap()).unwrap())
     });
     group.finish();

@@ -1,0 +1,75 @@
+//! The matrix products of an edit at SmolLM2-135M's shapes, f32 on the CPU: kedit's AVX-512
+//! kernels, OpenBLAS (where build.rs linked it) and candle's gemm, forward `x·wᵀ` and backward
+//! `dy·w`, each over 16 distinct weights so that they stream from memory as a model's do.
+//! Criterion reports GFLOP/s as elements: 1 element = 1 FLOP.
+//!
+//! `cargo bench --bench kernels` (`-- 16x576x1536` for one shape).
+
+use candle_core::{Device, Tensor};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use kedit::model::{blas, kernels};
+
+/// (rows, in, out): an MLP up/gate projection, its down projection, and the LM head.
+const SHAPES: &[(usize, usize, usize)] = &[
+    (16, 576, 1536),
+    (16, 1536, 576),
+    (64, 576, 1536),
+    (256, 576, 1536),
+    (16, 576, 49152),
+];
+
+fn values(len: usize, seed: usize) -> Vec<f32> {
+    (0..len)
+        .map(|i| ((i * 7919 + seed * 104_729) % 2001) as f32 / 1000.0 - 1.0)
+        .collect()
+}
+
+fn bench(c: &mut Criterion) {
+    let mut group = c.benchmark_group("products");
+    group.sample_size(20);
+    for &(m, k, n) in SHAPES {
+        let copies = if n > 10_000 { 2 } else { 16 };
+        let x = values(m * k, 0);
+        let dy = values(m * n, 1);
+        let ws: Vec<Vec<f32>> = (0..copies).map(|s| values(n * k, s + 2)).collect();
+        let xt = Tensor::from_slice(&x, (m, k), &Device::Cpu).unwrap();
+        let dyt = Tensor::from_slice(&dy, (m, n), &Device::Cpu).unwrap();
+        let wts: Vec<Tensor> = ws
+            .iter()
+            .map(|w| Tensor::from_slice(w, (n, k), &Device::Cpu).unwrap())
+            .collect();
+        group.throughput(Throughput::Elements((2 * m * k * n) as u64));
+        let shape = format!("{m}x{k}x{n}");
+        let mut i = 0;
+        let mut next = || {
+            i = (i + 1) % copies;
+            i
+        };
+        group.bench_function(format!("{shape}/x_wt/candle"), |b| {
+            b.iter(|| xt.matmul(&wts[next()].t().unwrap()).unwrap())
+        });
+        group.bench_function(format!("{shape}/dy_w/candle"), |b| {
+            b.iter(|| dyt.matmul(&wts[next()]).unwrap())
+        });
+        if kernels::available() && m <= kernels::MAX_ROWS {
+            group.bench_function(format!("{shape}/x_wt/kernels"), |b| {
+                b.iter(|| kernels::x_wt(&x, &ws[next()], m, k, n))
+            });
+            group.bench_function(format!("{shape}/dy_w/kernels"), |b| {
+                b.iter(|| kernels::dy_w(&dy, &ws[next()], m, n, k))
+            });
+        }
+        if blas::LINKED {
+            group.bench_function(format!("{shape}/x_wt/openblas"), |b| {
+                b.iter(|| blas::x_wt(&x, &ws[next()], m, k, n).unwrap())
+            });
+            group.bench_function(format!("{shape}/dy_w/openblas"), |b| {
+                b.iter(|| blas::dy_w(&dy, &ws[next()], m, n, k).unwrap())
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
