@@ -35,8 +35,8 @@ mod ffi {
 
 /// Keeps OpenBLAS on the calling thread, once, before its first product. Its own workers spin on
 /// `sched_yield` for a while after every product, taking the cores from rayon's workers between
-/// products (a profile of a ROME edit found a sixth of its time there), so products are split
-/// over rayon's pool instead.
+/// products (a profile of a ROME edit found about 12% of its time in that yielding and the
+/// scheduler), so products are split over rayon's pool instead.
 #[cfg(kedit_openblas)]
 fn use_calling_thread_only() {
     static ONCE: std::sync::Once = std::sync::Once::new();

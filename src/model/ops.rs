@@ -105,7 +105,7 @@ pub fn matmul_t(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
                 weight: weight.clone(),
             });
         }
-        if let Some(ys) = short_product(xs, weight, Product::XWt)? {
+        if let Some(ys) = fast_product(xs, weight, Product::XWt)? {
             return Ok(ys);
         }
     }
@@ -115,7 +115,7 @@ pub fn matmul_t(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
 /// `dy @ w`, the gradient of `x` through `x @ wᵀ` for a constant `w`.
 fn const_weight_grad(dy: &Tensor, weight: &Tensor) -> Result<Tensor> {
     if !dy.track_op() {
-        if let Some(dx) = short_product(dy, weight, Product::DyW)? {
+        if let Some(dx) = fast_product(dy, weight, Product::DyW)? {
             return Ok(dx);
         }
     }
@@ -140,56 +140,68 @@ enum Product {
 
 /// The product by [`kernels`] (up to [`kernels::MAX_ROWS`] rows) or OpenBLAS (more rows), for f32
 /// on the CPU with a 2-D left side and a contiguous weight; `None` where neither applies.
-fn short_product(lhs: &Tensor, weight: &Tensor, product: Product) -> Result<Option<Tensor>> {
+fn fast_product(lhs: &Tensor, weight: &Tensor, product: Product) -> Result<Option<Tensor>> {
     let (m, width) = match lhs.dims() {
         &[m, width] => (m, width),
         _ => return Ok(None),
     };
+    if lhs.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let lhs = lhs.contiguous()?;
+    let Some(a) = cpu_f32(&lhs) else {
+        return Ok(None);
+    };
+    Ok(
+        match fast_product_of(a.slice(), m, width, weight, product)? {
+            Some((out, cols)) => Some(Tensor::from_vec(out, (m, cols), &Device::Cpu)?),
+            None => None,
+        },
+    )
+}
+
+/// [`fast_product`] on the left side's elements (`[m, width]`, row-major), with the product's
+/// width; `None` where neither fast path applies.
+fn fast_product_of(
+    a: &[f32],
+    m: usize,
+    width: usize,
+    weight: &Tensor,
+    product: Product,
+) -> Result<Option<(Vec<f32>, usize)>> {
     let short = m <= kernels::MAX_ROWS;
-    if lhs.dtype() != DType::F32
+    let usable = if short {
+        kernels::available()
+    } else {
+        blas::LINKED
+    };
+    if !usable
+        || !FAST_PRODUCTS.load(Ordering::Relaxed)
         || weight.dtype() != DType::F32
         || !weight.is_contiguous()
-        || !FAST_PRODUCTS.load(Ordering::Relaxed)
-        || !(if short {
-            kernels::available()
-        } else {
-            blas::LINKED
-        })
     {
         return Ok(None);
     }
     let (rows, cols) = weight.dims2()?;
-    let lhs = lhs.contiguous()?;
-    let (out, out_cols) = {
-        let (Some(a), Some(w)) = (cpu_f32(&lhs), cpu_f32(weight)) else {
-            return Ok(None);
-        };
-        let (a, w) = (a.slice(), w.slice());
-        let out = match product {
-            Product::XWt if width == cols => (
-                if short {
-                    Some(kernels::x_wt(a, w, m, cols, rows))
-                } else {
-                    blas::x_wt(a, w, m, cols, rows)
-                },
-                rows,
-            ),
-            Product::DyW if width == rows => (
-                if short {
-                    Some(kernels::dy_w(a, w, m, rows, cols))
-                } else {
-                    blas::dy_w(a, w, m, rows, cols)
-                },
-                cols,
-            ),
-            _ => return Ok(None), // mismatched widths: candle's matmul reports them
-        };
-        match out {
-            (Some(v), c) => (v, c),
-            (None, _) => return Ok(None),
-        }
+    let Some(w) = cpu_f32(weight) else {
+        return Ok(None);
     };
-    Ok(Some(Tensor::from_vec(out, (m, out_cols), &Device::Cpu)?))
+    let w = w.slice();
+    Ok(match product {
+        Product::XWt if width == cols => if short {
+            Some(kernels::x_wt(a, w, m, cols, rows))
+        } else {
+            blas::x_wt(a, w, m, cols, rows)
+        }
+        .map(|out| (out, rows)),
+        Product::DyW if width == rows => if short {
+            Some(kernels::dy_w(a, w, m, rows, cols))
+        } else {
+            blas::dy_w(a, w, m, rows, cols)
+        }
+        .map(|out| (out, cols)),
+        _ => None, // mismatched widths: candle's matmul reports them
+    })
 }
 
 /// A contiguous CPU f32 tensor's elements, read in place.
@@ -243,6 +255,13 @@ impl candle_core::CustomOp1 for ConstWeightMatmul {
             candle_core::Error::Msg("const-weight-matmul needs a contiguous input".into())
         })?;
         let dims = layout.shape().dims();
+        if let (S::F32(v), &[m, width]) = (storage, dims) {
+            // The input's elements in place: no copy in or out on the fast paths.
+            let fast = fast_product_of(&v[start..end], m, width, &self.weight, Product::XWt)?;
+            if let Some((out, cols)) = fast {
+                return Ok((S::F32(out), (m, cols).into()));
+            }
+        }
         let xs = match storage {
             S::F32(v) => Tensor::from_slice(&v[start..end], dims, &Device::Cpu)?,
             S::F64(v) => Tensor::from_slice(&v[start..end], dims, &Device::Cpu)?,
@@ -250,10 +269,7 @@ impl candle_core::CustomOp1 for ConstWeightMatmul {
             S::BF16(v) => Tensor::from_slice(&v[start..end], dims, &Device::Cpu)?,
             _ => candle_core::bail!("const-weight-matmul: unsupported dtype"),
         };
-        let ys = match short_product(&xs, &self.weight, Product::XWt)? {
-            Some(ys) => ys,
-            None => xs.matmul(&self.weight.t()?)?,
-        };
+        let ys = xs.matmul(&self.weight.t()?)?;
         let (storage, _) = ys.storage_and_layout();
         match &*storage {
             candle_core::Storage::Cpu(cpu) => Ok((cpu.clone(), ys.shape().clone())),
