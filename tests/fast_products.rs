@@ -49,21 +49,6 @@ fn outputs(model: &mut Model) -> (Tensor, Tensor, Tensor) {
     (short, long, grad)
 }
 
-/// `max |a − b| / max(1, max |b|)`.
-fn relative_gap(a: &Tensor, b: &Tensor) -> f32 {
-    let scale = b
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-        .max(1.0);
-    common::max_abs_diff(a, b) / scale
-}
-
 #[test]
 fn fast_products_give_the_fallbacks_logits_and_gradients() {
     let mut model = common::smollm2();
@@ -81,7 +66,7 @@ fn fast_products_give_the_fallbacks_logits_and_gradients() {
         ("logits of 8 x 32 tokens", &long, &long_ref),
         ("gradient of layer 5's down_proj", &grad, &grad_ref),
     ] {
-        let gap = relative_gap(got, want);
+        let gap = common::relative_gap(got, want);
         eprintln!("{what}: relative gap {gap:.2e}");
         assert!(gap <= 1e-4, "{what}: fast and fallback differ by {gap:e}");
     }

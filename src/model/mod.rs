@@ -7,6 +7,7 @@
 
 pub mod blas;
 pub mod chat;
+mod fused_grad;
 mod generate;
 mod gpt2;
 mod hooks;

@@ -7,6 +7,10 @@
 //! Normalisations and softmax run in at least f32 whatever the model's dtype, as transformers does
 //! (and in f64 for an f64 model, which the finite-difference tests use).
 //!
+//! On the CPU in f32 and f64, RMSNorm, softmax and rotary embedding take single ops with their
+//! backward written out instead ([`super::fused_grad`]): the composed forms stay for other
+//! dtypes and devices, and as the reference the fused ops are tested against.
+//!
 //! Where no gradient can flow (the input tracks no `Var`: inference, statistics, the layers below
 //! an optimised weight) the fused kernels are used instead: on short sequences the composed forms
 //! cost mostly per-op overhead. The two agree to float rounding (`tests/reference_outputs.rs` holds
@@ -16,7 +20,7 @@ use candle_core::{DType, Device, Result, Tensor, D};
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::{blas, kernels};
+use super::{blas, fused_grad, kernels};
 
 /// Whether a gradient can flow through any of `ts` (f64 always takes the composed path, which the
 /// finite-difference tests rely on, and the fused kernels do not all support).
@@ -60,6 +64,11 @@ pub fn rms_norm(xs: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     if !needs_grad(&[xs, weight]) {
         return candle_nn::ops::rms_norm(&xs.contiguous()?, weight, eps as f32);
     }
+    if fused_grad_ops() && fused_grad::applies(xs) && weight.dtype() == xs.dtype() {
+        return xs
+            .contiguous()?
+            .apply_op2(&weight.contiguous()?, fused_grad::RmsNorm { eps });
+    }
     let dtype = xs.dtype();
     let xs = xs.to_dtype(wide(dtype))?;
     let ms = xs.sqr()?.mean_keepdim(D::Minus1)?;
@@ -74,7 +83,23 @@ pub fn softmax_last(xs: &Tensor) -> Result<Tensor> {
         return candle_nn::ops::softmax_last_dim(&xs.to_dtype(wide(dtype))?.contiguous()?)?
             .to_dtype(dtype);
     }
+    if fused_grad_ops() && fused_grad::applies(xs) {
+        return xs.contiguous()?.apply_op1(fused_grad::SoftmaxLast);
+    }
     candle_nn::ops::softmax(&xs.to_dtype(wide(dtype))?, D::Minus1)?.to_dtype(dtype)
+}
+
+static FUSED_GRAD_OPS: AtomicBool = AtomicBool::new(true);
+
+/// Whether differentiable RMSNorm, softmax and rope take [`fused_grad`]'s single ops (the default)
+/// or the composed forms, process-wide: the composed forms are the reference the tests hold the
+/// fused ones to.
+pub fn set_fused_grad_ops(on: bool) {
+    FUSED_GRAD_OPS.store(on, Ordering::Relaxed);
+}
+
+fn fused_grad_ops() -> bool {
+    FUSED_GRAD_OPS.load(Ordering::Relaxed)
 }
 
 /// `x @ wᵀ (+ b)` for a weight stored `[out, in]`.
@@ -374,6 +399,12 @@ impl RopeTables {
     pub fn apply(&self, xs: &Tensor) -> Result<Tensor> {
         if !needs_grad(&[xs]) {
             return candle_nn::rotary_emb::rope(&xs.contiguous()?, &self.cos_half, &self.sin_half);
+        }
+        if fused_grad_ops() && fused_grad::applies(xs) && self.cos_half.dtype() == xs.dtype() {
+            return xs.contiguous()?.apply_op1(fused_grad::Rope {
+                cos_half: self.cos_half.clone(),
+                sin_half: self.sin_half.clone(),
+            });
         }
         let half = xs.dim(D::Minus1)? / 2;
         let x1 = xs.narrow(D::Minus1, 0, half)?;

@@ -75,6 +75,23 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
+/// `max |a − b| / max(1, max |b|)`.
+pub fn relative_gap(a: &Tensor, b: &Tensor) -> f32 {
+    let scale = b
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .max(1.0);
+    max_abs_diff(a, b) / scale
+}
+
 pub fn f32s(v: &serde_json::Value) -> Vec<f32> {
     v.as_array()
         .unwrap()
