@@ -31,7 +31,7 @@ pub fn available() -> bool {
 
 /// Weight rows per parallel task of [`x_wt`]: small enough to spread one matrix over the pool,
 /// large enough that a task outweighs rayon's scheduling.
-const ROWS_PER_TASK: usize = 16;
+const ROWS_PER_TASK: usize = 24;
 /// Output columns per tile of [`dy_w`]: four AVX-512 vectors.
 const COLS_PER_TILE: usize = 64;
 
@@ -123,36 +123,82 @@ mod avx512 {
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn x_wt_rows(x: &[f32], w: &[f32], m: usize, k: usize, out_t: &mut [f32]) {
         let rows = w.len() / k;
+        let groups = m.div_ceil(4).max(1);
         let mut j = 0;
-        while j + 4 <= rows {
+        while j + TILE_ROWS <= rows {
+            // The next tile's rows are one contiguous block: fetch it a line per step
+            // while this tile runs, since four short row streams give the prefetcher too little
+            // to lock on to.
+            let next_lines = if j + 2 * TILE_ROWS <= rows {
+                (TILE_ROWS * k).div_ceil(LANES)
+            } else {
+                0
+            };
+            let per_group = next_lines.div_ceil(groups);
+            let mut ahead = Prefetch {
+                at: w.as_ptr().wrapping_add((j + TILE_ROWS) * k),
+                lines: 0,
+            };
             let mut i = 0;
             while i + 4 <= m {
-                tile_x_wt::<4, 4>(x, w, m, k, i, j, out_t);
+                ahead.lines = per_group.min(next_lines.saturating_sub((i / 4) * per_group));
+                tile_x_wt::<4, TILE_ROWS>(x, w, m, k, i, j, &mut ahead, out_t);
                 i += 4;
             }
             while i < m {
-                tile_x_wt::<1, 4>(x, w, m, k, i, j, out_t);
+                ahead.lines = per_group.min(next_lines.saturating_sub((i / 4) * per_group));
+                tile_x_wt::<1, TILE_ROWS>(x, w, m, k, i, j, &mut ahead, out_t);
                 i += 1;
             }
-            j += 4;
+            j += TILE_ROWS;
         }
+        let mut none = Prefetch::none();
         while j < rows {
             let mut i = 0;
             while i + 4 <= m {
-                tile_x_wt::<4, 1>(x, w, m, k, i, j, out_t);
+                tile_x_wt::<4, 1>(x, w, m, k, i, j, &mut none, out_t);
                 i += 4;
             }
             while i < m {
-                tile_x_wt::<1, 1>(x, w, m, k, i, j, out_t);
+                tile_x_wt::<1, 1>(x, w, m, k, i, j, &mut none, out_t);
                 i += 1;
             }
             j += 1;
         }
     }
 
+    /// Weight rows per tile of `x_wt`: each input vector fetched from L2 meets six of them.
+    const TILE_ROWS: usize = 6;
+
+    /// Lines to fetch into the cache ahead of use, one per step of a tile's loop.
+    struct Prefetch {
+        at: *const f32,
+        lines: usize,
+    }
+
+    impl Prefetch {
+        fn none() -> Self {
+            Self {
+                at: std::ptr::null(),
+                lines: 0,
+            }
+        }
+
+        /// Fetches the next line, if any are left for this tile.
+        #[inline(always)]
+        unsafe fn step(&mut self) {
+            if self.lines > 0 {
+                _mm_prefetch::<_MM_HINT_T0>(self.at as *const i8);
+                self.at = self.at.wrapping_add(LANES);
+                self.lines -= 1;
+            }
+        }
+    }
+
     /// One `MI × NJ` tile of dot products: input rows `i..i + MI`, weight rows `j..j + NJ`.
     #[target_feature(enable = "avx512f")]
     #[inline]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn tile_x_wt<const MI: usize, const NJ: usize>(
         x: &[f32],
         w: &[f32],
@@ -160,6 +206,7 @@ mod avx512 {
         k: usize,
         i: usize,
         j: usize,
+        ahead: &mut Prefetch,
         out_t: &mut [f32],
     ) {
         let xp = x.as_ptr().add(i * k);
@@ -168,6 +215,7 @@ mod avx512 {
         let full = k / LANES;
         for c in 0..full {
             let off = c * LANES;
+            ahead.step();
             let mut xv = [_mm512_setzero_ps(); MI];
             for (r, v) in xv.iter_mut().enumerate() {
                 *v = _mm512_loadu_ps(xp.add(r * k + off));
@@ -221,16 +269,47 @@ mod avx512 {
                 let live = cols.saturating_sub(v * LANES).min(LANES);
                 *mask = ((1u32 << live) - 1) as u16;
             }
+            // The next column block's segments lie a row apart, a stride the prefetcher does not
+            // follow: fetch them, a line per step, while this block runs.
+            let mut ahead = SegmentPrefetch {
+                next: c0 + super::COLS_PER_TILE < k,
+                row: j0,
+                part: 0,
+            };
             let mut i = 0;
             while i + 4 <= m {
-                tile_dy_w::<4>(dy, w, n, k, c0, i, j0, j1, &masks, out);
+                tile_dy_w::<4>(dy, w, n, k, c0, i, j0, j1, &masks, &mut ahead, out);
                 i += 4;
             }
             while i < m {
-                tile_dy_w::<1>(dy, w, n, k, c0, i, j0, j1, &masks, out);
+                tile_dy_w::<1>(dy, w, n, k, c0, i, j0, j1, &masks, &mut ahead, out);
                 i += 1;
             }
             c0 += super::COLS_PER_TILE;
+        }
+    }
+
+    /// The lines of the next column block of `dy_w`: four per weight row, rows `row..j1`.
+    pub(super) struct SegmentPrefetch {
+        next: bool,
+        row: usize,
+        part: usize,
+    }
+
+    impl SegmentPrefetch {
+        /// Fetches the next line of the block after the one at `block` (a row of `k`).
+        #[inline(always)]
+        unsafe fn step(&mut self, block: *const f32, k: usize, j1: usize) {
+            if self.next && self.row < j1 {
+                let line =
+                    block.wrapping_add(self.row * k + super::COLS_PER_TILE + self.part * LANES);
+                _mm_prefetch::<_MM_HINT_T0>(line as *const i8);
+                self.part += 1;
+                if self.part == 4 {
+                    self.part = 0;
+                    self.row += 1;
+                }
+            }
         }
     }
 
@@ -249,6 +328,7 @@ mod avx512 {
         j0: usize,
         j1: usize,
         masks: &[__mmask16; 4],
+        ahead: &mut SegmentPrefetch,
         out: &mut [f32],
     ) {
         let outp = out.as_mut_ptr().add(i * k + c0);
@@ -262,6 +342,7 @@ mod avx512 {
         let wp = w.as_ptr().add(c0);
         for j in j0..j1 {
             let row = wp.add(j * k);
+            ahead.step(wp, k, j1);
             let mut wv = [_mm512_setzero_ps(); 4];
             for (v, x) in wv.iter_mut().enumerate() {
                 *x = _mm512_maskz_loadu_ps(masks[v], row.add(v * LANES));
