@@ -1,4 +1,4 @@
-//! The single-op RMSNorm, softmax and rope with hand-written backward passes against the composed
+//! The single-op RMSNorm, softmax, log-softmax and rope with hand-written backward passes against the composed
 //! forms candle differentiates itself, through the whole of SmolLM2 in f32: the same gradients of
 //! an early MLP weight and of a norm's weight within 1e-4. (In f64, `tests/gradients.rs` holds the
 //! single ops to finite differences.) One test binary of its own, as the switch is process-wide.

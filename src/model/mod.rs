@@ -24,7 +24,7 @@ mod weights;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use tokenizers::Tokenizer;
 
 use generate::Past;
@@ -829,7 +829,7 @@ impl Model {
             DType::F64 => DType::F64,
             _ => DType::F32,
         };
-        candle_nn::ops::log_softmax(&logits.to_dtype(wide)?, D::Minus1)
+        ops::log_softmax_last(&logits.to_dtype(wide)?)
     }
 
     /// Casts every weight to `dtype` (norm weights too; the norms compute in f32 regardless).

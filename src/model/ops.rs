@@ -7,7 +7,7 @@
 //! Normalisations and softmax run in at least f32 whatever the model's dtype, as transformers does
 //! (and in f64 for an f64 model, which the finite-difference tests use).
 //!
-//! On the CPU in f32 and f64, RMSNorm, softmax and rotary embedding take single ops with their
+//! On the CPU in f32 and f64, RMSNorm, softmax, log-softmax and rotary embedding take single ops with their
 //! backward written out instead ([`super::fused_grad`]): the composed forms stay for other
 //! dtypes and devices, and as the reference the fused ops are tested against.
 //!
@@ -87,6 +87,14 @@ pub fn softmax_last(xs: &Tensor) -> Result<Tensor> {
         return xs.contiguous()?.apply_op1(fused_grad::SoftmaxLast);
     }
     candle_nn::ops::softmax(&xs.to_dtype(wide(dtype))?, D::Minus1)?.to_dtype(dtype)
+}
+
+/// Log-softmax over the last dimension (in the input's dtype: [`super::Model::log_probs`] widens).
+pub fn log_softmax_last(xs: &Tensor) -> Result<Tensor> {
+    if xs.track_op() && fused_grad_ops() && fused_grad::applies(xs) {
+        return xs.contiguous()?.apply_op1(fused_grad::LogSoftmaxLast);
+    }
+    candle_nn::ops::log_softmax(xs, D::Minus1)
 }
 
 static FUSED_GRAD_OPS: AtomicBool = AtomicBool::new(true);
