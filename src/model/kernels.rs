@@ -84,26 +84,38 @@ pub fn dy_w(dy: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
     if m == 0 || k == 0 || n == 0 {
         return vec![0f32; m * k];
     }
-    // Tasks take contiguous runs of weight rows (a stream the prefetcher follows) and sum into
-    // private partial products, added up at the end.
-    (0..n.div_ceil(ROWS_PER_TASK))
+    // Groups take contiguous runs of weight rows (a stream the prefetcher follows) and sum into
+    // private partial products, added up in group order at the end. The groups depend on `n`
+    // alone, never on the pool or on which thread stole what, so the sum's order and hence its
+    // rounding are the same on every run: an optimiser (Adam divides by the gradient's scale)
+    // would otherwise amplify run-to-run rounding into visibly different edits.
+    let tasks = n.div_ceil(ROWS_PER_TASK);
+    let tasks_per_group = tasks.div_ceil(MAX_PARTIALS);
+    let partials: Vec<Vec<f32>> = (0..tasks.div_ceil(tasks_per_group))
         .into_par_iter()
-        .fold(
-            || vec![0f32; m * k],
-            |mut partial, task| {
+        .map(|group| {
+            let mut partial = vec![0f32; m * k];
+            let first = group * tasks_per_group;
+            for task in first..(first + tasks_per_group).min(tasks) {
                 let j0 = task * ROWS_PER_TASK;
                 let j1 = (j0 + ROWS_PER_TASK).min(n);
                 // SAFETY: `available()` checked AVX-512; rows j0..j1 lie inside `w` and `dy`.
                 unsafe { avx512::dy_w_rows(dy, w, m, n, k, j0, j1, &mut partial) };
-                partial
-            },
-        )
-        .reduce_with(|mut a, b| {
-            a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-            a
+            }
+            partial
         })
-        .unwrap_or_else(|| vec![0f32; m * k])
+        .collect();
+    let mut partials = partials.into_iter();
+    let mut total = partials.next().unwrap_or_else(|| vec![0f32; m * k]);
+    for partial in partials {
+        total.iter_mut().zip(&partial).for_each(|(x, y)| *x += y);
+    }
+    total
 }
+
+/// Partial products of [`dy_w`]: enough groups to keep a pool of a few dozen threads busy, few
+/// enough that adding them up stays small beside the product.
+const MAX_PARTIALS: usize = 16;
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
@@ -425,6 +437,28 @@ mod tests {
                 (g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()),
                 "{what}[{idx}] = {g}, expected {w}"
             );
+        }
+    }
+
+    /// The same bits whatever the pool: optimisers amplify run-to-run rounding into different edits.
+    #[test]
+    fn products_do_not_depend_on_the_pool() {
+        if !available() {
+            eprintln!("skipped: no AVX-512 on this CPU");
+            return;
+        }
+        let (m, k, n) = (16, 96, 1000);
+        let (x, w, dy) = (values(m * k, 4), values(n * k, 5), values(m * n, 6));
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| (x_wt(&x, &w, m, k, n), dy_w(&dy, &w, m, n, k)))
+        };
+        let one = run(1);
+        for threads in [2, 3, 8] {
+            assert!(one == run(threads), "{threads} threads changed the bits");
         }
     }
 
