@@ -36,7 +36,7 @@ pub use template::{module_template, ModuleTemplate};
 pub use weights::{Module, Param, WeightId};
 
 use crate::error::{Error, Result};
-use ops::{causal_mask, linear, ragged_causal_mask, repeat_kv, softmax_last, RopeTables};
+use ops::{causal_mask, linear, ragged_causal_mask, softmax_last, RopeTables};
 
 /// A token's `[start, end)` byte range in the text it came from.
 pub type ByteSpan = (usize, usize);
@@ -558,6 +558,12 @@ impl Model {
             ),
         };
 
+        // Attention stacks the query heads of each key/value group (see `attention`): the mask
+        // repeats once per head of a group.
+        let mask = match self.spec.n_heads / self.spec.n_kv_heads {
+            1 => mask,
+            n_rep => Tensor::cat(&vec![&mask; n_rep], mask.rank() - 2)?,
+        };
         let (mut xs, first_layer) = match &hooks.resume {
             Some((layer, resid)) => {
                 self.check_layer(*layer)?;
@@ -685,7 +691,8 @@ impl Model {
     /// Self-attention of layer `l` after what `past` holds, extending a growing cache.
     ///
     /// # Shapes
-    /// `h: [b, s, d_model]`, `mask: [s, cached + s]` or `[b, 1, s, cached + s]` → `[b, s, d_model]`
+    /// `h: [b, s, d_model]`, `mask: [g·s, cached + s]` or `[b, 1, g·s, cached + s]` with `g` query
+    /// heads per key/value head → `[b, s, d_model]`
     fn attention(
         &self,
         l: usize,
@@ -726,17 +733,19 @@ impl Model {
                 v = Tensor::cat(&[past_v, &v], 2)?;
             }
         }
+        // The query heads that share a key/value head are contiguous, so they stack as the rows
+        // of one product with that head: no copy of the keys and values per query head (nor the
+        // sum over copies in the backward pass that such a broadcast costs).
         let n_rep = spec.n_heads / spec.n_kv_heads;
-        let k = repeat_kv(&k, n_rep)?;
-        let v = repeat_kv(&v, n_rep)?;
+        let q = q.reshape((b, spec.n_kv_heads, n_rep * s, spec.head_dim))?;
         let scale = 1.0 / (spec.head_dim as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
         let probs = softmax_last(&scores)?;
-        let out =
-            probs
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .reshape((b, s, spec.n_heads * spec.head_dim))?;
+        let out = probs
+            .matmul(&v)?
+            .reshape((b, spec.n_heads, s, spec.head_dim))?
+            .transpose(1, 2)?
+            .reshape((b, s, spec.n_heads * spec.head_dim))?;
         self.proj(&out, WeightId::layer(l, Module::AttnO))
     }
 

@@ -472,20 +472,6 @@ pub fn ragged_causal_mask(
     Tensor::from_vec(mask, (offsets.len(), 1, q_len, k_len), device)?.to_dtype(dtype)
 }
 
-/// Repeats grouped key/value heads so that each query head has its own.
-///
-/// # Shapes
-/// `xs: [b, kv_heads, s, d]` → `[b, kv_heads * n_rep, s, d]`
-pub fn repeat_kv(xs: &Tensor, n_rep: usize) -> Result<Tensor> {
-    if n_rep == 1 {
-        return Ok(xs.clone());
-    }
-    let (b, kv_heads, s, d) = xs.dims4()?;
-    xs.unsqueeze(2)?
-        .broadcast_as((b, kv_heads, n_rep, s, d))?
-        .reshape((b, kv_heads * n_rep, s, d))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
