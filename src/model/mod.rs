@@ -7,6 +7,7 @@
 
 pub mod blas;
 pub mod chat;
+mod fused_attention;
 mod fused_grad;
 mod generate;
 mod gpt2;
@@ -36,7 +37,7 @@ pub use template::{module_template, ModuleTemplate};
 pub use weights::{Module, Param, WeightId};
 
 use crate::error::{Error, Result};
-use ops::{causal_mask, linear, ragged_causal_mask, softmax_last, RopeTables};
+use ops::{causal_mask, linear, ragged_causal_mask, RopeTables};
 
 /// A token's `[start, end)` byte range in the text it came from.
 pub type ByteSpan = (usize, usize);
@@ -739,13 +740,7 @@ impl Model {
         let n_rep = spec.n_heads / spec.n_kv_heads;
         let q = q.reshape((b, spec.n_kv_heads, n_rep * s, spec.head_dim))?;
         let scale = 1.0 / (spec.head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
-        let probs = softmax_last(&scores)?;
-        let out = probs
-            .matmul(&v)?
-            .reshape((b, spec.n_heads, s, spec.head_dim))?
-            .transpose(1, 2)?
-            .reshape((b, s, spec.n_heads * spec.head_dim))?;
+        let out = ops::attention(&q, &k, &v, mask, n_rep, scale)?;
         self.proj(&out, WeightId::layer(l, Module::AttnO))
     }
 
@@ -770,7 +765,7 @@ impl Model {
             Activation::Silu => {
                 let gate = self.proj(h, WeightId::layer(l, Module::MlpGate))?;
                 let gate = hooks.visit(Site::MlpGateOut(l), gate, captures)?;
-                (candle_nn::ops::silu(&gate)? * up)?
+                ops::swiglu(&gate, &up)?
             }
         })
     }

@@ -20,7 +20,7 @@ use candle_core::{DType, Device, Result, Tensor, D};
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::{blas, fused_grad, kernels};
+use super::{blas, fused_attention, fused_grad, kernels};
 
 /// Whether a gradient can flow through any of `ts` (f64 always takes the composed path, which the
 /// finite-difference tests rely on, and the fused kernels do not all support).
@@ -97,9 +97,21 @@ pub fn log_softmax_last(xs: &Tensor) -> Result<Tensor> {
     candle_nn::ops::log_softmax(xs, D::Minus1)
 }
 
+/// `silu(gate) · up`, LLaMA's MLP activation.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let flows = gate.track_op() || up.track_op();
+    if flows && fused_grad_ops() && fused_grad::applies(gate) && up.dtype() == gate.dtype() {
+        return gate
+            .contiguous()?
+            .apply_op2(&up.contiguous()?, fused_grad::SwiGlu);
+    }
+    candle_nn::ops::silu(gate)? * up
+}
+
 static FUSED_GRAD_OPS: AtomicBool = AtomicBool::new(true);
 
-/// Whether differentiable RMSNorm, softmax and rope take [`fused_grad`]'s single ops (the default)
+/// Whether differentiable RMSNorm, softmax, rope, attention and SwiGLU take single ops with their
+/// backward written out ([`fused_grad`], [`fused_attention`]; the default)
 /// or the composed forms, process-wide: the composed forms are the reference the tests hold the
 /// fused ones to.
 pub fn set_fused_grad_ops(on: bool) {
@@ -421,6 +433,44 @@ impl RopeTables {
         xs.broadcast_mul(&self.cos)?
             .add(&rotated.broadcast_mul(&self.sin)?)
     }
+}
+
+/// Attention of the query heads that share each key/value head, stacked as rows.
+///
+/// # Shapes
+/// `q: [b, kv_heads, group·s, head_dim]`, `k, v: [b, kv_heads, keys, head_dim]`,
+/// `mask: [group·s, keys]` or `[b or 1, 1, group·s, keys]` → `[b, s, kv_heads·group·head_dim]`
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    group: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, kv, rows, d) = q.dims4()?;
+    let flows = q.track_op() || k.track_op() || v.track_op();
+    let one_dtype = [k.dtype(), v.dtype(), mask.dtype()]
+        .iter()
+        .all(|&t| t == q.dtype());
+    if flows && fused_grad_ops() && fused_grad::applies(q) && one_dtype {
+        return q.contiguous()?.apply_op3(
+            &k.contiguous()?,
+            &v.contiguous()?,
+            fused_attention::GroupedAttention {
+                scale,
+                group,
+                mask: mask.clone(),
+            },
+        );
+    }
+    let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
+    let s = rows / group.max(1);
+    softmax_last(&scores)?
+        .matmul(v)?
+        .reshape((b, kv * group, s, d))?
+        .transpose(1, 2)?
+        .reshape((b, s, kv * group * d))
 }
 
 /// Additive causal mask for `q_len` new queries after `offset` cached keys: query `i` sees key `j`
