@@ -13,6 +13,8 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
 
+use super::fused_grad::contiguous;
+
 /// `softmax(scale · q·kᵀ + mask) · v` for each key/value head and the `group` query heads that
 /// share it, stacked as rows (`[b, kv_heads, group·s, head_dim]`, the query heads of a group
 /// contiguous). The output is laid out as the attention projection reads it: `[b, s, heads·head_dim]`.
@@ -235,6 +237,27 @@ impl GroupedAttention {
 type Gradients = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
 
 impl GroupedAttention {
+    fn forward_on<T: Float + Send + Sync + candle_core::WithDType>(
+        &self,
+        dims: Dims,
+        b: usize,
+        q: (&[T], &Layout),
+        k: (&[T], &Layout),
+        v: (&[T], &Layout),
+    ) -> Result<Vec<T>> {
+        let mask = self.mask.flatten_all()?.to_vec1::<T>()?;
+        Ok(self.forward(
+            dims,
+            b,
+            &Operands {
+                q: contiguous(q.0, q.1, "attention")?,
+                k: contiguous(k.0, k.1, "attention")?,
+                v: contiguous(v.0, v.1, "attention")?,
+                mask: &mask,
+            },
+        ))
+    }
+
     fn gradients<T: Float + Send + Sync + candle_core::WithDType>(
         &self,
         q: &Tensor,
@@ -262,13 +285,6 @@ impl GroupedAttention {
     }
 }
 
-fn slice<'a, T>(v: &'a [T], layout: &Layout) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&v[start..end]),
-        None => candle_core::bail!("attention needs contiguous inputs"),
-    }
-}
-
 impl CustomOp3 for GroupedAttention {
     fn name(&self) -> &'static str {
         "grouped-attention-with-backward"
@@ -287,30 +303,10 @@ impl CustomOp3 for GroupedAttention {
         let b = lq.shape().dims()[0];
         let out = match (sq, sk, sv) {
             (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
-                let mask = self.mask.flatten_all()?.to_vec1::<f32>()?;
-                CpuStorage::F32(self.forward(
-                    dims,
-                    b,
-                    &Operands {
-                        q: slice(q, lq)?,
-                        k: slice(k, lk)?,
-                        v: slice(v, lv)?,
-                        mask: &mask,
-                    },
-                ))
+                CpuStorage::F32(self.forward_on(dims, b, (q, lq), (k, lk), (v, lv))?)
             }
             (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v)) => {
-                let mask = self.mask.flatten_all()?.to_vec1::<f64>()?;
-                CpuStorage::F64(self.forward(
-                    dims,
-                    b,
-                    &Operands {
-                        q: slice(q, lq)?,
-                        k: slice(k, lk)?,
-                        v: slice(v, lv)?,
-                        mask: &mask,
-                    },
-                ))
+                CpuStorage::F64(self.forward_on(dims, b, (q, lq), (k, lk), (v, lv))?)
             }
             _ => candle_core::bail!("attention: f32 or f64, one dtype for q, k, v and the mask"),
         };

@@ -22,10 +22,62 @@ fn values<T: candle_core::WithDType>(t: &Tensor) -> Result<Vec<T>> {
     t.flatten_all()?.to_vec1::<T>()
 }
 
-fn contiguous<'a, T>(v: &'a [T], layout: &Layout, op: &str) -> Result<&'a [T]> {
+pub(super) fn contiguous<'a, T>(v: &'a [T], layout: &Layout, op: &str) -> Result<&'a [T]> {
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&v[start..end]),
         None => candle_core::bail!("{op} needs a contiguous input"),
+    }
+}
+
+/// The arithmetic of an op on two inputs of one dtype, written once over f32 and f64;
+/// [`pair_forward`] and [`pair_backward`] do candle's dtype dispatch for it.
+trait PairArithmetic {
+    const NAME: &'static str;
+    fn forward<T: Float + Send + Sync>(&self, a: &[T], b: &[T]) -> Vec<T>;
+    /// `(∂a, ∂b)` from the output's gradient `g`.
+    fn backward<T: Float + Send + Sync>(&self, a: &[T], b: &[T], g: &[T]) -> (Vec<T>, Vec<T>);
+}
+
+fn pair_forward<O: PairArithmetic>(
+    op: &O,
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+) -> Result<CpuStorage> {
+    Ok(match (s1, s2) {
+        (CpuStorage::F32(a), CpuStorage::F32(b)) => {
+            CpuStorage::F32(op.forward(contiguous(a, l1, O::NAME)?, contiguous(b, l2, O::NAME)?))
+        }
+        (CpuStorage::F64(a), CpuStorage::F64(b)) => {
+            CpuStorage::F64(op.forward(contiguous(a, l1, O::NAME)?, contiguous(b, l2, O::NAME)?))
+        }
+        _ => candle_core::bail!("{}: f32 or f64, one dtype for both inputs", O::NAME),
+    })
+}
+
+fn pair_backward<O: PairArithmetic>(
+    op: &O,
+    a: &Tensor,
+    b: &Tensor,
+    grad: &Tensor,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn typed<O: PairArithmetic, T: Float + Send + Sync + candle_core::WithDType>(
+        op: &O,
+        a: &Tensor,
+        b: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (da, db) = op.backward(&values::<T>(a)?, &values(b)?, &values(grad)?);
+        Ok((
+            Some(Tensor::from_vec(da, a.shape(), a.device())?),
+            Some(Tensor::from_vec(db, b.shape(), b.device())?),
+        ))
+    }
+    match a.dtype() {
+        DType::F32 => typed::<O, f32>(op, a, b, grad),
+        DType::F64 => typed::<O, f64>(op, a, b, grad),
+        dtype => candle_core::bail!("{} backward: {dtype:?}", O::NAME),
     }
 }
 
@@ -34,8 +86,10 @@ pub(super) struct RmsNorm {
     pub eps: f64,
 }
 
-impl RmsNorm {
-    fn forward<T: Float>(&self, x: &[T], w: &[T]) -> Vec<T> {
+impl PairArithmetic for RmsNorm {
+    const NAME: &'static str = "rms-norm";
+
+    fn forward<T: Float + Send + Sync>(&self, x: &[T], w: &[T]) -> Vec<T> {
         let d = w.len();
         let eps = cast(self.eps);
         let mut out = Vec::with_capacity(x.len());
@@ -47,7 +101,7 @@ impl RmsNorm {
     }
 
     /// `∂x_k = r·g_k·w_k − r³·x_k·Σ_j g_j·w_j·x_j / d`, `∂w_j = Σ_rows g_j·x_j·r`.
-    fn backward<T: Float>(&self, x: &[T], w: &[T], g: &[T]) -> (Vec<T>, Vec<T>) {
+    fn backward<T: Float + Send + Sync>(&self, x: &[T], w: &[T], g: &[T]) -> (Vec<T>, Vec<T>) {
         let d = w.len();
         let eps = cast(self.eps);
         let width = cast(d as f64);
@@ -98,18 +152,7 @@ impl CustomOp2 for RmsNorm {
         if l1.shape().dims().last() != Some(&d) {
             candle_core::bail!("rms-norm: weight of {d} for input {:?}", l1.shape());
         }
-        let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(w)) => CpuStorage::F32(self.forward(
-                contiguous(x, l1, "rms-norm")?,
-                contiguous(w, l2, "rms-norm")?,
-            )),
-            (CpuStorage::F64(x), CpuStorage::F64(w)) => CpuStorage::F64(self.forward(
-                contiguous(x, l1, "rms-norm")?,
-                contiguous(w, l2, "rms-norm")?,
-            )),
-            _ => candle_core::bail!("rms-norm: f32 or f64, one dtype for input and weight"),
-        };
-        Ok((out, l1.shape().clone()))
+        Ok((pair_forward(self, s1, l1, s2, l2)?, l1.shape().clone()))
     }
 
     fn bwd(
@@ -119,24 +162,7 @@ impl CustomOp2 for RmsNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw) = match x.dtype() {
-            DType::F32 => {
-                let (dx, dw) = self.backward(&values::<f32>(x)?, &values(w)?, &values(grad)?);
-                (
-                    Tensor::from_vec(dx, x.shape(), x.device())?,
-                    Tensor::from_vec(dw, w.shape(), w.device())?,
-                )
-            }
-            DType::F64 => {
-                let (dx, dw) = self.backward(&values::<f64>(x)?, &values(w)?, &values(grad)?);
-                (
-                    Tensor::from_vec(dx, x.shape(), x.device())?,
-                    Tensor::from_vec(dw, w.shape(), w.device())?,
-                )
-            }
-            dtype => candle_core::bail!("rms-norm backward: {dtype:?}"),
-        };
-        Ok((Some(dx), Some(dw)))
+        pair_backward(self, x, w, grad)
     }
 }
 
@@ -147,8 +173,10 @@ pub(super) struct SwiGlu;
 /// Elements per parallel task: the MLP's activations are the widest tensors of a layer.
 const SWIGLU_CHUNK: usize = 8192;
 
-impl SwiGlu {
-    fn forward<T: Float + Send + Sync>(gate: &[T], up: &[T]) -> Vec<T> {
+impl PairArithmetic for SwiGlu {
+    const NAME: &'static str = "swiglu";
+
+    fn forward<T: Float + Send + Sync>(&self, gate: &[T], up: &[T]) -> Vec<T> {
         let mut out = vec![T::zero(); gate.len()];
         out.par_chunks_mut(SWIGLU_CHUNK)
             .zip(
@@ -164,7 +192,12 @@ impl SwiGlu {
     }
 
     /// `∂gate = ∂y · up · σ(g)(1 + g(1 − σ(g)))`, `∂up = ∂y · silu(g)`.
-    fn backward<T: Float + Send + Sync>(gate: &[T], up: &[T], grad: &[T]) -> (Vec<T>, Vec<T>) {
+    fn backward<T: Float + Send + Sync>(
+        &self,
+        gate: &[T],
+        up: &[T],
+        grad: &[T],
+    ) -> (Vec<T>, Vec<T>) {
         let mut d_gate = vec![T::zero(); gate.len()];
         let mut d_up = vec![T::zero(); gate.len()];
         d_gate
@@ -201,18 +234,7 @@ impl CustomOp2 for SwiGlu {
         if l1.shape() != l2.shape() {
             candle_core::bail!("swiglu: gate {:?}, up {:?}", l1.shape(), l2.shape());
         }
-        let out = match (s1, s2) {
-            (CpuStorage::F32(g), CpuStorage::F32(u)) => CpuStorage::F32(Self::forward(
-                contiguous(g, l1, "swiglu")?,
-                contiguous(u, l2, "swiglu")?,
-            )),
-            (CpuStorage::F64(g), CpuStorage::F64(u)) => CpuStorage::F64(Self::forward(
-                contiguous(g, l1, "swiglu")?,
-                contiguous(u, l2, "swiglu")?,
-            )),
-            _ => candle_core::bail!("swiglu: f32 or f64, one dtype for gate and up"),
-        };
-        Ok((out, l1.shape().clone()))
+        Ok((pair_forward(self, s1, l1, s2, l2)?, l1.shape().clone()))
     }
 
     fn bwd(
@@ -222,24 +244,7 @@ impl CustomOp2 for SwiGlu {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (d_gate, d_up) = match gate.dtype() {
-            DType::F32 => {
-                let (dg, du) = Self::backward(&values::<f32>(gate)?, &values(up)?, &values(grad)?);
-                (
-                    Tensor::from_vec(dg, gate.shape(), gate.device())?,
-                    Tensor::from_vec(du, up.shape(), up.device())?,
-                )
-            }
-            DType::F64 => {
-                let (dg, du) = Self::backward(&values::<f64>(gate)?, &values(up)?, &values(grad)?);
-                (
-                    Tensor::from_vec(dg, gate.shape(), gate.device())?,
-                    Tensor::from_vec(du, up.shape(), up.device())?,
-                )
-            }
-            dtype => candle_core::bail!("swiglu backward: {dtype:?}"),
-        };
-        Ok((Some(d_gate), Some(d_up)))
+        pair_backward(self, gate, up, grad)
     }
 }
 
