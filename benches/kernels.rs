@@ -59,7 +59,7 @@ fn bench(c: &mut Criterion) {
                 b.iter(|| kernels::dy_w(&dy, &ws[next()], m, n, k))
             });
         }
-        if blas::LINKED {
+        if blas::available() {
             group.bench_function(format!("{shape}/x_wt/openblas"), |b| {
                 b.iter(|| blas::x_wt(&x, &ws[next()], m, k, n).unwrap())
             });

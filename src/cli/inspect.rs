@@ -24,6 +24,9 @@ struct Report<'a> {
     dtype: String,
     device: String,
     origin: &'a crate::model::ModelOrigin,
+    /// What runs CPU matrix products: kedit's kernels for short inputs, OpenBLAS (and which of
+    /// its kernels) for long ones, else candle's gemm.
+    cpu_products: String,
 }
 
 pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
@@ -35,6 +38,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
         dtype: format!("{:?}", model.dtype()).to_lowercase(),
         device: format!("{:?}", model.device()),
         origin: model.origin(),
+        cpu_products: cpu_products(),
     };
     let mut out = std::io::stdout().lock();
     if args.json {
@@ -67,6 +71,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
             "source",
             format!("{} ({})", report.origin.source, report.origin.kind),
         ),
+        ("cpu products", report.cpu_products.clone()),
     ];
     for (k, v) in rows {
         writeln!(out, "{k:>16}  {v}")?;
@@ -75,4 +80,19 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
         writeln!(out, "{:>16}  {}", "file", f.display())?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn cpu_products() -> String {
+    use crate::model::{blas, kernels};
+    let short = if kernels::available() {
+        "kedit's AVX-512 kernels"
+    } else {
+        "candle's gemm"
+    };
+    let long = match blas::kernels() {
+        Some((core, true)) => format!("OpenBLAS ({core} kernels, chosen by kedit for this CPU)"),
+        Some((core, false)) => format!("OpenBLAS ({core} kernels)"),
+        None => "candle's gemm (OpenBLAS not loaded)".to_string(),
+    };
+    format!("up to {} rows {short}, more {long}", kernels::MAX_ROWS)
 }

@@ -234,6 +234,11 @@ fn configure_threads(requested: Option<usize>) -> anyhow::Result<()> {
         .num_threads(threads)
         .build_global()
         .map_err(|e| anyhow::anyhow!("--threads {threads}: {e}"))?;
+    // OpenBLAS reads its settings when it is loaded: load it now, before any other thread runs.
+    if std::env::var("KEDIT_BLAS").is_ok_and(|v| v == "none") {
+        crate::model::blas::disable();
+    }
+    crate::model::blas::available();
     Ok(())
 }
 

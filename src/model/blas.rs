@@ -1,51 +1,147 @@
-//! `cblas_sgemm` from OpenBLAS, linked by `build.rs` where it is installed, for f32 products of
+//! `cblas_sgemm` from OpenBLAS, loaded at run time where it is installed, for f32 products of
 //! more rows than [`super::kernels`] takes: at 64 to 256 rows it runs the model's shapes 1.6–1.8×
-//! faster than candle's gemm (`benches/kernels.rs`).
+//! faster than candle's gemm (`benches/kernels.rs`). Loading it at run time, not linking it,
+//! lets one binary run on machines with and without it (Debian's runtime package `libopenblas0`
+//! is enough), and lets kedit choose its kernels before it starts (see [`core_type_for_this_cpu`]).
 
-/// Whether OpenBLAS was linked into this build.
-pub const LINKED: bool = cfg!(kedit_openblas);
+use std::sync::OnceLock;
 
-#[cfg(kedit_openblas)]
-mod ffi {
-    pub const ROW_MAJOR: i32 = 101;
-    pub const NO_TRANS: i32 = 111;
-    pub const TRANS: i32 = 112;
+use libloading::Library;
 
-    extern "C" {
-        #[allow(clippy::too_many_arguments)]
-        pub fn cblas_sgemm(
-            layout: i32,
-            trans_a: i32,
-            trans_b: i32,
-            m: i32,
-            n: i32,
-            k: i32,
-            alpha: f32,
-            a: *const f32,
-            lda: i32,
-            b: *const f32,
-            ldb: i32,
-            beta: f32,
-            c: *mut f32,
-            ldc: i32,
-        );
-        pub fn openblas_set_num_threads(n: i32);
+const ROW_MAJOR: i32 = 101;
+const NO_TRANS: i32 = 111;
+const TRANS: i32 = 112;
+
+type Sgemm = unsafe extern "C" fn(
+    layout: i32,
+    trans_a: i32,
+    trans_b: i32,
+    m: i32,
+    n: i32,
+    k: i32,
+    alpha: f32,
+    a: *const f32,
+    lda: i32,
+    b: *const f32,
+    ldb: i32,
+    beta: f32,
+    c: *mut f32,
+    ldc: i32,
+);
+type SetNumThreads = unsafe extern "C" fn(n: i32);
+type CoreName = unsafe extern "C" fn() -> *const std::ffi::c_char;
+
+/// The shared library's names, most specific first: Debian's and Ubuntu's runtime package names
+/// the versioned file, Fedora's and the `-dev` packages the plain one, Homebrew keeps it aside.
+const LIBRARY_NAMES: &[&str] = &[
+    "libopenblas.so.0",
+    "libopenblas.so",
+    "libopenblas.dylib",
+    "/opt/homebrew/opt/openblas/lib/libopenblas.dylib",
+    "/usr/local/opt/openblas/lib/libopenblas.dylib",
+];
+
+struct OpenBlas {
+    sgemm: Sgemm,
+    core: String,
+    /// The kernels kedit asked for, `None` where the user's `OPENBLAS_CORETYPE` or OpenBLAS's own
+    /// detection chose.
+    asked: Option<&'static str>,
+    /// Kept loaded for the life of the process: `sgemm` points into it.
+    _library: Library,
+}
+
+static OPENBLAS: OnceLock<Option<OpenBlas>> = OnceLock::new();
+
+/// OpenBLAS's kernels for this CPU, where its own detection may not know the CPU: an OpenBLAS
+/// older than the processor falls back to its SSE3 kernels ("Prescott"), four times slower than
+/// its AVX-512 ones on the shapes of an edit (a ROME edit took 30 s instead of 8 s with Debian
+/// 12's OpenBLAS 0.3.21 on a Xeon it did not recognise). Its single-precision products need
+/// AVX-512 F/CD/BW/DQ/VL for "SkylakeX" and AVX2 with FMA for "Haswell"; the newer targets
+/// (Cooper Lake, Sapphire Rapids, Zen) use the same sgemm kernels.
+fn core_type_for_this_cpu() -> Option<&'static str> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f")
+            && has!("avx512cd")
+            && has!("avx512bw")
+            && has!("avx512dq")
+            && has!("avx512vl")
+        {
+            return Some("SkylakeX");
+        }
+        if has!("avx2") && has!("fma") {
+            return Some("Haswell");
+        }
+    }
+    None
+}
+
+fn load() -> Option<OpenBlas> {
+    // OpenBLAS picks its kernels once, when it is loaded, from `OPENBLAS_CORETYPE` or its own
+    // detection; a value the user set is theirs to keep. Set here only before the first load,
+    // which the CLI does before it starts any thread.
+    let asked = match std::env::var_os("OPENBLAS_CORETYPE") {
+        Some(_) => None,
+        None => core_type_for_this_cpu(),
+    };
+    if let Some(core) = asked {
+        std::env::set_var("OPENBLAS_CORETYPE", core);
+    }
+    let library = LIBRARY_NAMES.iter().find_map(|name| {
+        // SAFETY: loading OpenBLAS runs its initialisers, which only set up its own state.
+        unsafe { Library::new(name) }.ok()
+    })?;
+    // SAFETY: the symbols have these C signatures in every OpenBLAS since 0.2.
+    unsafe {
+        let sgemm = *library.get::<Sgemm>(b"cblas_sgemm\0").ok()?;
+        let set_threads = *library
+            .get::<SetNumThreads>(b"openblas_set_num_threads\0")
+            .ok()?;
+        let core = match library.get::<CoreName>(b"openblas_get_corename\0") {
+            Ok(name) => std::ffi::CStr::from_ptr(name())
+                .to_string_lossy()
+                .into_owned(),
+            Err(_) => String::from("unknown"),
+        };
+        // OpenBLAS's own workers spin on `sched_yield` for a while after every product, taking
+        // the cores from rayon's workers between products (a profile of a ROME edit found about
+        // 12% of its time in that yielding and the scheduler): products are split over rayon's
+        // pool instead, each part on the calling thread.
+        set_threads(1);
+        Some(OpenBlas {
+            sgemm,
+            core,
+            asked,
+            _library: library,
+        })
     }
 }
 
-/// Keeps OpenBLAS on the calling thread, once, before its first product. Its own workers spin on
-/// `sched_yield` for a while after every product, taking the cores from rayon's workers between
-/// products (a profile of a ROME edit found about 12% of its time in that yielding and the
-/// scheduler), so products are split over rayon's pool instead.
-#[cfg(kedit_openblas)]
-fn use_calling_thread_only() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    // SAFETY: a plain setter of OpenBLAS's thread count.
-    ONCE.call_once(|| unsafe { ffi::openblas_set_num_threads(1) });
+fn openblas() -> Option<&'static OpenBlas> {
+    OPENBLAS.get_or_init(load).as_ref()
 }
 
-/// `x · wᵀ`; `x: [m, k]`, `w: [n, k]` → `[m, n]`. `None` where OpenBLAS is not linked or a
-/// dimension exceeds its 32-bit sizes.
+/// Whether OpenBLAS is installed and loaded (loading it on the first call).
+pub fn available() -> bool {
+    openblas().is_some()
+}
+
+/// Keeps OpenBLAS unloaded for the rest of the process (`KEDIT_BLAS=none`); `false` if it was
+/// loaded already.
+pub fn disable() -> bool {
+    OPENBLAS.set(None).is_ok()
+}
+
+/// The kernels OpenBLAS runs on ("SkylakeX", "Haswell", ...) and whether kedit chose them (else
+/// `OPENBLAS_CORETYPE` or OpenBLAS's own detection did), or `None` without OpenBLAS.
+pub fn kernels() -> Option<(&'static str, bool)> {
+    openblas().map(|o| (o.core.as_str(), o.asked.is_some()))
+}
+
+/// `x · wᵀ`; `x: [m, k]`, `w: [n, k]` → `[m, n]`. `None` without OpenBLAS or where a dimension
+/// exceeds its 32-bit sizes.
 pub fn x_wt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Option<Vec<f32>> {
     assert_eq!(x.len(), m * k, "blas::x_wt: x is not [m, k]");
     assert_eq!(w.len(), n * k, "blas::x_wt: w is not [n, k]");
@@ -61,7 +157,6 @@ pub fn dy_w(dy: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Option<Vec<f
 
 /// `a · b` or `a · bᵀ` (`b_transposed`) with `a: [rows, inner]`, into `[rows, cols]`, split by
 /// columns of the output over rayon's pool, one single-threaded `cblas_sgemm` per part.
-#[cfg(kedit_openblas)]
 fn sgemm(
     a: &[f32],
     b: &[f32],
@@ -72,7 +167,7 @@ fn sgemm(
 ) -> Option<Vec<f32>> {
     use rayon::prelude::*;
 
-    use_calling_thread_only();
+    let sgemm = openblas()?.sgemm;
     let fits = |v: usize| i32::try_from(v).ok();
     let (m, k, ldc) = (fits(rows)?, fits(inner)?, fits(cols)?);
     let mut out = vec![0f32; rows * cols];
@@ -83,9 +178,9 @@ fn sgemm(
     let parts = rayon::current_num_threads().min(cols.div_ceil(64)).max(1);
     let width = cols.div_ceil(parts);
     let (trans_b, ldb) = if b_transposed {
-        (ffi::TRANS, k)
+        (TRANS, k)
     } else {
-        (ffi::NO_TRANS, ldc)
+        (NO_TRANS, ldc)
     };
     let out_ptr = SendPtr(out.as_mut_ptr());
     (0..parts).into_par_iter().for_each(|part| {
@@ -106,9 +201,9 @@ fn sgemm(
         // `ldb`; the parts write disjoint column ranges c0..c0 + n of `out` ([rows, cols],
         // leading dimension `ldc`), which outlives the parallel loop.
         unsafe {
-            ffi::cblas_sgemm(
-                ffi::ROW_MAJOR,
-                ffi::NO_TRANS,
+            sgemm(
+                ROW_MAJOR,
+                NO_TRANS,
                 trans_b,
                 m,
                 n as i32,
@@ -128,13 +223,57 @@ fn sgemm(
 }
 
 /// The output's address, shared by parts that write disjoint columns of it.
-#[cfg(kedit_openblas)]
 struct SendPtr(*mut f32);
 // SAFETY: every part writes only its own columns, and the buffer outlives the parallel loop.
-#[cfg(kedit_openblas)]
 unsafe impl Sync for SendPtr {}
 
-#[cfg(not(kedit_openblas))]
-fn sgemm(_: &[f32], _: &[f32], _: usize, _: usize, _: usize, _: bool) -> Option<Vec<f32>> {
-    None
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An OpenBLAS that does not know this CPU would otherwise run its SSE3 kernels.
+    #[test]
+    fn openblas_runs_the_kernels_chosen_for_this_cpu() {
+        let Some(openblas) = openblas() else {
+            eprintln!("skipped: OpenBLAS is not installed");
+            return;
+        };
+        eprintln!("OpenBLAS kernels: {}", openblas.core);
+        if let Some(asked) = openblas.asked {
+            assert!(
+                openblas.core.eq_ignore_ascii_case(asked),
+                "asked OpenBLAS for {asked}, it runs {}",
+                openblas.core
+            );
+        }
+    }
+
+    #[test]
+    fn products_match_their_definition() {
+        if !available() {
+            eprintln!("skipped: OpenBLAS is not installed");
+            return;
+        }
+        let (m, k, n) = (40, 70, 150);
+        let value = |i: usize| ((i * 7919 % 2001) as f32 - 1000.0) / 1000.0;
+        let x: Vec<f32> = (0..m * k).map(value).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| value(i + 17)).collect();
+        let dy: Vec<f32> = (0..m * n).map(|i| value(i + 31)).collect();
+        let xw = x_wt(&x, &w, m, k, n).unwrap();
+        let dw = dy_w(&dy, &w, m, n, k).unwrap();
+        for i in 0..m {
+            for j in 0..n {
+                let want: f64 = (0..k)
+                    .map(|c| x[i * k + c] as f64 * w[j * k + c] as f64)
+                    .sum();
+                assert!((xw[i * n + j] as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()));
+            }
+            for c in 0..k {
+                let want: f64 = (0..n)
+                    .map(|j| dy[i * n + j] as f64 * w[j * k + c] as f64)
+                    .sum();
+                assert!((dw[i * k + c] as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()));
+            }
+        }
+    }
 }

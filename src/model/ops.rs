@@ -218,7 +218,7 @@ fn fast_product_of(
     let usable = if short {
         kernels::available()
     } else {
-        blas::LINKED
+        blas::available()
     };
     if !usable
         || !FAST_PRODUCTS.load(Ordering::Relaxed)
