@@ -279,3 +279,43 @@ fn a_loss_layer_outside_the_model_is_refused_by_name() {
     ]);
     assert_one_line_error(&out, &["v_loss_layer 9"]);
 }
+
+/// `--threads` changes how products split their work, never their arithmetic: an FT-L edit, whose
+/// Adam steps amplify any difference in rounding, writes the same bytes with one thread and three.
+#[test]
+fn an_edit_is_the_same_bits_whatever_the_thread_count() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = smollm2_path();
+    let hparams = fixture("hparams/ft-l-smollm2-quick.yaml");
+    let saved: Vec<Vec<u8>> = ["1", "3"]
+        .iter()
+        .map(|threads| {
+            let edit = tmp.path().join(format!("edit-{threads}.safetensors"));
+            ok(&kedit(&[
+                "--threads",
+                threads,
+                "apply",
+                "-m",
+                model.to_str().unwrap(),
+                "--editor",
+                "FT-L",
+                "--hparams",
+                hparams.to_str().unwrap(),
+                "--prompt",
+                "The mother tongue of Danielle Darrieux is",
+                "--subject",
+                "Danielle Darrieux",
+                "--target",
+                "English",
+                "--no-fluency",
+                "--save-edit",
+                edit.to_str().unwrap(),
+            ]));
+            std::fs::read(&edit).unwrap()
+        })
+        .collect();
+    assert!(
+        saved[0] == saved[1],
+        "one thread and three made different edits"
+    );
+}

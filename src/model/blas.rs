@@ -8,6 +8,8 @@ use std::sync::OnceLock;
 
 use libloading::Library;
 
+use super::parallel;
+
 const ROW_MAJOR: i32 = 101;
 const NO_TRANS: i32 = 111;
 const TRANS: i32 = 112;
@@ -165,8 +167,6 @@ fn sgemm(
     inner: usize,
     b_transposed: bool,
 ) -> Option<Vec<f32>> {
-    use rayon::prelude::*;
-
     let sgemm = openblas()?.sgemm;
     let fits = |v: usize| i32::try_from(v).ok();
     let (m, k, ldc) = (fits(rows)?, fits(inner)?, fits(cols)?);
@@ -175,7 +175,7 @@ fn sgemm(
         return Some(out);
     }
     // Parts of at least 64 columns, so each call still fills OpenBLAS's kernels.
-    let parts = rayon::current_num_threads().min(cols.div_ceil(64)).max(1);
+    let parts = parallel::threads().min(cols.div_ceil(64)).max(1);
     let width = cols.div_ceil(parts);
     let (trans_b, ldb) = if b_transposed {
         (TRANS, k)
@@ -183,7 +183,7 @@ fn sgemm(
         (NO_TRANS, ldc)
     };
     let out_ptr = SendPtr(out.as_mut_ptr());
-    (0..parts).into_par_iter().for_each(|part| {
+    parallel::for_each(parts, |part| {
         let c0 = part * width;
         let n = width.min(cols.saturating_sub(c0));
         if n == 0 {

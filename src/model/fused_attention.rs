@@ -11,9 +11,9 @@
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use num_traits::Float;
-use rayon::prelude::*;
 
 use super::fused_grad::contiguous;
+use super::parallel::{self, ChunkedMut};
 
 /// `softmax(scale · q·kᵀ + mask) · v` for each key/value head and the `group` query heads that
 /// share it, stacked as rows (`[b, kv_heads, group·s, head_dim]`, the query heads of a group
@@ -158,22 +158,19 @@ impl GroupedAttention {
     fn forward<T: Float + Send + Sync>(&self, dims: Dims, b: usize, x: &Operands<'_, T>) -> Vec<T> {
         let v = x.v;
         let (d, keys, rows) = (dims.d, dims.keys, dims.rows());
-        let blocks: Vec<Vec<T>> = (0..b * dims.kv)
-            .into_par_iter()
-            .map(|bh| {
-                let mut o = vec![T::zero(); rows * d];
-                let mut p = vec![T::zero(); keys];
-                for (qr, o) in o.chunks_exact_mut(d).enumerate() {
-                    self.weights(&dims, bh, qr, x, &mut p);
-                    for (j, &pj) in p.iter().enumerate() {
-                        if pj != T::zero() {
-                            axpy(pj, &v[(bh * keys + j) * d..][..d], o);
-                        }
+        let blocks: Vec<Vec<T>> = parallel::map(b * dims.kv, |bh| {
+            let mut o = vec![T::zero(); rows * d];
+            let mut p = vec![T::zero(); keys];
+            for (qr, o) in o.chunks_exact_mut(d).enumerate() {
+                self.weights(&dims, bh, qr, x, &mut p);
+                for (j, &pj) in p.iter().enumerate() {
+                    if pj != T::zero() {
+                        axpy(pj, &v[(bh * keys + j) * d..][..d], o);
                     }
                 }
-                o
-            })
-            .collect();
+            }
+            o
+        });
         let mut out = vec![T::zero(); b * rows * dims.kv * d];
         for (bh, block) in blocks.iter().enumerate() {
             for (qr, o) in block.chunks_exact(d).enumerate() {
@@ -198,10 +195,13 @@ impl GroupedAttention {
         let mut dq = vec![T::zero(); q.len()];
         let mut dk = vec![T::zero(); k.len()];
         let mut dv = vec![T::zero(); v.len()];
-        dq.par_chunks_mut(rows * d)
-            .zip(dk.par_chunks_mut(keys * d).zip(dv.par_chunks_mut(keys * d)))
-            .enumerate()
-            .for_each(|(bh, (dq, (dk, dv)))| {
+        let dqs = ChunkedMut::new(&mut dq, rows * d);
+        let dks = ChunkedMut::new(&mut dk, keys * d);
+        let dvs = ChunkedMut::new(&mut dv, keys * d);
+        parallel::for_each(dqs.count(), |bh| {
+            // SAFETY: `for_each` visits each head once.
+            let (dq, dk, dv) = unsafe { (dqs.take(bh), dks.take(bh), dvs.take(bh)) };
+            {
                 let (bi, h) = (bh / dims.kv, bh % dims.kv);
                 let mut p = vec![T::zero(); keys];
                 let mut dp = vec![T::zero(); keys];
@@ -229,7 +229,8 @@ impl GroupedAttention {
                         axpy(pj, g, &mut dv[j * d..][..d]);
                     }
                 }
-            });
+            }
+        });
         (dq, dk, dv)
     }
 }

@@ -8,9 +8,9 @@
 //! checks them against central finite differences in f64). Other dtypes and devices keep the
 //! composed forms.
 
+use super::parallel::{self, ChunkedMut};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use num_traits::Float;
-use rayon::prelude::*;
 
 /// Whether `xs` can take the fused ops: f32 or f64 on the CPU.
 pub(super) fn applies(xs: &Tensor) -> bool {
@@ -178,16 +178,12 @@ impl PairArithmetic for SwiGlu {
 
     fn forward<T: Float + Send + Sync>(&self, gate: &[T], up: &[T]) -> Vec<T> {
         let mut out = vec![T::zero(); gate.len()];
-        out.par_chunks_mut(SWIGLU_CHUNK)
-            .zip(
-                gate.par_chunks(SWIGLU_CHUNK)
-                    .zip(up.par_chunks(SWIGLU_CHUNK)),
-            )
-            .for_each(|(out, (gate, up))| {
-                for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-                    *o = g / (T::one() + (-g).exp()) * u;
-                }
-            });
+        parallel::for_each_chunk_mut(&mut out, SWIGLU_CHUNK, |i, out| {
+            let at = i * SWIGLU_CHUNK;
+            for ((o, &g), &u) in out.iter_mut().zip(&gate[at..]).zip(&up[at..]) {
+                *o = g / (T::one() + (-g).exp()) * u;
+            }
+        });
         out
     }
 
@@ -200,21 +196,21 @@ impl PairArithmetic for SwiGlu {
     ) -> (Vec<T>, Vec<T>) {
         let mut d_gate = vec![T::zero(); gate.len()];
         let mut d_up = vec![T::zero(); gate.len()];
-        d_gate
-            .par_chunks_mut(SWIGLU_CHUNK)
-            .zip(d_up.par_chunks_mut(SWIGLU_CHUNK))
-            .zip(gate.par_chunks(SWIGLU_CHUNK))
-            .zip(
-                up.par_chunks(SWIGLU_CHUNK)
-                    .zip(grad.par_chunks(SWIGLU_CHUNK)),
-            )
-            .for_each(|(((d_gate, d_up), gate), (up, grad))| {
-                for (i, (&g, (&u, &dy))) in gate.iter().zip(up.iter().zip(grad)).enumerate() {
+        {
+            let d_gates = ChunkedMut::new(&mut d_gate, SWIGLU_CHUNK);
+            let d_ups = ChunkedMut::new(&mut d_up, SWIGLU_CHUNK);
+            parallel::for_each(d_gates.count(), |c| {
+                // SAFETY: `for_each` visits each chunk once.
+                let (d_gate, d_up) = unsafe { (d_gates.take(c), d_ups.take(c)) };
+                let at = c * SWIGLU_CHUNK;
+                let inputs = gate[at..].iter().zip(up[at..].iter().zip(&grad[at..]));
+                for (i, (&g, (&u, &dy))) in inputs.take(d_gate.len()).enumerate() {
                     let sigma = (T::one() + (-g).exp()).recip();
                     d_up[i] = dy * g * sigma;
                     d_gate[i] = dy * u * sigma * (T::one() + g * (T::one() - sigma));
                 }
             });
+        }
         (d_gate, d_up)
     }
 }

@@ -6,13 +6,13 @@
 //! with so few rows that copy costs as much as the product (`benches/kernels.rs` measures both).
 //! These kernels read each weight row once, straight from where it lies, against rows of the input
 //! held in the L1 cache: `x · wᵀ` as 4 × 4 tiles of dot products, `dy · w` as 4-row × 64-column
-//! tiles of outer-product updates, both in AVX-512 with the work split over rayon's pool by runs of
-//! weight rows. Summation order differs from a GEMM's, so
+//! tiles of outer-product updates, both in AVX-512 with the work split over the CPU pool ([`super::parallel`]) by
+//! runs of weight rows. Summation order differs from a GEMM's, so
 //! results agree with it to float rounding, not bit for bit.
 //!
 //! Where AVX-512 is missing, [`available`] is false and callers keep candle's matmul.
 
-use rayon::prelude::*;
+use super::parallel;
 
 /// The most input rows the kernels take; above it a packing GEMM amortises its copies and wins.
 pub const MAX_ROWS: usize = 32;
@@ -30,7 +30,7 @@ pub fn available() -> bool {
 }
 
 /// Weight rows per parallel task of [`x_wt`]: small enough to spread one matrix over the pool,
-/// large enough that a task outweighs rayon's scheduling.
+/// large enough that a task outweighs handing it out.
 const ROWS_PER_TASK: usize = 24;
 /// Output columns per tile of [`dy_w`]: four AVX-512 vectors.
 const COLS_PER_TILE: usize = 64;
@@ -52,15 +52,12 @@ pub fn x_wt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
     if m == 0 || n == 0 {
         return out_t;
     }
-    out_t
-        .par_chunks_mut(ROWS_PER_TASK * m)
-        .enumerate()
-        .for_each(|(task, out)| {
-            let j0 = task * ROWS_PER_TASK;
-            let rows = out.len() / m;
-            // SAFETY: `available()` checked AVX-512; the slices cover rows j0..j0 + rows of `w`.
-            unsafe { avx512::x_wt_rows(x, &w[j0 * k..(j0 + rows) * k], m, k, out) };
-        });
+    parallel::for_each_chunk_mut(&mut out_t, ROWS_PER_TASK * m, |task, out| {
+        let j0 = task * ROWS_PER_TASK;
+        let rows = out.len() / m;
+        // SAFETY: `available()` checked AVX-512; the slices cover rows j0..j0 + rows of `w`.
+        unsafe { avx512::x_wt_rows(x, &w[j0 * k..(j0 + rows) * k], m, k, out) };
+    });
     let mut out = vec![0f32; m * n];
     for (j, col) in out_t.chunks_exact(m).enumerate() {
         for (i, &v) in col.iter().enumerate() {
@@ -91,20 +88,17 @@ pub fn dy_w(dy: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
     // would otherwise amplify run-to-run rounding into visibly different edits.
     let tasks = n.div_ceil(ROWS_PER_TASK);
     let tasks_per_group = tasks.div_ceil(MAX_PARTIALS);
-    let partials: Vec<Vec<f32>> = (0..tasks.div_ceil(tasks_per_group))
-        .into_par_iter()
-        .map(|group| {
-            let mut partial = vec![0f32; m * k];
-            let first = group * tasks_per_group;
-            for task in first..(first + tasks_per_group).min(tasks) {
-                let j0 = task * ROWS_PER_TASK;
-                let j1 = (j0 + ROWS_PER_TASK).min(n);
-                // SAFETY: `available()` checked AVX-512; rows j0..j1 lie inside `w` and `dy`.
-                unsafe { avx512::dy_w_rows(dy, w, m, n, k, j0, j1, &mut partial) };
-            }
-            partial
-        })
-        .collect();
+    let partials: Vec<Vec<f32>> = parallel::map(tasks.div_ceil(tasks_per_group), |group| {
+        let mut partial = vec![0f32; m * k];
+        let first = group * tasks_per_group;
+        for task in first..(first + tasks_per_group).min(tasks) {
+            let j0 = task * ROWS_PER_TASK;
+            let j1 = (j0 + ROWS_PER_TASK).min(n);
+            // SAFETY: `available()` checked AVX-512; rows j0..j1 lie inside `w` and `dy`.
+            unsafe { avx512::dy_w_rows(dy, w, m, n, k, j0, j1, &mut partial) };
+        }
+        partial
+    });
     let mut partials = partials.into_iter();
     let mut total = partials.next().unwrap_or_else(|| vec![0f32; m * k]);
     for partial in partials {
@@ -437,28 +431,6 @@ mod tests {
                 (g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()),
                 "{what}[{idx}] = {g}, expected {w}"
             );
-        }
-    }
-
-    /// The same bits whatever the pool: optimisers amplify run-to-run rounding into different edits.
-    #[test]
-    fn products_do_not_depend_on_the_pool() {
-        if !available() {
-            eprintln!("skipped: no AVX-512 on this CPU");
-            return;
-        }
-        let (m, k, n) = (16, 96, 1000);
-        let (x, w, dy) = (values(m * k, 4), values(n * k, 5), values(m * n, 6));
-        let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            pool.install(|| (x_wt(&x, &w, m, k, n), dy_w(&dy, &w, m, n, k)))
-        };
-        let one = run(1);
-        for threads in [2, 3, 8] {
-            assert!(one == run(threads), "{threads} threads changed the bits");
         }
     }
 

@@ -17,6 +17,7 @@ mod llama;
 pub mod load;
 pub mod ops;
 mod overlay;
+mod parallel;
 mod spec;
 pub mod subject;
 mod template;
