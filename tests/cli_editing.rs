@@ -5,6 +5,16 @@ mod common;
 
 use common::*;
 
+/// The counterfactual that the `apply` tests make.
+const DARRIEUX_TO_ENGLISH: [&str; 6] = [
+    "--prompt",
+    "The mother tongue of Danielle Darrieux is",
+    "--subject",
+    "Danielle Darrieux",
+    "--target",
+    "English",
+];
+
 /// `kedit eval` of FT-L with `hparams` on the first `limit` CounterFact records, plus `extra`.
 fn eval_args(hparams: &std::path::Path, limit: &str, extra: &[&str]) -> Vec<String> {
     let model = smollm2_path();
@@ -101,27 +111,19 @@ fn a_saved_edit_reapplied_to_a_fresh_model_gives_the_same_post_metrics() {
     let edit = tmp.path().join("edit.safetensors");
     let m = model.to_str().unwrap();
     let common_args = |extra: Vec<&'static str>| -> Vec<String> {
-        let mut args: Vec<String> = [
-            "apply",
-            "-m",
-            m,
-            "--json",
-            "--prompt",
-            "The mother tongue of Danielle Darrieux is",
-            "--subject",
-            "Danielle Darrieux",
-            "--target",
-            "English",
-            "--rephrase",
-            "Where Danielle Darrieux is from, people speak the language of",
-            "--locality-prompt",
-            "The capital of France is",
-            "--locality-answer",
-            "Paris",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let mut args: Vec<String> = ["apply", "-m", m, "--json"]
+            .into_iter()
+            .chain(DARRIEUX_TO_ENGLISH)
+            .chain([
+                "--rephrase",
+                "Where Danielle Darrieux is from, people speak the language of",
+                "--locality-prompt",
+                "The capital of France is",
+                "--locality-answer",
+                "Paris",
+            ])
+            .map(|s| s.to_string())
+            .collect();
         args.extend(extra.iter().map(|s| s.to_string()));
         args
     };
@@ -291,7 +293,7 @@ fn an_edit_is_the_same_bits_whatever_the_thread_count() {
         .iter()
         .map(|threads| {
             let edit = tmp.path().join(format!("edit-{threads}.safetensors"));
-            ok(&kedit(&[
+            let mut args = vec![
                 "--threads",
                 threads,
                 "apply",
@@ -301,16 +303,12 @@ fn an_edit_is_the_same_bits_whatever_the_thread_count() {
                 "FT-L",
                 "--hparams",
                 hparams.to_str().unwrap(),
-                "--prompt",
-                "The mother tongue of Danielle Darrieux is",
-                "--subject",
-                "Danielle Darrieux",
-                "--target",
-                "English",
                 "--no-fluency",
                 "--save-edit",
                 edit.to_str().unwrap(),
-            ]));
+            ];
+            args.extend(DARRIEUX_TO_ENGLISH);
+            ok(&kedit(&args));
             std::fs::read(&edit).unwrap()
         })
         .collect();
