@@ -56,7 +56,7 @@ fn bench(c: &mut Criterion) {
         flops / 1e9
     );
     group.bench_function("product_same_flops_f32", |b| {
-        b.iter(|| kedit::model::ops::matmul_t(&a, &w).unwrap())
+        b.iter(|| kedit::model::ops::matmul_t(&a, &w, None).unwrap())
     });
     group.bench_function("candle_gemm_same_flops_f32", |b| {
         b.iter(|| a.matmul(&w.t().unwrap()).unwrap())

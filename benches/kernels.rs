@@ -5,8 +5,10 @@
 //!
 //! `cargo bench --bench kernels` (`-- 16x576x1536` for one shape).
 
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use kedit::model::packed::PackedRows;
 use kedit::model::{blas, kernels};
 
 /// (rows, in, out): an MLP up/gate projection, its down projection, and the LM head.
@@ -57,6 +59,37 @@ fn bench(c: &mut Criterion) {
             });
             group.bench_function(format!("{shape}/dy_w/kernels"), |b| {
                 b.iter(|| kernels::dy_w(&dy, &ws[next()], m, n, k))
+            });
+        }
+        if kernels::available() && m <= kernels::MAX_ROWS {
+            // A model's worth of weights (~450 MB of f32), so that neither form stays in the
+            // cache between calls: the f32 rows stream from memory, the Q4_1 rows a sixth of it.
+            let copies = 450_000_000 / (4 * n * k);
+            let f32s: Vec<Vec<f32>> = (0..copies).map(|s| values(n * k, s + 2)).collect();
+            let packed: Vec<PackedRows> = f32s
+                .iter()
+                .map(|w| {
+                    let t = Tensor::from_slice(w, (n, k), &Device::Cpu).unwrap();
+                    let q = QTensor::quantize(&t, GgmlDType::Q4_1).unwrap();
+                    PackedRows::from_gguf(&q).unwrap().unwrap()
+                })
+                .collect();
+            let mut i = 0;
+            let mut next = || {
+                i = (i + 1) % copies;
+                i
+            };
+            group.bench_function(format!("{shape}/x_wt/kernels-from-memory"), |b| {
+                b.iter(|| kernels::x_wt(&x, &f32s[next()], m, k, n))
+            });
+            group.bench_function(format!("{shape}/x_wt/kernels-q4_1"), |b| {
+                b.iter(|| kernels::x_wt_packed(&x, &packed[next()], m))
+            });
+            group.bench_function(format!("{shape}/dy_w/kernels-from-memory"), |b| {
+                b.iter(|| kernels::dy_w(&dy, &f32s[next()], m, n, k))
+            });
+            group.bench_function(format!("{shape}/dy_w/kernels-q4_1"), |b| {
+                b.iter(|| kernels::dy_w_packed(&dy, &packed[next()], m))
             });
         }
         if blas::available() {

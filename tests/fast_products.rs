@@ -1,6 +1,8 @@
 //! kedit's AVX-512 kernels (inputs of up to 32 rows) and OpenBLAS (more rows, where it was linked)
 //! against candle's matmul, the pure-Rust fallback, on SmolLM2: the same logits and the same
-//! gradient within 1e-4. One test binary of its own, as the switch is process-wide.
+//! gradient within 1e-4; and the kernels reading the GGUF's quantised rows against the same
+//! kernels reading the f32 weights: the same bits. One test binary of its own, as the switch is
+//! process-wide.
 
 mod common;
 
@@ -69,6 +71,38 @@ fn fast_products_give_the_fallbacks_logits_and_gradients() {
         let gap = common::relative_gap(got, want);
         eprintln!("{what}: relative gap {gap:.2e}");
         assert!(gap <= 1e-4, "{what}: fast and fallback differ by {gap:e}");
+    }
+
+    // The quantised rows expand to the f32 weights and the tiles sum in the same order.
+    let (packed, bytes) = model.packed_weights();
+    eprintln!("quantised rows beside {packed} weights, {} MB", bytes >> 20);
+    if kernels::available() {
+        assert_eq!(
+            packed,
+            1 + 7 * 30,
+            "every matrix of SmolLM2's GGUF keeps its blocks"
+        );
+    }
+    model.discard_packed_weights();
+    let (short_f32, long_f32, grad_f32) = outputs(&mut model);
+    for (what, got, want) in [
+        ("logits of 12 tokens", &short, &short_f32),
+        ("logits of 8 x 32 tokens", &long, &long_f32),
+        ("gradient of layer 5's down_proj", &grad, &grad_f32),
+    ] {
+        let bits = |t: &Tensor| -> Vec<u32> {
+            t.flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect()
+        };
+        assert!(
+            bits(got) == bits(want),
+            "{what}: quantised rows and f32 weights differ"
+        );
     }
     // The gradient is not zero, so the comparison means something.
     assert!(

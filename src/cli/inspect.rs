@@ -24,8 +24,9 @@ struct Report<'a> {
     dtype: String,
     device: String,
     origin: &'a crate::model::ModelOrigin,
-    /// What runs CPU matrix products: kedit's kernels for short inputs, OpenBLAS (and which of
-    /// its kernels) for long ones, else candle's gemm.
+    /// What runs CPU matrix products: kedit's kernels for short inputs (and whether they read a
+    /// GGUF's quantised rows), OpenBLAS (and which of its kernels) for long ones, else candle's
+    /// gemm.
     cpu_products: String,
 }
 
@@ -38,7 +39,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
         dtype: format!("{:?}", model.dtype()).to_lowercase(),
         device: format!("{:?}", model.device()),
         origin: model.origin(),
-        cpu_products: cpu_products(),
+        cpu_products: cpu_products(&model),
     };
     let mut out = std::io::stdout().lock();
     if args.json {
@@ -82,12 +83,15 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn cpu_products() -> String {
+fn cpu_products(model: &crate::model::Model) -> String {
     use crate::model::{blas, kernels};
-    let short = if kernels::available() {
-        "kedit's AVX-512 kernels"
-    } else {
-        "candle's gemm"
+    let short = match model.packed_weights() {
+        _ if !kernels::available() => "candle's gemm".to_string(),
+        (0, _) => "kedit's AVX-512 kernels".to_string(),
+        (n, bytes) => format!(
+            "kedit's AVX-512 kernels (from the file's quantised rows for {n} weights, {} MB)",
+            bytes >> 20
+        ),
     };
     let long = match blas::kernels() {
         Some((core, true)) => format!("OpenBLAS ({core} kernels, chosen by kedit for this CPU)"),

@@ -17,6 +17,7 @@ mod llama;
 pub mod load;
 pub mod ops;
 mod overlay;
+pub mod packed;
 mod parallel;
 mod spec;
 pub mod subject;
@@ -26,13 +27,14 @@ mod weights;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, TensorId};
 use tokenizers::Tokenizer;
 
 use generate::Past;
 pub use generate::{Generation, KvCache, PrefixCache, Sampling, StepTopK};
 pub use hooks::{HookSpec, Intervention, Site};
 pub use overlay::{LowRankAdapter, Overlay, OverlayInput, OverlayParts};
+use packed::PackedRows;
 pub use spec::{Activation, Arch, ModelSpec};
 pub use template::{module_template, ModuleTemplate};
 pub use weights::{Module, Param, WeightId};
@@ -150,6 +152,9 @@ pub struct ModelOrigin {
 pub struct Model {
     spec: ModelSpec,
     weights: BTreeMap<WeightId, Tensor>,
+    /// Quantised rows of weights read from a GGUF file, each with the tensor it was made beside:
+    /// used only while that tensor is still the weight (see [`packed`]).
+    packed: BTreeMap<WeightId, (TensorId, Arc<PackedRows>)>,
     overlays: BTreeMap<Site, Arc<dyn Overlay>>,
     tokenizer: Tokenizer,
     chat_template: Option<String>,
@@ -198,6 +203,7 @@ impl Model {
         Ok(Self {
             spec,
             weights,
+            packed: BTreeMap::new(),
             overlays: BTreeMap::new(),
             tokenizer,
             chat_template: None,
@@ -392,8 +398,49 @@ impl Model {
         self.weights.get(&id.bias())
     }
 
+    /// Weight `id`'s quantised rows, while the weight is still the tensor they were made beside
+    /// (an edit or an optimiser that puts another tensor in its place leaves them unused).
+    fn packed(&self, id: WeightId) -> Option<&Arc<PackedRows>> {
+        let id = self.resolve(id);
+        let (source, rows) = self.packed.get(&id)?;
+        (self.weights.get(&id)?.id() == *source).then_some(rows)
+    }
+
     fn proj(&self, xs: &Tensor, id: WeightId) -> candle_core::Result<Tensor> {
-        linear(xs, self.w(id)?, self.bias(id))
+        linear(xs, self.w(id)?, self.packed(id), self.bias(id))
+    }
+
+    /// Keeps `rows` beside weight `id` for the short products of editing and training: they must
+    /// hold the weight's exact values (a GGUF tensor's blocks beside its dequantised tensor).
+    ///
+    /// # Errors
+    /// If the model has no such weight, or the shapes differ.
+    pub(crate) fn attach_packed(&mut self, id: WeightId, rows: PackedRows) -> Result<()> {
+        let weight = self
+            .weights
+            .get(&id)
+            .ok_or_else(|| Error::UnknownWeight(id.to_string()))?;
+        if weight.dims() != [rows.rows(), rows.cols()] {
+            return Err(Error::Invalid(format!(
+                "quantised rows of {id} are {}x{}, the weight {:?}",
+                rows.rows(),
+                rows.cols(),
+                weight.dims()
+            )));
+        }
+        self.packed.insert(id, (weight.id(), Arc::new(rows)));
+        Ok(())
+    }
+
+    /// How many weights have quantised rows kept beside them, and their bytes.
+    pub fn packed_weights(&self) -> (usize, usize) {
+        let bytes = self.packed.values().map(|(_, r)| r.size_in_bytes()).sum();
+        (self.packed.len(), bytes)
+    }
+
+    /// Drops the quantised rows: every product then reads the f32 weights.
+    pub fn discard_packed_weights(&mut self) {
+        self.packed.clear();
     }
 
     /// Full-position logits for a padded batch, with hooks.
@@ -625,8 +672,9 @@ impl Model {
         let xs = self.norm(&xs, WeightId::global(Module::FinalNorm))?;
         let xs = hooks.visit(Site::FinalNorm, xs, &mut captures)?;
         let head = self.w(WeightId::global(Module::LmHead))?;
+        let head_rows = self.packed(WeightId::global(Module::LmHead));
         let logits = match logit_positions {
-            None => linear(&xs, head, None)?,
+            None => linear(&xs, head, head_rows, None)?,
             Some([]) => Tensor::zeros((0, self.spec.vocab_size), self.dtype, &self.device)?,
             Some(positions) => {
                 let (b, s, d) = xs.dims3()?;
@@ -641,7 +689,7 @@ impl Model {
                 }
                 let rows = Tensor::from_vec(rows, positions.len(), &self.device)?;
                 let picked = xs.reshape((b * s, d))?.index_select(&rows, 0)?;
-                ops::matmul_t(&picked, head)?
+                ops::matmul_t(&picked, head, head_rows)?
             }
         };
         if let Past::Growing(cache) = past {
@@ -822,6 +870,7 @@ impl Model {
         Ok(ops::matmul_t(
             &h,
             self.w(WeightId::global(Module::LmHead))?,
+            self.packed(WeightId::global(Module::LmHead)),
         )?)
     }
 
@@ -839,6 +888,9 @@ impl Model {
 
     /// Casts every weight to `dtype` (norm weights too; the norms compute in f32 regardless).
     pub fn to_dtype(&mut self, dtype: DType) -> Result<()> {
+        if dtype != self.dtype {
+            self.packed.clear();
+        }
         for w in self.weights.values_mut() {
             *w = w.to_dtype(dtype)?;
         }

@@ -19,7 +19,9 @@
 use candle_core::{DType, Device, Result, Tensor, D};
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
+use super::packed::PackedRows;
 use super::{blas, fused_attention, fused_grad, kernels};
 
 /// Whether a gradient can flow through any of `ts` (f64 always takes the composed path, which the
@@ -122,14 +124,21 @@ fn fused_grad_ops() -> bool {
     FUSED_GRAD_OPS.load(Ordering::Relaxed)
 }
 
-/// `x @ wᵀ (+ b)` for a weight stored `[out, in]`.
+/// `x @ wᵀ (+ b)` for a weight stored `[out, in]`, with its quantised rows where the model keeps
+/// them ([`PackedRows`], the same values).
 ///
 /// # Shapes
 /// `xs: [b, s, in]`, `weight: [out, in]`, `bias: [out]` → `[b, s, out]`
-pub fn linear(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+pub fn linear(
+    xs: &Tensor,
+    weight: &Tensor,
+    packed: Option<&Arc<PackedRows>>,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
     let (b, s, d_in) = xs.dims3()?;
     let d_out = weight.dim(0)?;
-    let ys = matmul_t(&xs.contiguous()?.reshape((b * s, d_in))?, weight)?.reshape((b, s, d_out))?;
+    let ys = matmul_t(&xs.contiguous()?.reshape((b * s, d_in))?, weight, packed)?
+        .reshape((b, s, d_out))?;
     match bias {
         Some(bias) => ys.broadcast_add(bias),
         None => Ok(ys),
@@ -139,18 +148,20 @@ pub fn linear(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Ten
 /// `x @ wᵀ` for a 2-D `x`. When a gradient flows through `x` but `w` is a constant, candle's
 /// matmul backward would still build the full `[out, in]` gradient of `w` (for the LM head, a
 /// vocabulary-sized matrix) on every backward pass and throw it away; [`ConstWeightMatmul`]
-/// returns only the gradient of `x`. f32 products on the CPU go to [`kernels`] or OpenBLAS, both ways.
+/// returns only the gradient of `x`. f32 products on the CPU go to [`kernels`] (from `packed`
+/// where given) or OpenBLAS, both ways.
 ///
 /// # Shapes
 /// `xs: [n, in]`, `weight: [out, in]` → `[n, out]`
-pub fn matmul_t(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
+pub fn matmul_t(xs: &Tensor, weight: &Tensor, packed: Option<&Arc<PackedRows>>) -> Result<Tensor> {
     if xs.device().is_cpu() && !weight.track_op() {
         if xs.track_op() {
             return xs.contiguous()?.apply_op1(ConstWeightMatmul {
                 weight: weight.clone(),
+                packed: packed.cloned(),
             });
         }
-        if let Some(ys) = fast_product(xs, weight, Product::XWt)? {
+        if let Some(ys) = fast_product(xs, weight, packed, Product::XWt)? {
             return Ok(ys);
         }
     }
@@ -158,9 +169,13 @@ pub fn matmul_t(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
 }
 
 /// `dy @ w`, the gradient of `x` through `x @ wᵀ` for a constant `w`.
-fn const_weight_grad(dy: &Tensor, weight: &Tensor) -> Result<Tensor> {
+fn const_weight_grad(
+    dy: &Tensor,
+    weight: &Tensor,
+    packed: Option<&Arc<PackedRows>>,
+) -> Result<Tensor> {
     if !dy.track_op() {
-        if let Some(dx) = fast_product(dy, weight, Product::DyW)? {
+        if let Some(dx) = fast_product(dy, weight, packed, Product::DyW)? {
             return Ok(dx);
         }
     }
@@ -185,7 +200,12 @@ enum Product {
 
 /// The product by [`kernels`] (up to [`kernels::MAX_ROWS`] rows) or OpenBLAS (more rows), for f32
 /// on the CPU with a 2-D left side and a contiguous weight; `None` where neither applies.
-fn fast_product(lhs: &Tensor, weight: &Tensor, product: Product) -> Result<Option<Tensor>> {
+fn fast_product(
+    lhs: &Tensor,
+    weight: &Tensor,
+    packed: Option<&Arc<PackedRows>>,
+    product: Product,
+) -> Result<Option<Tensor>> {
     let (m, width) = match lhs.dims() {
         &[m, width] => (m, width),
         _ => return Ok(None),
@@ -198,7 +218,7 @@ fn fast_product(lhs: &Tensor, weight: &Tensor, product: Product) -> Result<Optio
         return Ok(None);
     };
     Ok(
-        match fast_product_of(a.slice(), m, width, weight, product)? {
+        match fast_product_of(a.slice(), m, width, weight, packed, product)? {
             Some((out, cols)) => Some(Tensor::from_vec(out, (m, cols), &Device::Cpu)?),
             None => None,
         },
@@ -212,6 +232,7 @@ fn fast_product_of(
     m: usize,
     width: usize,
     weight: &Tensor,
+    packed: Option<&Arc<PackedRows>>,
     product: Product,
 ) -> Result<Option<(Vec<f32>, usize)>> {
     let short = m <= kernels::MAX_ROWS;
@@ -228,6 +249,13 @@ fn fast_product_of(
         return Ok(None);
     }
     let (rows, cols) = weight.dims2()?;
+    if let Some(packed) = packed.filter(|p| short && (p.rows(), p.cols()) == (rows, cols)) {
+        return Ok(match product {
+            Product::XWt if width == cols => Some((kernels::x_wt_packed(a, packed, m), rows)),
+            Product::DyW if width == rows => Some((kernels::dy_w_packed(a, packed, m), cols)),
+            _ => None,
+        });
+    }
     let Some(w) = cpu_f32(weight) else {
         return Ok(None);
     };
@@ -283,6 +311,7 @@ fn cpu_f32(t: &Tensor) -> Option<F32View<'_>> {
 /// `x @ wᵀ` with `w` held constant: the backward pass yields `∂x` only.
 struct ConstWeightMatmul {
     weight: Tensor,
+    packed: Option<Arc<PackedRows>>,
 }
 
 impl candle_core::CustomOp1 for ConstWeightMatmul {
@@ -302,7 +331,14 @@ impl candle_core::CustomOp1 for ConstWeightMatmul {
         let dims = layout.shape().dims();
         if let (S::F32(v), &[m, width]) = (storage, dims) {
             // The input's elements in place: no copy in or out on the fast paths.
-            let fast = fast_product_of(&v[start..end], m, width, &self.weight, Product::XWt)?;
+            let fast = fast_product_of(
+                &v[start..end],
+                m,
+                width,
+                &self.weight,
+                self.packed.as_ref(),
+                Product::XWt,
+            )?;
             if let Some((out, cols)) = fast {
                 return Ok((S::F32(out), (m, cols).into()));
             }
@@ -323,7 +359,11 @@ impl candle_core::CustomOp1 for ConstWeightMatmul {
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(const_weight_grad(grad_res, &self.weight)?))
+        Ok(Some(const_weight_grad(
+            grad_res,
+            &self.weight,
+            self.packed.as_ref(),
+        )?))
     }
 }
 
@@ -559,7 +599,7 @@ mod tests {
         let dev = Device::Cpu;
         let w = Tensor::randn(0f64, 1.0, (5, 3), &dev)?;
         let x = candle_core::Var::randn(0f64, 1.0, (4, 3), &dev)?;
-        let fused = matmul_t(x.as_tensor(), &w)?;
+        let fused = matmul_t(x.as_tensor(), &w, None)?;
         let plain = x.as_tensor().matmul(&w.t()?)?;
         assert_eq!(fused.to_vec2::<f64>()?, plain.to_vec2::<f64>()?);
         let g1 = fused.sqr()?.sum_all()?.backward()?;

@@ -5,11 +5,13 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::{Content, Value};
-use candle_core::Device;
+use candle_core::{DType, Device};
 
 use super::{assemble, Format, LoadOptions};
 use crate::error::{Error, Result};
-use crate::model::{Activation, Arch, Model, ModelOrigin, ModelSpec};
+use crate::model::kernels;
+use crate::model::packed::PackedRows;
+use crate::model::{Activation, Arch, Model, ModelOrigin, ModelSpec, WeightId};
 
 pub(super) fn load_gguf(path: &Path, source: &str, opts: &LoadOptions) -> Result<Model> {
     let bad = |msg: String| Error::file(path, msg);
@@ -29,6 +31,9 @@ pub(super) fn load_gguf(path: &Path, source: &str, opts: &LoadOptions) -> Result
         })?,
     };
     let dtype = opts.resolve_dtype(&spec);
+    // The blocks serve only the CPU's f32 kernels.
+    let keep_blocks = dtype == DType::F32 && opts.device.is_cpu() && kernels::available();
+    let mut blocks = HashMap::new();
     let weights = assemble(&spec, Format::Gguf, dtype, &opts.device, |name| {
         if !content.tensor_infos.contains_key(name) {
             return Ok(None);
@@ -36,6 +41,13 @@ pub(super) fn load_gguf(path: &Path, source: &str, opts: &LoadOptions) -> Result
         let q = content
             .tensor(&mut file, name, &Device::Cpu)
             .map_err(|e| bad(format!("tensor `{name}`: {}", Error::from(e))))?;
+        if keep_blocks {
+            if let Some(rows) = PackedRows::from_gguf(&q)
+                .map_err(|e| bad(format!("tensor `{name}`: {}", Error::from(e))))?
+            {
+                blocks.insert(name.to_string(), rows);
+            }
+        }
         Ok(Some(q.dequantize(&Device::Cpu)?))
     })
     .map_err(|e| match e {
@@ -52,7 +64,46 @@ pub(super) fn load_gguf(path: &Path, source: &str, opts: &LoadOptions) -> Result
         other => other,
     })?;
     model.set_chat_template(get_str(&content.metadata, "tokenizer.chat_template").ok());
+    keep_packed_rows(&mut model, blocks).map_err(|e| match e {
+        Error::Invalid(msg) => bad(msg),
+        other => other,
+    })?;
     Ok(model)
+}
+
+/// Puts each weight's GGUF blocks beside it, in the row order the loader gave the weight, after
+/// checking that they expand to the weight's first and last rows bit for bit.
+fn keep_packed_rows(model: &mut Model, mut blocks: HashMap<String, PackedRows>) -> Result<()> {
+    let ids: Vec<WeightId> = model.weight_ids().collect();
+    for id in ids {
+        let Some(rows) = super::checkpoint_name(model.spec(), id, Format::Gguf)
+            .and_then(|name| blocks.remove(&name))
+        else {
+            continue;
+        };
+        let rows = match super::gguf_row_order(model.spec(), id, rows.rows())? {
+            Some(order) => rows.with_rows_from(&order),
+            None => rows,
+        };
+        let weight = model.weight(id)?;
+        let last = rows.rows().saturating_sub(1);
+        for r in [0, last] {
+            let mut expanded = vec![0f32; rows.cols()];
+            rows.dequantize_rows(r, r + 1, &mut expanded);
+            let held = weight.get(r)?.to_vec1::<f32>()?;
+            if expanded
+                .iter()
+                .zip(&held)
+                .any(|(a, b)| a.to_bits() != b.to_bits())
+            {
+                return Err(Error::Invalid(format!(
+                    "the blocks of {id} do not expand to its weights (row {r})"
+                )));
+            }
+        }
+        model.attach_packed(id, rows)?;
+    }
+    Ok(())
 }
 
 fn spec_from_metadata(content: &Content) -> std::result::Result<ModelSpec, String> {

@@ -159,11 +159,8 @@ pub(crate) fn assemble(
         .chain(optional.into_iter().map(|id| (id, false)));
     let mut weights = std::collections::BTreeMap::new();
     for (id, is_required) in wanted {
-        let name = match spec.arch {
-            Arch::Gpt2 => gpt2::checkpoint_name(id, format),
-            Arch::Llama => llama::checkpoint_name(id, format),
-        }
-        .ok_or_else(|| Error::UnknownWeight(id.to_string()))?;
+        let name = checkpoint_name(spec, id, format)
+            .ok_or_else(|| Error::UnknownWeight(id.to_string()))?;
         let Some(mut w) = fetch(&name)? else {
             if is_required {
                 return Err(Error::Invalid(format!(
@@ -184,6 +181,32 @@ pub(crate) fn assemble(
         weights.insert(id, w.to_dtype(dtype)?.to_device(device)?);
     }
     Ok(weights)
+}
+
+fn checkpoint_name(spec: &super::ModelSpec, id: super::WeightId, format: Format) -> Option<String> {
+    match spec.arch {
+        super::Arch::Gpt2 => super::gpt2::checkpoint_name(id, format),
+        super::Arch::Llama => super::llama::checkpoint_name(id, format),
+    }
+}
+
+/// Where [`assemble`] takes each row of a GGUF weight from (`None`: where it lies), found by
+/// sending row numbers through the same reordering.
+fn gguf_row_order(
+    spec: &super::ModelSpec,
+    id: super::WeightId,
+    rows: usize,
+) -> Result<Option<Vec<usize>>> {
+    let heads = match spec.arch {
+        super::Arch::Llama => super::llama::gguf_rotary_heads(id, spec),
+        super::Arch::Gpt2 => None,
+    };
+    let Some(heads) = heads else {
+        return Ok(None);
+    };
+    let numbers = candle_core::Tensor::arange(0u32, rows as u32, &Device::Cpu)?;
+    let order = super::llama::unpermute_rotary_rows(&numbers, heads)?.to_vec1::<u32>()?;
+    Ok(Some(order.into_iter().map(|r| r as usize).collect()))
 }
 
 #[cfg(test)]
