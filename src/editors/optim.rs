@@ -42,6 +42,12 @@ impl Adam {
             let Some(grad) = grads.get(var.as_tensor()) else {
                 continue;
             };
+            if let Some((w, m, v)) = self.fused_update(i, grad, bc1, bc2)? {
+                self.m[i] = m;
+                self.v[i] = v;
+                var.set(&w)?;
+                continue;
+            }
             let mut grad = grad.clone();
             if self.weight_decay != 0.0 {
                 grad = (grad + (var.as_tensor() * self.weight_decay)?)?;
@@ -53,6 +59,53 @@ impl Adam {
             var.set(&(var.as_tensor() - (update * self.lr)?)?)?;
         }
         Ok(())
+    }
+
+    /// The update of variable `i` in one pass over its elements, for f32 on the CPU: the composed
+    /// form above makes eleven tensors the size of the weight per step (for a 576 × 1536 matrix,
+    /// 5 of an FT-L step's 80 ms). It computes what those ops compute, operation for operation:
+    /// candle's tensor-by-scalar ops are `x · mul + add` in f32, with division by a scalar as
+    /// multiplication by its reciprocal.
+    fn fused_update(
+        &self,
+        i: usize,
+        grad: &Tensor,
+        bc1: f64,
+        bc2: f64,
+    ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+        let w = self.vars[i].as_tensor();
+        let all_f32_cpu = [w, grad, &self.m[i], &self.v[i]]
+            .iter()
+            .all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32);
+        if !all_f32_cpu {
+            return Ok(None);
+        }
+        let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+        let (mut w_new, g, mut m_new, mut v_new) =
+            (flat(w)?, flat(grad)?, flat(&self.m[i])?, flat(&self.v[i])?);
+        let f = |x: f64| x as f32;
+        let (decay, b1, one_b1, b2, one_b2) = (
+            f(self.weight_decay),
+            f(self.beta1),
+            f(1.0 - self.beta1),
+            f(self.beta2),
+            f(1.0 - self.beta2),
+        );
+        let (inv_bc1, inv_bc2, eps, lr) = (f(1.0 / bc1), f(1.0 / bc2), f(self.eps), f(self.lr));
+        for (((w, &g), m), v) in w_new.iter_mut().zip(&g).zip(&mut m_new).zip(&mut v_new) {
+            let g = if self.weight_decay != 0.0 {
+                g + (*w * decay + 0.0)
+            } else {
+                g
+            };
+            *m = (*m * b1 + 0.0) + (g * one_b1 + 0.0);
+            *v = (*v * b2 + 0.0) + ((g * g) * one_b2 + 0.0);
+            let denom = (*v * inv_bc2 + 0.0).sqrt() * 1.0 + eps;
+            let update = (*m * inv_bc1 + 0.0) / denom;
+            *w -= update * lr + 0.0;
+        }
+        let shaped = |v: Vec<f32>| Tensor::from_vec(v, w.shape(), w.device());
+        Ok(Some((shaped(w_new)?, shaped(m_new)?, shaped(v_new)?)))
     }
 }
 
@@ -80,6 +133,42 @@ mod tests {
             assert!((got - x).abs() < 1e-12, "step {t}: {got} vs {x}");
         }
         assert!((x - 1.0).abs() > 0.3, "the reference itself moved");
+        Ok(())
+    }
+
+    /// The one-pass f32 update against torch's rule in f32 scalar arithmetic, on a vector whose
+    /// elements see gradients of very different sizes (Adam's normalisation at work).
+    #[test]
+    fn the_f32_update_matches_torch_adam() -> Result<()> {
+        let (lr, wd, b1, b2, eps) = (0.05f32, 0.1f32, 0.9f32, 0.999f32, 1e-8f32);
+        let start = [1f32, -2.0, 0.5, 30.0];
+        let scale = [1f32, 1e-3, 10.0, 0.2];
+        let w = Var::new(&start, &Device::Cpu)?;
+        let mut adam = Adam::new(vec![w.clone()], f64::from(lr), f64::from(wd))?;
+        let (mut x, mut m, mut v) = (start, [0f32; 4], [0f32; 4]);
+        for t in 1..=6 {
+            for j in 0..4 {
+                let g = scale[j] * 2.0 * (x[j] - 3.0) + wd * x[j];
+                m[j] = b1 * m[j] + (1.0 - b1) * g;
+                v[j] = b2 * v[j] + (1.0 - b2) * g * g;
+                let mh = m[j] / (1.0 - b1.powi(t));
+                let vh = v[j] / (1.0 - b2.powi(t));
+                x[j] -= lr * mh / (vh.sqrt() + eps);
+            }
+            let scales = Tensor::new(&scale, &Device::Cpu)?;
+            let loss = ((w.as_tensor() - 3.0)?.sqr()? * scales)?.sum_all()?;
+            adam.backward_step(&loss)?;
+            let got = w.as_tensor().to_vec1::<f32>()?;
+            for j in 0..4 {
+                let tol = 1e-5 * x[j].abs().max(1.0);
+                assert!(
+                    (got[j] - x[j]).abs() <= tol,
+                    "step {t}, element {j}: {} vs {}",
+                    got[j],
+                    x[j]
+                );
+            }
+        }
         Ok(())
     }
 }
