@@ -131,13 +131,23 @@ fn dy_w_from(dy: &[f32], w: impl RowSource, m: usize, n: usize, k: usize) -> Vec
         }
         partial
     });
+    // Summed over the pool, element by element in group order: the same bits as a serial sum,
+    // without leaving the other threads idle while one adds up to sixteen [m, k] partials.
     let mut partials = partials.into_iter();
     let mut total = partials.next().unwrap_or_else(|| vec![0f32; m * k]);
-    for partial in partials {
-        total.iter_mut().zip(&partial).for_each(|(x, y)| *x += y);
-    }
+    let rest: Vec<Vec<f32>> = partials.collect();
+    parallel::for_each_chunk_mut(&mut total, SUM_CHUNK, |chunk, out| {
+        let start = chunk * SUM_CHUNK;
+        for partial in &rest {
+            let part = &partial[start..start + out.len()];
+            out.iter_mut().zip(part).for_each(|(x, y)| *x += y);
+        }
+    });
     total
 }
+
+/// Elements per parallel task when [`dy_w`] adds its partial products.
+const SUM_CHUNK: usize = 2048;
 
 /// Where the kernels read weight rows from: an f32 matrix in place, or quantised rows expanded
 /// into a per-thread buffer a few at a time.
