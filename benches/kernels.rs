@@ -1,6 +1,8 @@
 //! The matrix products of an edit at SmolLM2-135M's shapes, f32 on the CPU: kedit's AVX-512
-//! kernels, OpenBLAS (where build.rs linked it) and candle's gemm, forward `x·wᵀ` and backward
-//! `dy·w`, each over 16 distinct weights so that they stream from memory as a model's do.
+//! kernels, OpenBLAS (where it loads) and candle's gemm, forward `x·wᵀ` and backward `dy·w`, each
+//! over 16 distinct weights (a large L3 cache may hold them all), and, for kedit's kernels from
+//! f32 and from Q4_1 rows and for OpenBLAS, over a model's worth of weights that no cache holds
+//! (`-from-memory`, `-q4_1`), as an editing step meets them.
 //! Criterion reports GFLOP/s as elements: 1 element = 1 FLOP.
 //!
 //! `cargo bench --bench kernels` (`-- 16x576x1536` for one shape).
@@ -15,6 +17,7 @@ use kedit::model::{blas, kernels};
 const SHAPES: &[(usize, usize, usize)] = &[
     (16, 576, 1536),
     (16, 1536, 576),
+    (48, 576, 1536),
     (64, 576, 1536),
     (256, 576, 1536),
     (16, 576, 49152),
@@ -61,7 +64,7 @@ fn bench(c: &mut Criterion) {
                 b.iter(|| kernels::dy_w(&dy, &ws[next()], m, n, k))
             });
         }
-        if kernels::available() && m <= kernels::MAX_ROWS {
+        if kernels::available() && m <= kernels::MAX_PACKED_ROWS {
             // A model's worth of weights (~450 MB of f32), so that neither form stays in the
             // cache between calls: the f32 rows stream from memory, the Q4_1 rows a sixth of it.
             let copies = 450_000_000 / (4 * n * k);
@@ -79,14 +82,24 @@ fn bench(c: &mut Criterion) {
                 i = (i + 1) % copies;
                 i
             };
-            group.bench_function(format!("{shape}/x_wt/kernels-from-memory"), |b| {
-                b.iter(|| kernels::x_wt(&x, &f32s[next()], m, k, n))
-            });
+            if m <= kernels::MAX_ROWS {
+                group.bench_function(format!("{shape}/x_wt/kernels-from-memory"), |b| {
+                    b.iter(|| kernels::x_wt(&x, &f32s[next()], m, k, n))
+                });
+                group.bench_function(format!("{shape}/dy_w/kernels-from-memory"), |b| {
+                    b.iter(|| kernels::dy_w(&dy, &f32s[next()], m, n, k))
+                });
+            }
+            if blas::available() {
+                group.bench_function(format!("{shape}/x_wt/openblas-from-memory"), |b| {
+                    b.iter(|| blas::x_wt(&x, &f32s[next()], m, k, n).unwrap())
+                });
+                group.bench_function(format!("{shape}/dy_w/openblas-from-memory"), |b| {
+                    b.iter(|| blas::dy_w(&dy, &f32s[next()], m, n, k).unwrap())
+                });
+            }
             group.bench_function(format!("{shape}/x_wt/kernels-q4_1"), |b| {
                 b.iter(|| kernels::x_wt_packed(&x, &packed[next()], m))
-            });
-            group.bench_function(format!("{shape}/dy_w/kernels-from-memory"), |b| {
-                b.iter(|| kernels::dy_w(&dy, &f32s[next()], m, n, k))
             });
             group.bench_function(format!("{shape}/dy_w/kernels-q4_1"), |b| {
                 b.iter(|| kernels::dy_w_packed(&dy, &packed[next()], m))

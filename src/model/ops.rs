@@ -235,26 +235,33 @@ fn fast_product_of(
     packed: Option<&Arc<PackedRows>>,
     product: Product,
 ) -> Result<Option<(Vec<f32>, usize)>> {
-    let short = m <= kernels::MAX_ROWS;
-    let usable = if short {
-        kernels::available()
-    } else {
-        blas::available()
-    };
-    if !usable
-        || !FAST_PRODUCTS.load(Ordering::Relaxed)
+    if !FAST_PRODUCTS.load(Ordering::Relaxed)
         || weight.dtype() != DType::F32
         || !weight.is_contiguous()
     {
         return Ok(None);
     }
     let (rows, cols) = weight.dims2()?;
-    if let Some(packed) = packed.filter(|p| short && (p.rows(), p.cols()) == (rows, cols)) {
+    let packed = packed.filter(|p| {
+        m <= kernels::MAX_PACKED_ROWS
+            && kernels::available()
+            && (p.rows(), p.cols()) == (rows, cols)
+    });
+    if let Some(packed) = packed {
         return Ok(match product {
             Product::XWt if width == cols => Some((kernels::x_wt_packed(a, packed, m), rows)),
             Product::DyW if width == rows => Some((kernels::dy_w_packed(a, packed, m), cols)),
             _ => None,
         });
+    }
+    let short = m <= kernels::MAX_ROWS;
+    let usable = if short {
+        kernels::available()
+    } else {
+        blas::available()
+    };
+    if !usable {
+        return Ok(None);
     }
     let Some(w) = cpu_f32(weight) else {
         return Ok(None);
