@@ -5,7 +5,8 @@ mod common;
 
 use common::*;
 use kedit::data::read_dataset;
-use kedit::eval::{evaluate, LocalityEntry};
+use kedit::data::EditRequest;
+use kedit::eval::{evaluate, evaluate_many, LocalityEntry, PhaseMetrics};
 
 fn close(a: &[f64], b: &serde_json::Value, what: &str) {
     let b: Vec<f64> = b
@@ -20,6 +21,42 @@ fn close(a: &[f64], b: &serde_json::Value, what: &str) {
     }
 }
 
+/// One case's metrics against EasyEdit's.
+fn check(got: &PhaseMetrics, want: &serde_json::Value, at: &dyn Fn(&str) -> String) {
+    close(&got.rewrite_acc, &want["rewrite_acc"], &at("rewrite_acc"));
+    close(
+        got.rephrase_acc.as_deref().unwrap(),
+        &want["rephrase_acc"],
+        &at("rephrase_acc"),
+    );
+    let want_port = want["portability"].as_object().unwrap();
+    assert_eq!(
+        got.portability.len(),
+        want_port.len(),
+        "{}",
+        at("portability keys")
+    );
+    for (k, v) in want_port {
+        close(&got.portability[k], v, &at(k));
+    }
+    let want_loc = want["locality"].as_object().unwrap();
+    assert_eq!(
+        got.locality.len(),
+        want_loc.len(),
+        "{}",
+        at("locality keys")
+    );
+    for (k, v) in want_loc {
+        let LocalityEntry::Output(ids) = &got.locality[k] else {
+            panic!("{k} is not an output")
+        };
+        let want_ids: Vec<Vec<u32>> = serde_json::from_value(v.clone()).unwrap();
+        assert_eq!(ids, &want_ids, "{}", at(k));
+    }
+}
+
+/// Case by case, and all the cases of a split scored in shared forward passes (as `kedit eval`
+/// takes pre-edit metrics): both must be EasyEdit's numbers.
 #[test]
 fn pre_edit_metrics_equal_easyedits() {
     let model = smollm2();
@@ -30,43 +67,25 @@ fn pre_edit_metrics_equal_easyedits() {
     ] {
         let ds = read_dataset(&fixture(file), None).unwrap();
         let cases = reference["splits"][split]["cases"].as_array().unwrap();
-        for case in cases {
-            let i = case["case_id"].as_u64().unwrap() as usize;
-            let (_, request) = &ds.cases[i];
-            assert_eq!(request.prompt, case["prompt"].as_str().unwrap());
-            let got = evaluate(&model, request).unwrap();
-            let want = &case["pre"];
-            let at = |what: &str| format!("{split} case {i} {what}");
-            close(&got.rewrite_acc, &want["rewrite_acc"], &at("rewrite_acc"));
-            close(
-                got.rephrase_acc.as_deref().unwrap(),
-                &want["rephrase_acc"],
-                &at("rephrase_acc"),
-            );
-            let want_port = want["portability"].as_object().unwrap();
-            assert_eq!(
-                got.portability.len(),
-                want_port.len(),
-                "{}",
-                at("portability keys")
-            );
-            for (k, v) in want_port {
-                close(&got.portability[k], v, &at(k));
-            }
-            let want_loc = want["locality"].as_object().unwrap();
-            assert_eq!(
-                got.locality.len(),
-                want_loc.len(),
-                "{}",
-                at("locality keys")
-            );
-            for (k, v) in want_loc {
-                let LocalityEntry::Output(ids) = &got.locality[k] else {
-                    panic!("{k} is not an output")
-                };
-                let want_ids: Vec<Vec<u32>> = serde_json::from_value(v.clone()).unwrap();
-                assert_eq!(ids, &want_ids, "{}", at(k));
-            }
+        let requests: Vec<EditRequest> = cases
+            .iter()
+            .map(|case| {
+                let (_, request) = &ds.cases[case["case_id"].as_u64().unwrap() as usize];
+                assert_eq!(request.prompt, case["prompt"].as_str().unwrap());
+                request.clone()
+            })
+            .collect();
+        let batched = evaluate_many(&model, &requests).unwrap();
+        assert_eq!(batched.len(), requests.len());
+        for ((case, request), together) in cases.iter().zip(&requests).zip(&batched) {
+            let i = case["case_id"].as_u64().unwrap();
+            let alone = evaluate(&model, request).unwrap();
+            check(&alone, &case["pre"], &|what| {
+                format!("{split} case {i} {what}")
+            });
+            check(together, &case["pre"], &|what| {
+                format!("{split} case {i}, scored with the others, {what}")
+            });
         }
     }
 }

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::sentiment::{self, SentimentBaseline, SentimentProtocol};
-use super::{evaluate_with, finalize_locality, Fluency, PhaseMetrics, Scoring};
+use super::{evaluate_many, evaluate_with, finalize_locality, Fluency, PhaseMetrics, Scoring};
 use crate::data::EditRequest;
 use crate::error::Result;
 use crate::model::Model;
@@ -44,15 +44,35 @@ pub struct MeasureOptions {
     pub chat_template: bool,
 }
 
-/// One phase's metrics of a request, fluency included when asked for.
-fn measure(model: &Model, request: &EditRequest, opts: &MeasureOptions) -> Result<PhaseMetrics> {
-    let mut metrics = if opts.chat_template {
-        evaluate_with(model, &super::chat_templated(model, request)?, opts.scoring)?
+/// One phase's metrics of each request, fluency included when asked for. Teacher-forced scores of
+/// several requests share forward passes: the numbers each has alone, at a larger batch's rate.
+fn measure(
+    model: &Model,
+    requests: &[EditRequest],
+    opts: &MeasureOptions,
+) -> Result<Vec<PhaseMetrics>> {
+    let templated;
+    let scored_requests = if opts.chat_template {
+        templated = requests
+            .iter()
+            .map(|r| super::chat_templated(model, r))
+            .collect::<Result<Vec<_>>>()?;
+        &templated[..]
     } else {
-        evaluate_with(model, request, opts.scoring)?
+        requests
+    };
+    let mut metrics = if opts.scoring == Scoring::TokenAccuracy {
+        evaluate_many(model, scored_requests)?
+    } else {
+        scored_requests
+            .iter()
+            .map(|r| evaluate_with(model, r, opts.scoring))
+            .collect::<Result<Vec<_>>>()?
     };
     if let Some(seed) = opts.fluency_seed {
-        metrics.fluency = Some(super::fluency::fluency(model, &request.prompt, seed)?);
+        for (m, r) in metrics.iter_mut().zip(requests) {
+            m.fluency = Some(super::fluency::fluency(model, &r.prompt, seed)?);
+        }
     }
     Ok(metrics)
 }
@@ -68,17 +88,37 @@ pub fn measure_before(
     request: &EditRequest,
     opts: &MeasureOptions,
 ) -> Result<Before> {
-    let sentiment = match (&request.sentiment, opts.sentiment) {
-        (Some(probe), SentimentProtocol::Corrected) => {
-            Some(sentiment::baseline(model, probe, opts.sentiment)?)
-        }
-        _ => None,
-    };
-    Ok(Before {
-        metrics: measure(model, request, opts)?,
-        sentiment,
-    })
+    let mut before = measure_before_many(model, std::slice::from_ref(request), opts)?;
+    before
+        .pop()
+        .ok_or_else(|| crate::Error::Invalid("no pre-edit metrics for a request".into()))
 }
+
+/// [`measure_before`] of several requests at once.
+pub fn measure_before_many(
+    model: &Model,
+    requests: &[EditRequest],
+    opts: &MeasureOptions,
+) -> Result<Vec<Before>> {
+    let metrics = measure(model, requests, opts)?;
+    requests
+        .iter()
+        .zip(metrics)
+        .map(|(request, metrics)| {
+            let sentiment = match (&request.sentiment, opts.sentiment) {
+                (Some(probe), SentimentProtocol::Corrected) => {
+                    Some(sentiment::baseline(model, probe, opts.sentiment)?)
+                }
+                _ => None,
+            };
+            Ok(Before { metrics, sentiment })
+        })
+        .collect()
+}
+
+/// A case waiting for its post-edit metrics: its record index, request, pre-edit metrics and the
+/// seconds its edit took.
+pub type Pending<'a> = (usize, &'a EditRequest, Before, f64);
 
 /// The post-edit metrics of a case, completed with what needs both phases.
 pub fn measure_after(
@@ -89,26 +129,50 @@ pub fn measure_after(
     time: f64,
     opts: &MeasureOptions,
 ) -> Result<CaseResult> {
-    let pre = before.metrics;
-    let mut post = measure(model, request, opts)?;
-    finalize_locality(&pre, &mut post)?;
-    let mut result = CaseResult {
-        pre,
-        case_id,
-        requested_rewrite: request.clone(),
-        post,
-        time,
-        es: None,
-        dd: None,
-        fluency: None,
-    };
-    if let Some(probe) = &request.sentiment {
-        let scores = sentiment::score(model, probe, opts.sentiment, before.sentiment.as_ref())?;
-        result.es = Some(scores.es);
-        result.dd = Some(scores.dd);
-        if let Some(seed) = opts.fluency_seed {
-            result.fluency = Some(super::fluency::fluency(model, &probe.inner_q, seed)?);
-        }
-    }
-    Ok(result)
+    let mut results = measure_after_many(model, vec![(case_id, request, before, time)], opts)?;
+    results
+        .pop()
+        .ok_or_else(|| crate::Error::Invalid(format!("no post-edit metrics for case {case_id}")))
+}
+
+/// [`measure_after`] of several cases under the same edits.
+pub fn measure_after_many(
+    model: &Model,
+    cases: Vec<Pending<'_>>,
+    opts: &MeasureOptions,
+) -> Result<Vec<CaseResult>> {
+    let requests: Vec<EditRequest> = cases.iter().map(|(_, r, _, _)| (*r).clone()).collect();
+    let posts = measure(model, &requests, opts)?;
+    cases
+        .into_iter()
+        .zip(requests)
+        .zip(posts)
+        .map(
+            |(((case_id, request, before, time), requested_rewrite), mut post)| {
+                let pre = before.metrics;
+                finalize_locality(&pre, &mut post)?;
+                let mut result = CaseResult {
+                    pre,
+                    case_id,
+                    requested_rewrite,
+                    post,
+                    time,
+                    es: None,
+                    dd: None,
+                    fluency: None,
+                };
+                if let Some(probe) = &request.sentiment {
+                    let scores =
+                        sentiment::score(model, probe, opts.sentiment, before.sentiment.as_ref())?;
+                    result.es = Some(scores.es);
+                    result.dd = Some(scores.dd);
+                    if let Some(seed) = opts.fluency_seed {
+                        result.fluency =
+                            Some(super::fluency::fluency(model, &probe.inner_q, seed)?);
+                    }
+                }
+                Ok(result)
+            },
+        )
+        .collect()
 }

@@ -8,7 +8,7 @@ use std::time::Instant;
 use crate::data::EditRequest;
 use crate::editors::{Edit, EditCtx, Editor};
 use crate::error::Result;
-use crate::eval::case::{measure_after, measure_before, CaseResult, MeasureOptions};
+use crate::eval::case::{measure_after_many, measure_before_many, CaseResult, MeasureOptions};
 use crate::model::Model;
 
 /// How edits accumulate.
@@ -75,70 +75,93 @@ pub fn run_cases(
 ) -> Result<()> {
     let batch = opts.batch_size.clamp(1, editor.max_batch().max(1));
     let measure = &opts.measure;
+    // Cases measured together on one model state share their forward passes.
+    let window = batch * CASES_PER_MEASURE_PASS.div_ceil(batch);
     match opts.protocol {
         Protocol::Single => {
             let todo: Vec<&(usize, EditRequest)> =
                 cases.iter().filter(|(i, _)| !done.contains(i)).collect();
             let total = todo.len();
-            for (n, chunk) in todo.chunks(batch).enumerate() {
-                let before = chunk
-                    .iter()
-                    .map(|(_, r)| measure_before(model, r, measure))
-                    .collect::<Result<Vec<_>>>()?;
-                let requests: Vec<EditRequest> = chunk.iter().map(|(_, r)| r.clone()).collect();
-                let (edit, seconds) = timed_apply(model, editor, &requests, ctx)?;
-                let results = chunk
-                    .iter()
-                    .zip(before)
-                    .map(|(&&(case_id, ref r), before)| {
-                        measure_after(model, case_id, r, before, seconds, measure)
-                    })
-                    .collect::<Result<Vec<_>>>();
-                editor.undo(model, &edit)?;
-                for result in results? {
-                    observer.case_done(result)?;
+            let mut finished = 0;
+            for cases_ahead in todo.chunks(window) {
+                // Pre-edit metrics do not depend on the edit, and every edit is undone before the
+                // next, so a window of cases is measured before any of their edits.
+                let requests: Vec<EditRequest> =
+                    cases_ahead.iter().map(|(_, r)| r.clone()).collect();
+                let mut before = measure_before_many(model, &requests, measure)?.into_iter();
+                for chunk in cases_ahead.chunks(batch) {
+                    let requests: Vec<EditRequest> = chunk.iter().map(|(_, r)| r.clone()).collect();
+                    let (edit, seconds) = timed_apply(model, editor, &requests, ctx)?;
+                    let pending = chunk
+                        .iter()
+                        .zip(before.by_ref())
+                        .map(|(&&(case_id, ref r), before)| (case_id, r, before, seconds))
+                        .collect();
+                    let results = measure_after_many(model, pending, measure);
+                    editor.undo(model, &edit)?;
+                    for result in results? {
+                        observer.case_done(result)?;
+                    }
+                    finished += chunk.len();
+                    observer.progress("edit", finished, total);
                 }
-                observer.progress("edit", ((n + 1) * batch).min(total), total);
             }
         }
         Protocol::SequentialEvalEach | Protocol::SequentialEvalAtEnd => {
             let total = cases.len();
             let mut pre = Vec::with_capacity(total);
-            for (n, (i, r)) in cases.iter().enumerate() {
-                pre.push(
-                    (!done.contains(i))
-                        .then(|| measure_before(model, r, measure))
-                        .transpose()?,
-                );
-                observer.progress("pre", n + 1, total);
+            for cases_ahead in cases.chunks(window) {
+                let requests: Vec<EditRequest> = cases_ahead
+                    .iter()
+                    .filter(|(i, _)| !done.contains(i))
+                    .map(|(_, r)| r.clone())
+                    .collect();
+                let mut before = measure_before_many(model, &requests, measure)?.into_iter();
+                for (i, _) in cases_ahead {
+                    pre.push(if done.contains(i) {
+                        None
+                    } else {
+                        before.next()
+                    });
+                }
+                observer.progress("pre", pre.len(), total);
             }
             let mut pending = Vec::new();
             for (n, chunk) in cases.chunks(batch).enumerate() {
                 let requests: Vec<EditRequest> = chunk.iter().map(|(_, r)| r.clone()).collect();
                 let (_, seconds) = timed_apply(model, editor, &requests, ctx)?;
+                let mut measured_now = Vec::new();
                 for (k, (case_id, request)) in chunk.iter().enumerate() {
                     let Some(before) = pre[n * batch + k].take() else {
                         continue;
                     };
-                    if opts.protocol == Protocol::SequentialEvalEach {
-                        observer.case_done(measure_after(
-                            model, *case_id, request, before, seconds, measure,
-                        )?)?;
-                    } else {
-                        pending.push((*case_id, request, before, seconds));
+                    measured_now.push((*case_id, request, before, seconds));
+                }
+                if opts.protocol == Protocol::SequentialEvalEach {
+                    for result in measure_after_many(model, measured_now, measure)? {
+                        observer.case_done(result)?;
                     }
+                } else {
+                    pending.extend(measured_now);
                 }
                 observer.progress("edit", ((n + 1) * batch).min(total), total);
             }
-            for (case_id, request, before, seconds) in pending {
-                observer.case_done(measure_after(
-                    model, case_id, request, before, seconds, measure,
-                )?)?;
+            // After the last edit the model no longer changes: every case's post-edit metrics
+            // share passes, a window at a time, each window's results streamed as it is done.
+            let mut pending = pending.into_iter().peekable();
+            while pending.peek().is_some() {
+                let window_cases: Vec<_> = pending.by_ref().take(window).collect();
+                for result in measure_after_many(model, window_cases, measure)? {
+                    observer.case_done(result)?;
+                }
             }
         }
     }
     Ok(())
 }
+
+/// How many cases' metrics [`run_cases`] takes in one pass where the model state allows.
+const CASES_PER_MEASURE_PASS: usize = 8;
 
 fn timed_apply(
     model: &mut Model,
