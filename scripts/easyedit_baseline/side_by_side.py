@@ -8,7 +8,8 @@ alone), their ratio, and the evaluation throughput: cases per second of pre- and
 with the edit's own time taken out (EasyEdit: its edit-and-evaluate total less its edit times;
 kedit: its wall time less its edit times and one model load), on CounterFact's flat records only,
 where both compute the same metrics (EasyEdit's runner keeps one locality pair of a KnowEdit record
-and no portability).
+and no portability). The EVAL row measures that throughput where it is most of the time: FT-L cut
+to one optimiser step, over --eval-n records.
 
 Needs EasyEdit set up by ../shared/peer (setup_venv.sh, then convert_gguf.py and the
 `llama-smollm2-135m` link its README gives) in $PEER_DIR, and a release build of kedit. MEMIT also
@@ -16,7 +17,7 @@ needs both programs' covariance statistics: ../shared/peer/compute_stats.py for 
 stats` for kedit (pass --stats-dir and --memit-hparams-peer for a file naming EasyEdit's).
 
 usage: PEER_DIR=/scratch/peer python3 scripts/easyedit_baseline/side_by_side.py \
-           [--methods FT-L,ROME] [--n 10] [--rounds 2] [--threads 2]
+           [--methods FT-L,ROME,EVAL] [--n 10] [--eval-n 30] [--rounds 2] [--threads 2]
 """
 import argparse
 import json
@@ -37,7 +38,13 @@ METHODS = {
     "FT-L": ("FT-L", "FT", "hparams/FT/smollm2-135m.yaml", "knowedit_zsre_test.json", "knowedit"),
     "ROME": ("ROME", "ROME", "hparams/ROME/smollm2-135m.yaml", "counterfact_easyedit_edit.json", "flat"),
     "MEMIT": ("MEMIT", "MEMIT", "hparams/MEMIT/smollm2-135m.yaml", "counterfact_easyedit_edit.json", "flat"),
+    # Evaluation throughput alone: FT-L cut to one optimiser step, so that pre- and post-edit
+    # metrics are most of each program's time and the subtraction of edit times adds little noise.
+    "EVAL": ("FT-L", "FT", "hparams/FT/smollm2-135m.yaml", "counterfact_easyedit_edit.json", "flat"),
 }
+
+# method → hparams keys both programs get changed, for the rows that are not about the method.
+OVERRIDES = {"EVAL": {"num_steps": "1"}}
 
 
 def peer_hparams(src, dst, model_dir):
@@ -45,6 +52,16 @@ def peer_hparams(src, dst, model_dir):
     text = open(src).read()
     text = re.sub(r"(?m)^model_name:.*$", f'model_name: "{model_dir}"', text)
     text = re.sub(r"(?m)^device:.*$", 'device: "cpu"', text)
+    open(dst, "w").write(text)
+
+
+def overridden_hparams(src, dst, overrides):
+    """`src` with top-level keys set to new values (each key must already be there)."""
+    text = open(src).read()
+    for key, value in overrides.items():
+        text, n = re.subn(rf"(?m)^{re.escape(key)}:.*$", f"{key}: {value}", text)
+        if n != 1:
+            sys.exit(f"side_by_side: {src} has no single top-level {key}")
     open(dst, "w").write(text)
 
 
@@ -60,11 +77,11 @@ def run(cmd, env=None, log=None):
     return proc, wall
 
 
-def easyedit_round(args, method, work, data, hparams, threads_env, log):
+def easyedit_round(args, n, method, work, data, hparams, threads_env, log):
     out = os.path.join(work, f"easyedit-{method}-{time.time_ns()}.json")
     env = dict(os.environ, PYTHONPATH=os.path.join(args.peer_dir, "easyedit-src"), **threads_env)
     run([os.path.join(args.peer_dir, "venv", "bin", "python"), os.path.join(SHARED, "peer", "run_method.py"),
-         "--method", METHODS[method][1], "--hparams", hparams, "--data", data, "--n", str(args.n),
+         "--method", METHODS[method][1], "--hparams", hparams, "--data", data, "--n", str(n),
          "--chunk", "1", "--budget-min", "60", "--out", out, "--workdir", os.path.join(work, "easyedit-run")],
         env=env, log=log)
     result = json.load(open(out))
@@ -77,11 +94,11 @@ def easyedit_round(args, method, work, data, hparams, threads_env, log):
     return edits, (total - sum(edits)) if total is not None else None
 
 
-def kedit_round(args, method, work, data, hparams, log, load_s):
+def kedit_round(args, n, method, work, data, hparams, log, load_s):
     out = os.path.join(work, f"kedit-{method}-{time.time_ns()}.jsonl")
     cmd = [args.kedit, "--threads", str(args.threads), "eval", "--model", args.model,
            "--editor", METHODS[method][0], "--hparams", hparams, "--data", data,
-           "--limit", str(args.n), "--out", out, "--quiet"]
+           "--limit", str(n), "--out", out, "--quiet"]
     if args.stats_dir:
         cmd += ["--stats-dir", args.stats_dir]
     _, wall = run(cmd, log=log)
@@ -91,8 +108,9 @@ def kedit_round(args, method, work, data, hparams, log, load_s):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--methods", default="FT-L,ROME")
+    ap.add_argument("--methods", default="FT-L,ROME,EVAL")
     ap.add_argument("--n", type=int, default=10, help="records per method and round")
+    ap.add_argument("--eval-n", type=int, default=30, help="records per round of the EVAL row")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--peer-dir", default=os.environ.get("PEER_DIR"))
@@ -125,7 +143,12 @@ def main():
         if method not in METHODS:
             sys.exit(f"side_by_side: unknown method {method} (known: {', '.join(METHODS)})")
         _, _, kedit_hparams, records, layout = METHODS[method]
+        n = args.eval_n if method == "EVAL" else args.n
         kedit_hparams = os.path.join(REPO, kedit_hparams)
+        if method in OVERRIDES:
+            derived = os.path.join(work, f"{method}.kedit.yaml")
+            overridden_hparams(kedit_hparams, derived, OVERRIDES[method])
+            kedit_hparams = derived
         kedit_data = os.path.join(args.data_dir, records)
         peer_data = kedit_data
         if layout == "knowedit":
@@ -140,20 +163,20 @@ def main():
         ee_edits, ke_edits, ee_eval, ke_eval = [], [], [], []
         for r in range(args.rounds):
             print(f"[{method}] round {r + 1}/{args.rounds}: EasyEdit", file=sys.stderr, flush=True)
-            edits, evals = easyedit_round(args, method, work, peer_data, hparams_peer, threads_env, log)
+            edits, evals = easyedit_round(args, n, method, work, peer_data, hparams_peer, threads_env, log)
             ee_edits += edits
             if evals is not None:
                 ee_eval.append(evals)
             print(f"[{method}] round {r + 1}/{args.rounds}: kedit", file=sys.stderr, flush=True)
-            edits, evals = kedit_round(args, method, work, kedit_data, kedit_hparams, log, load_s)
+            edits, evals = kedit_round(args, n, method, work, kedit_data, kedit_hparams, log, load_s)
             ke_edits += edits
             ke_eval.append(evals)
         ee, ke = statistics.median(ee_edits), statistics.median(ke_edits)
-        row = {"method": method, "n": args.n, "rounds": args.rounds, "threads": args.threads,
+        row = {"method": method, "n": n, "rounds": args.rounds, "threads": args.threads,
                "easyedit_s_per_edit": ee, "kedit_s_per_edit": ke, "ratio": ke / ee}
         if ee_eval and layout == "flat":  # the same metrics both sides only on the flat layout
-            row["easyedit_eval_cases_per_s"] = args.n / statistics.median(ee_eval)
-            row["kedit_eval_cases_per_s"] = args.n / statistics.median(ke_eval)
+            row["easyedit_eval_cases_per_s"] = n / statistics.median(ee_eval)
+            row["kedit_eval_cases_per_s"] = n / statistics.median(ke_eval)
             row["eval_throughput_ratio"] = row["kedit_eval_cases_per_s"] / row["easyedit_eval_cases_per_s"]
         rows.append(row)
         print(json.dumps(row), flush=True)
