@@ -14,7 +14,8 @@ to one optimiser step, over --eval-n records.
 Needs EasyEdit set up by ../shared/peer (setup_venv.sh, then convert_gguf.py and the
 `llama-smollm2-135m` link its README gives) in $PEER_DIR, and a release build of kedit. MEMIT also
 needs both programs' covariance statistics: ../shared/peer/compute_stats.py for EasyEdit, `kedit
-stats` for kedit (pass --stats-dir and --memit-hparams-peer for a file naming EasyEdit's).
+stats` for kedit (pass --stats-dir and --memit-hparams-peer for a file naming EasyEdit's, and
+--memit-hparams-kedit for one naming the corpus and sample count `kedit stats` was given).
 
 usage: PEER_DIR=/scratch/peer python3 scripts/easyedit_baseline/side_by_side.py \
            [--methods FT-L,ROME,EVAL] [--n 10] [--eval-n 30] [--rounds 2] [--threads 2]
@@ -120,6 +121,9 @@ def main():
     ap.add_argument("--stats-dir", default=None, help="kedit's statistics, for MEMIT")
     ap.add_argument("--memit-hparams-peer", default=None,
                     help="EasyEdit's MEMIT hparams (naming its statistics), instead of kedit's file")
+    ap.add_argument("--memit-hparams-kedit", default=None,
+                    help="kedit's MEMIT hparams (naming the corpus and sample count its statistics were "
+                         "gathered with), instead of hparams/MEMIT/smollm2-135m.yaml")
     ap.add_argument("--work", default=None)
     args = ap.parse_args()
     if not args.peer_dir or not os.path.isdir(os.path.join(args.peer_dir, "venv")):
@@ -145,6 +149,8 @@ def main():
         _, _, kedit_hparams, records, layout = METHODS[method]
         n = args.eval_n if method == "EVAL" else args.n
         kedit_hparams = os.path.join(REPO, kedit_hparams)
+        if method == "MEMIT" and args.memit_hparams_kedit:
+            kedit_hparams = os.path.abspath(args.memit_hparams_kedit)
         if method in OVERRIDES:
             derived = os.path.join(work, f"{method}.kedit.yaml")
             overridden_hparams(kedit_hparams, derived, OVERRIDES[method])
