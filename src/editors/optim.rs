@@ -35,11 +35,68 @@ impl Adam {
     /// One step from the gradients of `loss`. A variable the loss does not reach is left alone.
     pub fn backward_step(&mut self, loss: &Tensor) -> Result<()> {
         let grads = loss.backward()?;
+        let grads: Vec<Option<Tensor>> = self
+            .vars
+            .iter()
+            .map(|v| grads.get(v.as_tensor()).cloned())
+            .collect();
+        self.apply_gradients(&grads)
+    }
+
+    /// The optimiser's state: steps taken, then each variable's first and second moments.
+    pub fn state(&self) -> (i32, &[Tensor], &[Tensor]) {
+        (self.step, &self.m, &self.v)
+    }
+
+    /// Takes back a state from [`Adam::state`] of an optimiser over variables of the same shapes.
+    pub fn restore(&mut self, step: i32, m: Vec<Tensor>, v: Vec<Tensor>) -> Result<()> {
+        if m.len() != self.m.len() || v.len() != self.v.len() {
+            candle_core::bail!(
+                "Adam state for {} variables, this optimiser has {}",
+                m.len(),
+                self.m.len()
+            )
+        }
+        for (i, (m, v)) in m.iter().zip(&v).enumerate() {
+            let want = self.vars[i].as_tensor();
+            if m.dims() != want.dims() || v.dims() != want.dims() {
+                candle_core::bail!(
+                    "Adam state of variable {i} has shape {:?}, the variable {:?}",
+                    m.dims(),
+                    want.dims()
+                )
+            }
+        }
+        let place = |t: Tensor, like: &Tensor| t.to_device(like.device())?.to_dtype(like.dtype());
+        self.m = m
+            .into_iter()
+            .zip(&self.vars)
+            .map(|(t, var)| place(t, var.as_tensor()))
+            .collect::<Result<_>>()?;
+        self.v = v
+            .into_iter()
+            .zip(&self.vars)
+            .map(|(t, var)| place(t, var.as_tensor()))
+            .collect::<Result<_>>()?;
+        self.step = step;
+        Ok(())
+    }
+
+    /// One step from gradients given per variable, in the order of `vars` (`None`: left alone),
+    /// for callers that accumulate or clip gradients first.
+    pub fn apply_gradients(&mut self, grads: &[Option<Tensor>]) -> Result<()> {
+        if grads.len() != self.vars.len() {
+            candle_core::bail!(
+                "Adam: {} gradients for {} variables",
+                grads.len(),
+                self.vars.len()
+            )
+        }
         self.step += 1;
         let bc1 = 1.0 - self.beta1.powi(self.step);
         let bc2 = 1.0 - self.beta2.powi(self.step);
         for (i, var) in self.vars.iter().enumerate() {
-            let Some(grad) = grads.get(var.as_tensor()) else {
+            let Some(grad) = &grads[i] else {
                 continue;
             };
             if let Some((w, m, v)) = self.fused_update(i, grad, bc1, bc2)? {
