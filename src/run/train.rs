@@ -23,6 +23,11 @@ pub trait Trainee {
     fn validate(&mut self) -> Result<Metrics>;
     /// Keeps the current state as the best so far (in memory or on disk).
     fn keep_best(&mut self, step: usize) -> Result<()>;
+    /// Saves everything a resumed run needs to continue as this one would (after each
+    /// validation and when the run ends); `progress` and `stopper` are the loop's own state.
+    fn checkpoint(&mut self, _progress: &Outcome, _stopper: Option<&EarlyStopping>) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Whether a validation metric improves upwards or downwards.
@@ -108,35 +113,46 @@ pub struct Schedule {
     /// `None` trains for `max_steps` whatever validation says (EasyEdit's trainer as it runs
     /// since 2024, which never calls its stopper).
     pub early_stopping: Option<EarlyStopping>,
+    /// Set (by a Ctrl-C handler) to end the run after the current update, with a checkpoint.
+    pub interrupt: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// Why training ended, and the validation history.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Outcome {
     pub steps: usize,
     pub stopped_early: bool,
     pub out_of_time: bool,
+    /// Ended by [`Schedule::interrupt`].
+    #[serde(default)]
+    pub interrupted: bool,
     /// `(step, metrics)` of every validation.
     pub history: Vec<(usize, Metrics)>,
     pub best_step: Option<usize>,
 }
 
-/// Runs the schedule from update `start_step` (0, or where a resumed checkpoint left off).
-/// `on_validation` sees each validation as it happens (progress bars, JSON lines, checkpoints).
+/// Runs the schedule from `start` (`Outcome::default()`, or a resumed checkpoint's progress, its
+/// stopper already in `schedule`). `on_validation` sees each validation as it happens (progress
+/// bars, JSON lines).
 pub fn train(
     trainee: &mut dyn Trainee,
     schedule: &mut Schedule,
-    start_step: usize,
+    start: Outcome,
     on_validation: &mut dyn FnMut(usize, &Metrics) -> Result<()>,
 ) -> Result<Outcome> {
     let began = Instant::now();
     let interval = schedule.val_interval.max(1);
     let mut outcome = Outcome {
-        steps: start_step,
         stopped_early: false,
         out_of_time: false,
-        history: Vec::new(),
-        best_step: None,
+        interrupted: false,
+        ..start
+    };
+    let interrupted = || {
+        schedule
+            .interrupt
+            .as_ref()
+            .is_some_and(|flag| flag.load(std::sync::atomic::Ordering::SeqCst))
     };
     let mut validate = |trainee: &mut dyn Trainee, step: usize, outcome: &mut Outcome| {
         let metrics = trainee.validate()?;
@@ -150,17 +166,22 @@ pub fn train(
             outcome.best_step = Some(step);
         }
         outcome.history.push((step, metrics));
-        Ok::<bool, crate::Error>(
-            schedule
-                .early_stopping
-                .as_ref()
-                .is_some_and(EarlyStopping::should_stop),
-        )
+        let stop = schedule
+            .early_stopping
+            .as_ref()
+            .is_some_and(EarlyStopping::should_stop);
+        outcome.stopped_early = stop;
+        trainee.checkpoint(outcome, schedule.early_stopping.as_ref())?;
+        Ok::<bool, crate::Error>(stop)
     };
-    let mut validated_at = None;
+    let mut validated_at = outcome.history.last().map(|(s, _)| *s);
     while outcome.steps < schedule.max_steps {
         if schedule.max_time.is_some_and(|t| began.elapsed() >= t) {
             outcome.out_of_time = true;
+            break;
+        }
+        if interrupted() {
+            outcome.interrupted = true;
             break;
         }
         for _ in 0..schedule.accumulate.max(1) {
@@ -177,13 +198,17 @@ pub fn train(
         if outcome.steps.is_multiple_of(interval) {
             validated_at = Some(outcome.steps);
             if validate(trainee, outcome.steps, &mut outcome)? {
-                outcome.stopped_early = true;
                 return Ok(outcome);
             }
         }
     }
-    if validated_at != Some(outcome.steps) {
+    if outcome.interrupted {
+        // No validation: whoever pressed Ctrl-C wants the process back now.
+        trainee.checkpoint(&outcome, schedule.early_stopping.as_ref())?;
+    } else if validated_at != Some(outcome.steps) {
         validate(trainee, outcome.steps, &mut outcome)?;
+    } else if outcome.out_of_time {
+        trainee.checkpoint(&outcome, schedule.early_stopping.as_ref())?;
     }
     Ok(outcome)
 }
@@ -264,9 +289,10 @@ mod tests {
             val_interval: 1,
             max_time: None,
             early_stopping: Some(EarlyStopping::new("loss", 2, Direction::Lower)),
+            interrupt: None,
         };
         let mut seen = Vec::new();
-        let outcome = train(&mut q, &mut schedule, 0, &mut |step, m| {
+        let outcome = train(&mut q, &mut schedule, Outcome::default(), &mut |step, m| {
             seen.push((step, m["loss"]));
             Ok(())
         })
@@ -297,8 +323,15 @@ mod tests {
             val_interval: 3,
             max_time: None,
             early_stopping: None,
+            interrupt: None,
         };
-        let outcome = train(&mut q, &mut schedule, 0, &mut |_, _| Ok(())).unwrap();
+        let outcome = train(
+            &mut q,
+            &mut schedule,
+            Outcome::default(),
+            &mut |_, _| Ok(()),
+        )
+        .unwrap();
         assert_eq!(outcome.steps, 7);
         assert_eq!(
             outcome.history.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
