@@ -5,6 +5,7 @@ mod alphaedit;
 mod ctx;
 mod ft;
 pub mod hparams;
+pub mod hypernet;
 mod memit;
 pub mod optim;
 pub mod patch;

@@ -14,6 +14,7 @@ pub enum EditorKind {
     Rome,
     Memit,
     AlphaEdit,
+    Mend,
 }
 
 /// Every name `--editor` takes, with the method it selects: the one list the CLI's help and the
@@ -25,6 +26,7 @@ pub const EDITORS: &[(&str, EditorKind)] = &[
     ("ROME", EditorKind::Rome),
     ("MEMIT", EditorKind::Memit),
     ("AlphaEdit", EditorKind::AlphaEdit),
+    ("MEND", EditorKind::Mend),
 ];
 
 /// The names `--editor` takes, comma-separated.
@@ -81,6 +83,7 @@ impl EditorKind {
             EditorKind::Rome => "ROME",
             EditorKind::Memit => "MEMIT",
             EditorKind::AlphaEdit => "AlphaEdit",
+            EditorKind::Mend => "MEND",
         }
     }
 }
@@ -110,6 +113,7 @@ pub fn build_editor(name: &str, hparams: &Path) -> Result<Box<dyn Editor>> {
         EditorKind::Rome => Box::new(Rome::from_yaml(hparams)?),
         EditorKind::Memit => Box::new(Memit::from_yaml(hparams)?),
         EditorKind::AlphaEdit => Box::new(AlphaEdit::from_yaml(hparams)?),
+        EditorKind::Mend => Box::new(super::hypernet::mend::MendFromArchive::from_yaml(hparams)?),
     })
 }
 
@@ -170,7 +174,11 @@ mod tests {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("hparams");
         let mut files = 0;
         for dir in std::fs::read_dir(&root).unwrap() {
-            for file in std::fs::read_dir(dir.unwrap().path()).unwrap() {
+            let dir = dir.unwrap().path();
+            if dir.file_name().is_some_and(|n| n == "TRAINING") {
+                continue;
+            }
+            for file in std::fs::read_dir(dir).unwrap() {
                 let path = file.unwrap().path();
                 let editor = editor_from_hparams(&path)
                     .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -178,7 +186,15 @@ mod tests {
                 files += 1;
             }
         }
-        assert!(files >= 12, "found {files} files");
+        assert!(files >= 15, "found {files} files");
+        // Training files are read by `kedit train`, not the registry.
+        for file in std::fs::read_dir(root.join("TRAINING/MEND")).unwrap() {
+            let path = file.unwrap().path();
+            super::super::hypernet::mend::MendParams::from_yaml(&path)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            files += 1;
+        }
+        assert!(files >= 18, "found {files} files");
     }
 
     #[test]
