@@ -6,6 +6,7 @@ mod generate;
 mod inspect;
 mod stats;
 mod trace;
+mod train;
 
 use std::process::ExitCode;
 
@@ -44,6 +45,9 @@ enum Command {
     /// Gather the second moment E[k kᵀ] of MLP keys over a text corpus (ROME, MEMIT, AlphaEdit),
     /// cached on disk for every later edit
     Stats(stats::StatsArgs),
+    /// Train a hypernetwork editor (MEND) on edit records, with held-out validation, early
+    /// stopping and checkpoints that resume
+    Train(Box<train::TrainArgs>),
     /// Causal tracing: corrupt the subject, restore one hidden state at a time, and plot how much
     /// of the answer comes back (residual stream, MLP, attention) as an SVG
     Trace(trace::TraceArgs),
@@ -193,6 +197,7 @@ pub fn main() -> ExitCode {
         Command::Eval(args) => eval::run(args),
         Command::Apply(args) => apply::run(*args),
         Command::Stats(args) => stats::run(args),
+        Command::Train(args) => train::run(*args),
         Command::Trace(args) => trace::run(args),
     });
     match result {

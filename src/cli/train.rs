@@ -1,0 +1,276 @@
+//! `kedit train`: trains a hypernetwork editor (MEND) on edit records, validating on records held
+//! out of training, with checkpoints a later run resumes from.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+
+use super::ModelArgs;
+use crate::data::python_random::PythonRandom;
+use crate::data::read_dataset;
+use crate::editors::hypernet::mend::{Mend, MendParams, MendTrainee, TrainingPair, LAST_FILE};
+use crate::run::train::{train, Direction, EarlyStopping, Metrics, Outcome, Schedule};
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// The editor to train
+    #[arg(long, value_parser = ["MEND"])]
+    editor: String,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// EasyEdit's TRAINING hparams file (hparams/TRAINING/MEND/*.yaml), read unchanged
+    #[arg(long)]
+    hparams: PathBuf,
+    /// Training records (ZsRE in MEND's layout, CounterFact, KnowEdit); repeat for several files
+    #[arg(long, required = true)]
+    data: Vec<PathBuf>,
+    /// Validation records; by default a seeded sample of the training records is held out
+    /// (never trained on): val_steps of them, at most a tenth
+    #[arg(long)]
+    val: Option<PathBuf>,
+    /// Folder for checkpoints: best.safetensors (the editor eval and apply load through the edit
+    /// hparams' archive), last.safetensors and last.json (to resume)
+    #[arg(long)]
+    out: PathBuf,
+    /// Optimiser updates at most (default: max_iters / accumulate_bs, EasyEdit counts batches)
+    #[arg(long)]
+    max_steps: Option<usize>,
+    /// Stop after this many minutes (a checkpoint is written)
+    #[arg(long)]
+    max_minutes: Option<f64>,
+    /// Continue the run in --out from its last checkpoint
+    #[arg(long)]
+    resume: bool,
+    /// Train for the whole schedule whatever validation says, as EasyEdit's trainer does (it
+    /// never calls its early stopper)
+    #[arg(long)]
+    no_early_stop: bool,
+    /// One JSON line per validation on stdout
+    #[arg(long)]
+    json: bool,
+    /// No progress bar
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
+    let params = MendParams::from_yaml(&args.hparams)?;
+    let last = args.out.join(LAST_FILE);
+    if args.resume && !last.is_file() {
+        anyhow::bail!(
+            "--resume: {} holds no checkpoint ({} is missing)",
+            args.out.display(),
+            last.display()
+        );
+    }
+    if !args.resume && last.exists() {
+        anyhow::bail!(
+            "{} already holds a training run: pass --resume to continue it, or choose another --out",
+            args.out.display()
+        );
+    }
+    let mut records = Vec::new();
+    let mut skipped = 0;
+    for path in &args.data {
+        let (pairs, without) = training_pairs(path)?;
+        records.extend(pairs);
+        skipped += without;
+    }
+    let (train_pairs, val_pairs) = match &args.val {
+        Some(path) => {
+            let (val, without) = training_pairs(path)?;
+            skipped += without;
+            (records, val)
+        }
+        None => hold_out(records, params.val_steps, params.seed),
+    };
+    if train_pairs.is_empty() || val_pairs.is_empty() {
+        anyhow::bail!(
+            "{} training and {} validation records: MEND needs both (give more --data or --val)",
+            train_pairs.len(),
+            val_pairs.len()
+        );
+    }
+    if skipped > 0 && !args.quiet {
+        eprintln!("kedit: {skipped} records without a locality prompt are not used (MEND's loss needs one)");
+    }
+
+    let mut model = args.model.load()?;
+    let accumulate = params.accumulate_bs.max(1);
+    let max_steps = args
+        .max_steps
+        .unwrap_or_else(|| (params.max_iters / accumulate).max(1));
+    let val_interval = (params.val_interval / accumulate).max(1);
+    let early_stopping = match (&params.early_stop_key, args.no_early_stop) {
+        (Some(key), false) => {
+            let direction = if key.contains("acc") {
+                Direction::Higher
+            } else {
+                Direction::Lower
+            };
+            // EasyEdit counts patience in batches; the loop counts validations.
+            let patience = params
+                .early_stop_patience
+                .div_ceil(params.val_interval.max(1))
+                .max(1);
+            Some(EarlyStopping::new(key.clone(), patience, direction))
+        }
+        _ => None,
+    };
+    let mend = Mend::new(&model, params)?;
+    let n_train = train_pairs.len();
+    let n_val = val_pairs.len();
+    let mut trainee = MendTrainee::new(mend, &mut model, train_pairs, val_pairs)?;
+    std::fs::create_dir_all(&args.out).map_err(|e| crate::Error::io(&args.out, e))?;
+    trainee.checkpoint_into(&args.out)?;
+    let mut schedule = Schedule {
+        max_steps,
+        accumulate,
+        val_interval,
+        max_time: args.max_minutes.map(|m| Duration::from_secs_f64(m * 60.0)),
+        early_stopping,
+        interrupt: Some(interrupt_flag()?),
+    };
+    let start = if args.resume {
+        let (progress, stopper) = trainee.resume(&args.out)?;
+        if schedule.early_stopping.is_some() {
+            schedule.early_stopping = stopper.or(schedule.early_stopping);
+        }
+        progress
+    } else {
+        Outcome::default()
+    };
+    if !args.quiet {
+        eprintln!(
+            "kedit: training MEND on {n_train} records, validating on {n_val}, {} updates of {accumulate} batches from step {}",
+            max_steps, start.steps
+        );
+    }
+    let bar = (!args.quiet && std::io::stderr().is_terminal()).then(|| {
+        let bar = indicatif::ProgressBar::new(max_steps as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "train [{bar:30}] {pos}/{len} {msg} {elapsed}<{eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar.set_position(start.steps as u64);
+        bar
+    });
+    let json = args.json;
+    let quiet = args.quiet;
+    let outcome = train(&mut trainee, &mut schedule, start, &mut |step, metrics| {
+        let line = summary(metrics);
+        if let Some(bar) = &bar {
+            bar.set_position(step as u64);
+            bar.set_message(line.clone());
+        } else if !quiet && !json {
+            eprintln!("step {step}: {line}");
+        }
+        if json {
+            let mut record = serde_json::Map::new();
+            record.insert("step".into(), step.into());
+            for (k, v) in metrics {
+                record.insert(k.clone(), (*v).into());
+            }
+            println!("{}", serde_json::Value::Object(record));
+        }
+        Ok(())
+    })?;
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    if !quiet {
+        let why = if outcome.interrupted {
+            "interrupted (continue with --resume)"
+        } else if outcome.stopped_early {
+            "stopped early"
+        } else if outcome.out_of_time {
+            "out of time"
+        } else {
+            "finished"
+        };
+        eprintln!(
+            "kedit: {why} after {} updates; best validation at step {}; editor in {}",
+            outcome.steps,
+            outcome.best_step.map_or("-".into(), |s| s.to_string()),
+            args.out
+                .join(crate::editors::hypernet::mend::BEST_FILE)
+                .display()
+        );
+    }
+    Ok(if outcome.interrupted {
+        ExitCode::from(130)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// A flag Ctrl-C sets: the loop ends after the current update and writes a checkpoint. A second
+/// Ctrl-C exits at once.
+fn interrupt_flag() -> anyhow::Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let seen = flag.clone();
+    ctrlc::set_handler(move || {
+        if seen.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\nkedit: stopping after this update and writing a checkpoint (Ctrl-C again to quit now)");
+    })
+    .map_err(|e| anyhow::anyhow!("cannot install the Ctrl-C handler: {e}"))?;
+    Ok(flag)
+}
+
+/// The validation line: edit accuracy, edit NLL and locality KL.
+fn summary(metrics: &Metrics) -> String {
+    let get = |k: &str| metrics.get(k).copied().unwrap_or(f64::NAN);
+    format!(
+        "edit acc {:.3}, edit nll {:.3}, loc kl {:.4}",
+        get("edit/acc_val"),
+        get("loss/edit_val"),
+        get("loss/loc_val")
+    )
+}
+
+/// The records of a file as training pairs, and how many had no locality prompt.
+fn training_pairs(path: &Path) -> anyhow::Result<(Vec<TrainingPair>, usize)> {
+    let ds = read_dataset(path, None)?;
+    let mut pairs = Vec::with_capacity(ds.cases.len());
+    let mut without = 0;
+    for (_, request) in &ds.cases {
+        match TrainingPair::from_request(request) {
+            Ok(p) => pairs.push(p),
+            Err(_) => without += 1,
+        }
+    }
+    Ok((pairs, without))
+}
+
+/// A seeded sample of `val_steps` records (at most a tenth, at least one) held out for
+/// validation; the rest, in file order, for training.
+fn hold_out(
+    records: Vec<TrainingPair>,
+    val_steps: usize,
+    seed: u64,
+) -> (Vec<TrainingPair>, Vec<TrainingPair>) {
+    let n = records.len();
+    let k = val_steps.clamp(1, (n / 10).max(1)).min(n.saturating_sub(1));
+    let mut order: Vec<usize> = (0..n).collect();
+    PythonRandom::new(seed).shuffle(&mut order);
+    let held: std::collections::BTreeSet<usize> = order[..k].iter().copied().collect();
+    let mut train = Vec::with_capacity(n - k);
+    let mut val = Vec::with_capacity(k);
+    for (i, r) in records.into_iter().enumerate() {
+        if held.contains(&i) {
+            val.push(r);
+        } else {
+            train.push(r);
+        }
+    }
+    (train, val)
+}

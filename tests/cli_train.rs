@@ -1,0 +1,166 @@
+//! `kedit train` as a user runs it: a short MEND run, its JSON lines and checkpoint files, a
+//! resumed run, the trained editor used by `apply`, and refusals of bad input in one line.
+
+mod common;
+
+use common::*;
+
+/// A MEND training file small enough for a test: two weights of the last layer, rank 8, one
+/// batch per update, validation every two updates on four held-out records.
+fn training_yaml(extra: &str) -> String {
+    format!(
+        "alg: MEND\nmodel_name: SmolLM2-135M-Instruct\ndevice: cpu\ninner_params:\n\
+         - model.layers.29.mlp.up_proj.weight\n- model.layers.29.mlp.down_proj.weight\n\
+         archive: null\nlr: 1e-4\nedit_lr: 1e-4\nlr_lr: 1e-4\nseed: 42\ncedit: 0.1\ncloc: 1.0\n\
+         cbase: 1.0\ndropout: 0.0\ntrain_base: False\none_sided: False\nn_hidden: 1\n\
+         hidden_dim: null\ninit: id\nnorm: True\ncombine: True\nx_only: False\n\
+         delta_only: False\nact: relu\nrank: 8\nmlp_class: IDMLP\nshared: True\nbatch_size: 1\n\
+         val_batch_size: 2\naccumulate_bs: 1\nmax_iters: 4\nval_interval: 2\nval_steps: 4\n\
+         early_stop_patience: 1000\nearly_stop_key: \"loss/total_edit_val\"\ngrad_clip: 100.\n{extra}"
+    )
+}
+
+fn train_args(hparams: &std::path::Path, out: &std::path::Path, extra: &[&str]) -> Vec<String> {
+    let model = smollm2_path();
+    let data = fixture("data/zsre_mend_train_sample.json");
+    let mut args: Vec<String> = [
+        "train",
+        "--editor",
+        "MEND",
+        "-m",
+        model.to_str().unwrap(),
+        "--hparams",
+        hparams.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+        "--quiet",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+fn steps_of(stdout: &str) -> Vec<u64> {
+    stdout
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            assert!(v["edit/acc_val"].is_number(), "{l}");
+            v["step"].as_u64().unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn train_writes_checkpoints_resumes_and_its_editor_edits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hparams = tmp.path().join("mend-train.yaml");
+    std::fs::write(&hparams, training_yaml("")).unwrap();
+    let out = tmp.path().join("run");
+
+    let first = ok(&kedit(&train_args(&hparams, &out, &[])));
+    assert_eq!(steps_of(&first), [2, 4]);
+    for file in ["best.safetensors", "last.safetensors", "last.json"] {
+        assert!(out.join(file).is_file(), "{file} missing");
+    }
+    let header: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("last.json")).unwrap()).unwrap();
+    assert_eq!(header["progress"]["steps"], 4);
+    assert_eq!(header["adam_step"], 4);
+
+    // The same folder again is refused unless resumed; resumed, it continues at step 5.
+    assert_one_line_error(
+        &kedit_with_backtraces(&train_args(&hparams, &out, &[])),
+        &["already holds a training run", "--resume"],
+    );
+    let resumed = ok(&kedit(&train_args(
+        &hparams,
+        &out,
+        &["--resume", "--max-steps", "6"],
+    )));
+    assert_eq!(steps_of(&resumed), [6]);
+
+    // `apply` loads the trained editor through the edit file's archive.
+    let edit_yaml = tmp.path().join("mend.yaml");
+    std::fs::write(
+        &edit_yaml,
+        training_yaml("alg_name: MEND\n")
+            .replacen("alg: MEND\n", "", 1)
+            .replace("archive: null", &format!("archive: {}", out.display())),
+    )
+    .unwrap();
+    let model = smollm2_path();
+    let applied = ok(&kedit(&[
+        "apply",
+        "-m",
+        model.to_str().unwrap(),
+        "--editor",
+        "MEND",
+        "--hparams",
+        edit_yaml.to_str().unwrap(),
+        "--prompt",
+        "The mother tongue of Danielle Darrieux is",
+        "--target",
+        "English",
+        "--no-fluency",
+        "--json",
+    ]));
+    let result: serde_json::Value = serde_json::from_str(&applied).unwrap();
+    assert!(result["post"]["rewrite_acc"].is_array(), "{result}");
+}
+
+#[test]
+fn train_refuses_bad_input_in_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hparams = tmp.path().join("mend-train.yaml");
+    std::fs::write(&hparams, training_yaml("")).unwrap();
+    let empty = tmp.path().join("empty");
+    assert_one_line_error(
+        &kedit_with_backtraces(&train_args(&hparams, &empty, &["--resume"])),
+        &["--resume", "holds no checkpoint"],
+    );
+    let separate = tmp.path().join("separate.yaml");
+    std::fs::write(
+        &separate,
+        training_yaml("").replace("combine: True", "combine: False"),
+    )
+    .unwrap();
+    assert_one_line_error(
+        &kedit_with_backtraces(&train_args(&separate, &tmp.path().join("a"), &[])),
+        &["separate.yaml", "combine: false"],
+    );
+    let unknown = tmp.path().join("unknown.yaml");
+    std::fs::write(&unknown, training_yaml("learning_rate: 3\n")).unwrap();
+    assert_one_line_error(
+        &kedit_with_backtraces(&train_args(&unknown, &tmp.path().join("b"), &[])),
+        &["unknown.yaml", "learning_rate"],
+    );
+    let no_archive = tmp.path().join("no-archive.yaml");
+    std::fs::write(
+        &no_archive,
+        training_yaml("").replacen("alg: MEND", "alg_name: MEND", 1),
+    )
+    .unwrap();
+    let model = smollm2_path();
+    assert_one_line_error(
+        &kedit_with_backtraces(&[
+            "apply",
+            "-m",
+            model.to_str().unwrap(),
+            "--editor",
+            "MEND",
+            "--hparams",
+            no_archive.to_str().unwrap(),
+            "--prompt",
+            "The capital of France is",
+            "--target",
+            "Rome",
+        ]),
+        &["no-archive.yaml", "archive"],
+    );
+}
