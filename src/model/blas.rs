@@ -182,7 +182,7 @@ fn sgemm(
     } else {
         (NO_TRANS, ldc)
     };
-    let out_ptr = SendPtr(out.as_mut_ptr());
+    let out_ptr = parallel::SharedMut(out.as_mut_ptr());
     parallel::for_each(parts, |part| {
         let c0 = part * width;
         let n = width.min(cols.saturating_sub(c0));
@@ -221,11 +221,6 @@ fn sgemm(
     });
     Some(out)
 }
-
-/// The output's address, shared by parts that write disjoint columns of it.
-struct SendPtr(*mut f32);
-// SAFETY: every part writes only its own columns, and the buffer outlives the parallel loop.
-unsafe impl Sync for SendPtr {}
 
 #[cfg(test)]
 mod tests {

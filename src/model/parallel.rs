@@ -91,6 +91,6 @@ impl<'a, T: Send> ChunkedMut<'a, T> {
 }
 
 /// A buffer that parallel tasks write at disjoint places.
-struct SharedMut<T>(*mut T);
+pub(crate) struct SharedMut<T>(pub(crate) *mut T);
 // SAFETY: tasks write disjoint elements only (each use says how), and the buffer outlives them.
 unsafe impl<T: Send> Sync for SharedMut<T> {}
