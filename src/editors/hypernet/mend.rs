@@ -282,17 +282,41 @@ impl Mend {
     /// Each weight's change `ηᵢ Σₙ δ̃ₙ x̃ₙᵀ` (`[out, in]`), from its gradient factors. In training
     /// the networks' moments take the factors in and the result carries the networks' graph.
     pub fn updates(&mut self, factors: &[Factors], training: bool) -> Result<Vec<Tensor>> {
-        let mut updates = Vec::with_capacity(self.weights.len());
-        for (i, (w, f)) in self.weights.iter().zip(factors).enumerate() {
-            let net = self
-                .nets
-                .get_mut(&w.net)
-                .ok_or_else(|| Error::Invalid(format!("MEND has no network {}", w.net)))?;
-            let (x, delta) = net.forward(&f.x, &f.delta, w.mode, training)?;
-            let step = self.edit_lrs.as_tensor().get(i)?;
-            updates.push(delta.t()?.matmul(&x)?.broadcast_mul(&step)?);
+        if factors.len() != self.weights.len() {
+            return Err(Error::Invalid(format!(
+                "{} factor sets for {} edited weights",
+                factors.len(),
+                self.weights.len()
+            )));
         }
-        Ok(updates)
+        // Each network takes all its weights at once, in inner_params order.
+        let mut transformed: Vec<Option<(Tensor, Tensor)>> = vec![None; self.weights.len()];
+        for (key, net) in &mut self.nets {
+            let members: Vec<usize> = (0..self.weights.len())
+                .filter(|&i| self.weights[i].net == *key)
+                .collect();
+            let inputs: Vec<(&Tensor, &Tensor, usize)> = members
+                .iter()
+                .map(|&i| (&factors[i].x, &factors[i].delta, self.weights[i].mode))
+                .collect();
+            for (i, out) in members
+                .into_iter()
+                .zip(net.forward_many(&inputs, training)?)
+            {
+                transformed[i] = Some(out);
+            }
+        }
+        transformed
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let (x, delta) = t.ok_or_else(|| {
+                    Error::Invalid(format!("MEND has no network for {}", self.weights[i].name))
+                })?;
+                let step = self.edit_lrs.as_tensor().get(i)?;
+                Ok(delta.t()?.matmul(&x)?.broadcast_mul(&step)?)
+            })
+            .collect()
     }
 
     /// Installs `W + ΔW` for every edited weight; returns what was there.

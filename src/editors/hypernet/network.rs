@@ -74,14 +74,15 @@ pub struct LowRankLayer {
 }
 
 impl LowRankLayer {
-    fn forward(&self, z: &Tensor, mode: usize) -> Result<Tensor> {
+    /// `z: [n, dim]`, row `i` of weight mode `modes[i]` (`[n]`, u32).
+    fn forward(&self, z: &Tensor, modes: &Tensor) -> Result<Tensor> {
         let pre = z
             .matmul(&self.v.as_tensor().t()?)?
             .matmul(&self.u.as_tensor().t()?)?
             .broadcast_add(self.bias.as_tensor())?;
-        let scale = self.mode_scale.as_tensor().get(mode)?;
-        let shift = self.mode_shift.as_tensor().get(mode)?;
-        let pre = pre.broadcast_mul(&scale)?.broadcast_add(&shift)?;
+        let scale = self.mode_scale.as_tensor().index_select(modes, 0)?;
+        let shift = self.mode_shift.as_tensor().index_select(modes, 0)?;
+        let pre = pre.mul(&scale)?.add(&shift)?;
         // A clamp at zero whose gradient passes where the input is zero, as torch's `clamp(min=0)`:
         // at initialisation every pre-activation is exactly zero, and a ReLU (or candle's
         // `maximum`, which halves it) would stop the gradient that trains U from the start.
@@ -175,36 +176,68 @@ impl GradientNet {
         mode: usize,
         training: bool,
     ) -> Result<(Tensor, Tensor)> {
-        if mode >= self.n_modes {
-            return Err(Error::Invalid(format!(
-                "mode {mode} of a network with {} modes",
-                self.n_modes
-            )));
-        }
+        let mut out = self.forward_many(&[(x, delta, mode)], training)?;
+        out.pop()
+            .ok_or_else(|| Error::Invalid("the network transformed nothing".into()))
+    }
+
+    /// [`GradientNet::forward`] of several weights of this shape in turn (each normalised by the
+    /// moments as they stand after its own rows, as one call per weight would), with the layers
+    /// run once over all their rows: one product per layer, and one gradient for U and V instead
+    /// of one per weight for the backward pass to add up.
+    pub fn forward_many(
+        &mut self,
+        inputs: &[(&Tensor, &Tensor, usize)],
+        training: bool,
+    ) -> Result<Vec<(Tensor, Tensor)>> {
         let dtype = self.layers[0].u.as_tensor().dtype();
-        let z = Tensor::cat(&[x, delta], 1)?.to_dtype(dtype)?;
-        if training {
-            self.moments
-                .update(&z.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?);
+        let mut normalised = Vec::with_capacity(inputs.len());
+        let mut modes: Vec<u32> = Vec::new();
+        let mut rows = Vec::with_capacity(inputs.len());
+        for &(x, delta, mode) in inputs {
+            if mode >= self.n_modes {
+                return Err(Error::Invalid(format!(
+                    "mode {mode} of a network with {} modes",
+                    self.n_modes
+                )));
+            }
+            let z = Tensor::cat(&[x, delta], 1)?.to_dtype(dtype)?;
+            if training {
+                self.moments
+                    .update(&z.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?);
+            }
+            let z = if self.normalise {
+                let dim = self.x_dim + self.delta_dim;
+                let device = z.device();
+                let mean = self.moments.mean.clone();
+                let spread: Vec<f64> = self.moments.std()?.iter().map(|&s| s + 1e-7).collect();
+                let mean = Tensor::from_vec(mean, dim, device)?.to_dtype(dtype)?;
+                let spread = Tensor::from_vec(spread, dim, device)?.to_dtype(dtype)?;
+                z.broadcast_sub(&mean)?.broadcast_div(&spread)?
+            } else {
+                z
+            };
+            let n = z.dim(0)?;
+            modes.extend(std::iter::repeat_n(mode as u32, n));
+            rows.push(n);
+            normalised.push(z);
         }
-        let mut z = if self.normalise {
-            let dim = self.x_dim + self.delta_dim;
-            let device = z.device();
-            let mean = self.moments.mean.clone();
-            let spread: Vec<f64> = self.moments.std()?.iter().map(|&s| s + 1e-7).collect();
-            let mean = Tensor::from_vec(mean, dim, device)?.to_dtype(dtype)?;
-            let spread = Tensor::from_vec(spread, dim, device)?.to_dtype(dtype)?;
-            z.broadcast_sub(&mean)?.broadcast_div(&spread)?
-        } else {
-            z
-        };
+        let mut z = Tensor::cat(&normalised, 0)?;
+        let modes = Tensor::new(modes.as_slice(), z.device())?;
         for layer in &self.layers {
-            z = layer.forward(&z, mode)?;
+            z = layer.forward(&z, &modes)?;
         }
-        Ok((
-            z.narrow(1, 0, self.x_dim)?.contiguous()?,
-            z.narrow(1, self.x_dim, self.delta_dim)?.contiguous()?,
-        ))
+        let mut out = Vec::with_capacity(rows.len());
+        let mut start = 0;
+        for n in rows {
+            let part = z.narrow(0, start, n)?;
+            out.push((
+                part.narrow(1, 0, self.x_dim)?.contiguous()?,
+                part.narrow(1, self.x_dim, self.delta_dim)?.contiguous()?,
+            ));
+            start += n;
+        }
+        Ok(out)
     }
 }
 
@@ -298,7 +331,8 @@ mod tests {
     }
 
     /// Every parameter kind's gradient against central finite differences, in f64, away from the
-    /// clamp's kink (U random, so no pre-activation sits at zero).
+    /// clamp's kink (U random, so no pre-activation sits at zero), for two weights of different
+    /// modes transformed together.
     #[test]
     fn gradients_match_finite_differences() -> Result<()> {
         let dev = Device::Cpu;
@@ -310,17 +344,26 @@ mod tests {
         let mut net = GradientNet::new(2, 3, 2, shape, 3, (&dev, DType::F64))?;
         let x = Tensor::new(&[[1f64, 2.], [3., -4.], [0.5, 0.]], &dev)?;
         let d = Tensor::new(&[[1f64, 0., 2.], [-1., 1., 0.], [2., 2., 2.]], &dev)?;
-        net.forward(&x, &d, 1, true)?;
+        let x2 = Tensor::new(&[[0.5f64, -1.], [2., 1.]], &dev)?;
+        let d2 = Tensor::new(&[[0f64, 1., -2.], [1., 3., 1.]], &dev)?;
+        let inputs = [(&x, &d, 1), (&x2, &d2, 0)];
+        net.forward_many(&inputs, true)?;
         for l in &net.layers {
             l.u.set(&l.u.as_tensor().randn_like(0.0, 0.3)?)?;
+            l.mode_scale
+                .set(&l.mode_scale.as_tensor().randn_like(1.0, 0.2)?)?;
         }
-        // A loss of the pseudo-gradient, as MEND's training sees it.
-        let loss = |net: &mut GradientNet| -> Result<f64> {
-            let (xt, dt) = net.forward(&x, &d, 1, false)?;
-            Ok(dt.t()?.matmul(&xt)?.sqr()?.sum_all()?.to_scalar::<f64>()?)
+        // A loss of the pseudo-gradients, as MEND's training sees them.
+        let graph = |net: &mut GradientNet| -> Result<Tensor> {
+            let mut total = Tensor::zeros((), DType::F64, &dev)?;
+            for (k, (xt, dt)) in net.forward_many(&inputs, false)?.iter().enumerate() {
+                let p = dt.t()?.matmul(xt)?;
+                total = (total + (p.sqr()?.sum_all()? * (k + 1) as f64)?)?;
+            }
+            Ok(total)
         };
-        let (xt, dt) = net.forward(&x, &d, 1, false)?;
-        let grads = dt.t()?.matmul(&xt)?.sqr()?.sum_all()?.backward()?;
+        let loss = |net: &mut GradientNet| -> Result<f64> { Ok(graph(net)?.to_scalar::<f64>()?) };
+        let grads = graph(&mut net)?.backward()?;
         let mut checked = 0;
         for layer in net.layers.clone() {
             for var in layer.vars() {
@@ -351,6 +394,8 @@ mod tests {
             }
         }
         assert_eq!(checked, 30);
+        // The two modes' scale rows are different parameters: both were reached (entries 0 and
+        // last of mode_scale lie in modes 0 and 1).
         Ok(())
     }
 }
