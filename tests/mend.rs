@@ -11,7 +11,7 @@ use kedit::data::read_dataset;
 use kedit::editors::hypernet::mend::{Mend, MendParams, MendTrainee, TrainingPair};
 use kedit::editors::hypernet::{gradient_factors, AnswerBatch};
 use kedit::model::{HookSpec, Module, WeightId};
-use kedit::run::train::{train, Outcome, Schedule};
+use kedit::run::train::{train, Outcome, Schedule, Silent};
 
 /// A MEND configuration on SmolLM2's last layers, small enough for a test.
 fn params(inner: &[&str], rank: usize, lr: f64) -> MendParams {
@@ -190,13 +190,7 @@ fn training_lowers_the_validation_loss() {
     use kedit::run::train::Trainee;
     trainee.loss(&pairs(0..4), true).unwrap();
     let before = trainee.validate().unwrap();
-    let outcome = train(
-        &mut trainee,
-        &mut schedule,
-        Outcome::default(),
-        &mut |_, _| Ok(()),
-    )
-    .unwrap();
+    let outcome = train(&mut trainee, &mut schedule, Outcome::default(), &mut Silent).unwrap();
     let after = &outcome.history.last().unwrap().1;
     for key in [
         "loss/edit_val",
@@ -241,7 +235,7 @@ fn a_resumed_run_equals_an_uninterrupted_one() {
         } else {
             Outcome::default()
         };
-        train(&mut trainee, &mut schedule, start, &mut |_, _| Ok(())).unwrap()
+        train(&mut trainee, &mut schedule, start, &mut Silent).unwrap()
     };
     let straight = tempfile::tempdir().unwrap();
     let stopped = tempfile::tempdir().unwrap();

@@ -14,7 +14,9 @@ use super::ModelArgs;
 use crate::data::python_random::PythonRandom;
 use crate::data::read_dataset;
 use crate::editors::hypernet::mend::{Mend, MendParams, MendTrainee, TrainingPair, LAST_FILE};
-use crate::run::train::{train, Direction, EarlyStopping, Metrics, Outcome, Schedule};
+use crate::run::train::{
+    train, Direction, EarlyStopping, Metrics, Outcome, Schedule, TrainObserver,
+};
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
@@ -162,30 +164,16 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         bar.set_position(start.steps as u64);
         bar
     });
-    let json = args.json;
-    let quiet = args.quiet;
-    let outcome = train(&mut trainee, &mut schedule, start, &mut |step, metrics| {
-        let line = summary(metrics);
-        if let Some(bar) = &bar {
-            bar.set_position(step as u64);
-            bar.set_message(line.clone());
-        } else if !quiet && !json {
-            eprintln!("step {step}: {line}");
-        }
-        if json {
-            let mut record = serde_json::Map::new();
-            record.insert("step".into(), step.into());
-            for (k, v) in metrics {
-                record.insert(k.clone(), (*v).into());
-            }
-            println!("{}", serde_json::Value::Object(record));
-        }
-        Ok(())
-    })?;
+    let mut report = Report {
+        bar: bar.as_ref(),
+        json: args.json,
+        quiet: args.quiet,
+    };
+    let outcome = train(&mut trainee, &mut schedule, start, &mut report)?;
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
-    if !quiet {
+    if !args.quiet {
         let why = if outcome.interrupted {
             "interrupted (continue with --resume)"
         } else if outcome.stopped_early {
@@ -226,14 +214,58 @@ fn interrupt_flag() -> anyhow::Result<Arc<AtomicBool>> {
     Ok(flag)
 }
 
-/// The validation line: edit accuracy, edit NLL and locality KL.
-fn summary(metrics: &Metrics) -> String {
-    let get = |k: &str| metrics.get(k).copied().unwrap_or(f64::NAN);
+/// How a run shows itself: a progress bar with the last update's training metrics and the last
+/// validation's, or plain lines at each validation; JSON lines per validation on stdout.
+struct Report<'a> {
+    bar: Option<&'a indicatif::ProgressBar>,
+    json: bool,
+    quiet: bool,
+}
+
+impl TrainObserver for Report<'_> {
+    fn step(&mut self, step: usize, metrics: &Metrics) {
+        if let Some(bar) = self.bar {
+            bar.set_position(step as u64);
+            bar.set_message(summary(metrics, ""));
+        }
+    }
+
+    fn validation(&mut self, step: usize, metrics: &Metrics) -> crate::Result<()> {
+        if let Some(bar) = self.bar {
+            bar.println(format!(
+                "step {step}: validation {}",
+                summary(metrics, "_val")
+            ));
+        } else if !self.quiet && !self.json {
+            eprintln!("step {step}: validation {}", summary(metrics, "_val"));
+        }
+        if self.json {
+            let mut record = serde_json::Map::new();
+            record.insert("step".into(), step.into());
+            for (k, v) in metrics {
+                record.insert(k.clone(), (*v).into());
+            }
+            println!("{}", serde_json::Value::Object(record));
+        }
+        Ok(())
+    }
+}
+
+/// Edit accuracy, edit NLL, locality KL (the drawdown) and the total loss, from metrics whose
+/// names end in `suffix`.
+fn summary(metrics: &Metrics, suffix: &str) -> String {
+    let get = |k: &str| {
+        metrics
+            .get(&format!("{k}{suffix}"))
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
     format!(
-        "edit acc {:.3}, edit nll {:.3}, loc kl {:.4}",
-        get("edit/acc_val"),
-        get("loss/edit_val"),
-        get("loss/loc_val")
+        "edit acc {:.3}, edit nll {:.3}, loc kl {:.4}, loss {:.4}",
+        get("edit/acc"),
+        get("loss/edit"),
+        get("loss/loc"),
+        get("loss/total_edit")
     )
 }
 

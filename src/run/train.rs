@@ -131,14 +131,28 @@ pub struct Outcome {
     pub best_step: Option<usize>,
 }
 
+/// What a training run reports as it goes.
+pub trait TrainObserver {
+    /// Update `step` is done; `metrics` are its micro-batches' means.
+    fn step(&mut self, _step: usize, _metrics: &Metrics) {}
+    /// A validation's metrics (progress bars, JSON lines).
+    fn validation(&mut self, _step: usize, _metrics: &Metrics) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// An observer that reports nothing.
+pub struct Silent;
+
+impl TrainObserver for Silent {}
+
 /// Runs the schedule from `start` (`Outcome::default()`, or a resumed checkpoint's progress, its
-/// stopper already in `schedule`). `on_validation` sees each validation as it happens (progress
-/// bars, JSON lines).
+/// stopper already in `schedule`), telling `observer` of every update and validation.
 pub fn train(
     trainee: &mut dyn Trainee,
     schedule: &mut Schedule,
     start: Outcome,
-    on_validation: &mut dyn FnMut(usize, &Metrics) -> Result<()>,
+    observer: &mut dyn TrainObserver,
 ) -> Result<Outcome> {
     let began = Instant::now();
     let interval = schedule.val_interval.max(1);
@@ -154,9 +168,12 @@ pub fn train(
             .as_ref()
             .is_some_and(|flag| flag.load(std::sync::atomic::Ordering::SeqCst))
     };
-    let mut validate = |trainee: &mut dyn Trainee, step: usize, outcome: &mut Outcome| {
+    let mut validate = |trainee: &mut dyn Trainee,
+                        observer: &mut dyn TrainObserver,
+                        step: usize,
+                        outcome: &mut Outcome| {
         let metrics = trainee.validate()?;
-        on_validation(step, &metrics)?;
+        observer.validation(step, &metrics)?;
         let best = match &mut schedule.early_stopping {
             Some(stopper) => stopper.observe(&metrics)?,
             None => true,
@@ -184,7 +201,9 @@ pub fn train(
             outcome.interrupted = true;
             break;
         }
-        for _ in 0..schedule.accumulate.max(1) {
+        let batches = schedule.accumulate.max(1);
+        let mut means = Metrics::new();
+        for _ in 0..batches {
             let metrics = trainee.accumulate(outcome.steps)?;
             if let Some((key, v)) = metrics.iter().find(|(_, v)| !v.is_finite()) {
                 return Err(crate::Error::Invalid(format!(
@@ -192,12 +211,16 @@ pub fn train(
                     outcome.steps
                 )));
             }
+            for (k, v) in metrics {
+                *means.entry(k).or_insert(0.0) += v / batches as f64;
+            }
         }
         trainee.update()?;
         outcome.steps += 1;
+        observer.step(outcome.steps, &means);
         if outcome.steps.is_multiple_of(interval) {
             validated_at = Some(outcome.steps);
-            if validate(trainee, outcome.steps, &mut outcome)? {
+            if validate(trainee, observer, outcome.steps, &mut outcome)? {
                 return Ok(outcome);
             }
         }
@@ -206,7 +229,7 @@ pub fn train(
         // No validation: whoever pressed Ctrl-C wants the process back now.
         trainee.checkpoint(&outcome, schedule.early_stopping.as_ref())?;
     } else if validated_at != Some(outcome.steps) {
-        validate(trainee, outcome.steps, &mut outcome)?;
+        validate(trainee, observer, outcome.steps, &mut outcome)?;
     } else if outcome.out_of_time {
         trainee.checkpoint(&outcome, schedule.early_stopping.as_ref())?;
     }
@@ -291,12 +314,16 @@ mod tests {
             early_stopping: Some(EarlyStopping::new("loss", 2, Direction::Lower)),
             interrupt: None,
         };
-        let mut seen = Vec::new();
-        let outcome = train(&mut q, &mut schedule, Outcome::default(), &mut |step, m| {
-            seen.push((step, m["loss"]));
-            Ok(())
-        })
-        .unwrap();
+        struct Seen(Vec<(usize, f64)>);
+        impl TrainObserver for Seen {
+            fn validation(&mut self, step: usize, m: &Metrics) -> Result<()> {
+                self.0.push((step, m["loss"]));
+                Ok(())
+            }
+        }
+        let mut seen = Seen(Vec::new());
+        let outcome = train(&mut q, &mut schedule, Outcome::default(), &mut seen).unwrap();
+        let seen = seen.0;
         // By hand: w = 1.5, 2.25, 2.625, 2.8125 (losses 2.25, 0.5625, 0.140625, 0.03515625), then
         // lr 1.5 flips the error's sign and doubles it: w = 3.375 (0.140625), 2.25 (0.5625).
         assert_eq!(
@@ -325,13 +352,7 @@ mod tests {
             early_stopping: None,
             interrupt: None,
         };
-        let outcome = train(
-            &mut q,
-            &mut schedule,
-            Outcome::default(),
-            &mut |_, _| Ok(()),
-        )
-        .unwrap();
+        let outcome = train(&mut q, &mut schedule, Outcome::default(), &mut Silent).unwrap();
         assert_eq!(outcome.steps, 7);
         assert_eq!(
             outcome.history.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
