@@ -124,6 +124,14 @@ fn train_refuses_bad_input_in_one_line() {
         &kedit_with_backtraces(&train_args(&hparams, &empty, &["--resume"])),
         &["--resume", "holds no checkpoint"],
     );
+    assert_one_line_error(
+        &kedit_with_backtraces(&train_args(
+            &hparams,
+            &tmp.path().join("c"),
+            &["--max-minutes", "0"],
+        )),
+        &["--max-minutes 0", "positive"],
+    );
     let separate = tmp.path().join("separate.yaml");
     std::fs::write(
         &separate,

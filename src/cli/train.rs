@@ -61,6 +61,14 @@ pub struct TrainArgs {
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
+    if let Some(m) = args.max_minutes {
+        if !(m.is_finite() && m > 0.0) {
+            anyhow::bail!("--max-minutes {m}: expected a positive number of minutes");
+        }
+    }
+    if args.max_steps == Some(0) {
+        anyhow::bail!("--max-steps 0: expected at least one update");
+    }
     let params = MendParams::from_yaml(&args.hparams)?;
     let last = args.out.join(LAST_FILE);
     if args.resume && !last.is_file() {
