@@ -38,9 +38,9 @@ pub struct MendParams {
     /// Read but unused: EasyEdit's second optimiser over the step sizes sees gradients its first
     /// optimiser has already zeroed, so the steps train at `lr` (SPEC §8.5 step 7); kedit does
     /// the same in one optimiser.
-    #[serde(default, deserialize_with = "float_default")]
+    #[serde(default, deserialize_with = "float")]
     pub lr_lr: f64,
-    #[serde(default, deserialize_with = "float_default")]
+    #[serde(default, deserialize_with = "float")]
     pub lr_scale: f64,
     #[serde(default)]
     pub seed: u64,
@@ -48,9 +48,9 @@ pub struct MendParams {
     pub cedit: f64,
     #[serde(deserialize_with = "float")]
     pub cloc: f64,
-    #[serde(default, deserialize_with = "float_default")]
+    #[serde(default, deserialize_with = "float")]
     pub cbase: f64,
-    #[serde(default, deserialize_with = "float_default")]
+    #[serde(default, deserialize_with = "float")]
     pub dropout: f64,
     #[serde(default)]
     pub train_base: bool,
@@ -92,7 +92,7 @@ pub struct MendParams {
     pub early_stop_key: Option<String>,
     #[serde(default)]
     pub opt: Option<String>,
-    #[serde(default, deserialize_with = "float_default")]
+    #[serde(default, deserialize_with = "float")]
     pub grad_clip: f64,
     #[serde(default)]
     pub max_length: Option<usize>,
@@ -129,10 +129,6 @@ pub struct MendParams {
 
 fn one() -> usize {
     1
-}
-
-fn float_default<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
-    float(d)
 }
 
 impl MendParams {
