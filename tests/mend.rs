@@ -8,7 +8,8 @@ mod common;
 use candle_core::{DType, Tensor, Var};
 use common::*;
 use kedit::data::read_dataset;
-use kedit::editors::hypernet::mend::{Mend, MendParams, MendTrainee, TrainingPair};
+use kedit::editors::hypernet::mend::{Mend, MendParams, MendTrainee};
+use kedit::editors::hypernet::trainer::TrainingPair;
 use kedit::editors::hypernet::{gradient_factors, AnswerBatch};
 use kedit::model::{HookSpec, Module, WeightId};
 use kedit::run::train::{train, Outcome, Schedule, Silent};
@@ -111,7 +112,7 @@ fn the_training_loss_differentiates_through_the_edited_weights() {
     trainee.loss(&records[1..3], true).unwrap();
     // Move U off zero so the network's own path matters too, and no pre-activation sits at the
     // clamp's kink (where autograd takes torch's one-sided slope and a central difference half).
-    for net in trainee.mend.nets.values() {
+    for net in trainee.editor.nets.values() {
         for layer in &net.layers {
             let noise = layer.u.as_tensor().randn_like(0.0, 1e-2).unwrap();
             layer.u.set(&noise).unwrap();
@@ -121,9 +122,9 @@ fn the_training_loss_differentiates_through_the_edited_weights() {
     let (loss, _) = trainee.loss(&probe, false).unwrap();
     let grads = loss.backward().unwrap();
 
-    let net = trainee.mend.nets.values().next().unwrap();
+    let net = trainee.editor.nets.values().next().unwrap();
     let bias = net.layers[1].bias.clone();
-    let edit_lrs = trainee.mend.edit_lrs.clone();
+    let edit_lrs = trainee.editor.edit_lrs.clone();
     for (var, index, what) in [(edit_lrs, 1, "edit_lrs[1]"), (bias, 5, "bias[5]")] {
         let analytic: Vec<f64> = grads
             .get(var.as_tensor())
@@ -212,7 +213,7 @@ fn training_lowers_the_validation_loss() {
 /// that ran four updates straight, and a trained editor loads back for editing.
 #[test]
 fn a_resumed_run_equals_an_uninterrupted_one() {
-    use kedit::editors::hypernet::mend::{read_checkpoint, BEST_FILE, LAST_FILE};
+    use kedit::editors::hypernet::checkpoint::{self, BEST_FILE, LAST_FILE};
     let inner = [
         "model.layers.29.mlp.up_proj.weight",
         "model.layers.29.mlp.down_proj.weight",
@@ -248,8 +249,8 @@ fn a_resumed_run_equals_an_uninterrupted_one() {
         a.history.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
         b.history.iter().map(|(s, _)| *s).collect::<Vec<_>>()
     );
-    let (ha, ta) = read_checkpoint(&straight.path().join(LAST_FILE)).unwrap();
-    let (hb, tb) = read_checkpoint(&stopped.path().join(LAST_FILE)).unwrap();
+    let (ha, ta) = checkpoint::read(&straight.path().join(LAST_FILE), "MEND").unwrap();
+    let (hb, tb) = checkpoint::read(&stopped.path().join(LAST_FILE), "MEND").unwrap();
     assert_eq!(ha.adam_step, 4);
     assert_eq!(hb.adam_step, 4);
     assert_eq!(ha.cursor, hb.cursor);
@@ -263,15 +264,13 @@ fn a_resumed_run_equals_an_uninterrupted_one() {
 
     // The best editor loads for editing and changes exactly the edited weights.
     let mut model = smollm2();
-    let mut mend = Mend::load(&model, &straight.path().join(BEST_FILE)).unwrap();
+    let mut mend: Mend = checkpoint::load(&model, &straight.path().join(BEST_FILE)).unwrap();
     let request = kedit::data::EditRequest {
         prompt: "The mother tongue of Danielle Darrieux is".into(),
         target_new: "English".into(),
         ..Default::default()
     };
-    use kedit::editors::Editor;
-    let ctx = kedit::editors::EditCtx::default();
-    let edit = mend.apply(&mut model, &[request], &ctx).unwrap();
+    let edit = kedit::editors::hypernet::apply_trained(&mut mend, &mut model, &[request]).unwrap();
     let changed: Vec<String> = edit.weight_changes().map(|w| w.id.to_string()).collect();
     assert_eq!(changed, ["29.mlp_up", "29.mlp_down"]);
 }

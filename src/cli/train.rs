@@ -13,7 +13,10 @@ use clap::Args;
 use super::ModelArgs;
 use crate::data::python_random::PythonRandom;
 use crate::data::read_dataset;
-use crate::editors::hypernet::mend::{Mend, MendParams, MendTrainee, TrainingPair, LAST_FILE};
+use crate::editors::hypernet::checkpoint::{BEST_FILE, LAST_FILE};
+use crate::editors::hypernet::mend::Mend;
+use crate::editors::hypernet::trainer::{HypernetTrainee, TrainingPair};
+use crate::editors::hypernet::Hypernet;
 use crate::run::train::{
     train, Direction, EarlyStopping, Metrics, Outcome, Schedule, TrainObserver,
 };
@@ -69,7 +72,15 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     if args.max_steps == Some(0) {
         anyhow::bail!("--max-steps 0: expected at least one update");
     }
-    let params = MendParams::from_yaml(&args.hparams)?;
+    match args.editor.as_str() {
+        "MEND" => run_with::<Mend>(args),
+        other => anyhow::bail!("--editor {other}: kedit trains MEND"),
+    }
+}
+
+fn run_with<H: Hypernet>(args: TrainArgs) -> anyhow::Result<ExitCode> {
+    let method_params = H::read_params(&args.hparams)?;
+    let params = H::training_of(&method_params);
     let last = args.out.join(LAST_FILE);
     if args.resume && !last.is_file() {
         anyhow::bail!(
@@ -111,6 +122,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     }
 
     let mut model = args.model.load()?;
+    let editor = H::build(&model, method_params)?;
     let accumulate = params.accumulate_bs.max(1);
     let max_steps = args
         .max_steps
@@ -132,10 +144,9 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         }
         _ => None,
     };
-    let mend = Mend::new(&model, params)?;
     let n_train = train_pairs.len();
     let n_val = val_pairs.len();
-    let mut trainee = MendTrainee::new(mend, &mut model, train_pairs, val_pairs)?;
+    let mut trainee = HypernetTrainee::new(editor, &mut model, train_pairs, val_pairs)?;
     std::fs::create_dir_all(&args.out).map_err(|e| crate::Error::io(&args.out, e))?;
     trainee.checkpoint_into(&args.out)?;
     let mut schedule = Schedule {
@@ -157,8 +168,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     };
     if !args.quiet {
         eprintln!(
-            "kedit: training MEND on {n_train} records, validating on {n_val}, {} updates of {accumulate} batches from step {}",
-            max_steps, start.steps
+            "kedit: training {} on {n_train} records, validating on {n_val}, {} updates of {accumulate} batches from step {}",
+            H::METHOD, max_steps, start.steps
         );
     }
     let bar = (!args.quiet && std::io::stderr().is_terminal()).then(|| {
@@ -195,9 +206,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
             "kedit: {why} after {} updates; best validation at step {}; editor in {}",
             outcome.steps,
             outcome.best_step.map_or("-".into(), |s| s.to_string()),
-            args.out
-                .join(crate::editors::hypernet::mend::BEST_FILE)
-                .display()
+            args.out.join(BEST_FILE).display()
         );
     }
     Ok(if outcome.interrupted {

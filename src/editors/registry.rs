@@ -113,7 +113,9 @@ pub fn build_editor(name: &str, hparams: &Path) -> Result<Box<dyn Editor>> {
         EditorKind::Rome => Box::new(Rome::from_yaml(hparams)?),
         EditorKind::Memit => Box::new(Memit::from_yaml(hparams)?),
         EditorKind::AlphaEdit => Box::new(AlphaEdit::from_yaml(hparams)?),
-        EditorKind::Mend => Box::new(super::hypernet::mend::MendFromArchive::from_yaml(hparams)?),
+        EditorKind::Mend => Box::new(super::hypernet::mend::MendFromArchive::from_yaml(
+            hparams, None,
+        )?),
     })
 }
 

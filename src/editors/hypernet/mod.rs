@@ -2,15 +2,194 @@
 //! KE beside it. What they share lives here: the edited weights' gradient taken apart into
 //! per-token factors from one backward pass, and the answer-token batches their losses read.
 
+pub mod checkpoint;
 pub mod mend;
 pub mod network;
+pub mod trainer;
 
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Tensor, Var, D};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
+use crate::data::EditRequest;
+use crate::editors::{Edit, WeightChange};
 use crate::error::{Error, Result};
 use crate::model::{HookSpec, Intervention, Model, Module, Param, Site, TokenBatch, WeightId};
+use trainer::TrainingHparams;
+
+/// A trained hypernetwork editor as the training loop, checkpoints and test-time editing see it:
+/// from an edit's gradient factors (and its text, which KE conditions on) to one change per
+/// edited weight.
+pub trait Hypernet: Sized {
+    /// The method's name, as `alg_name` spells it.
+    const METHOD: &'static str;
+    /// Its hparams file, read unchanged.
+    type Params: Clone + Serialize + DeserializeOwned;
+
+    /// Reads and checks an hparams file of the method.
+    fn read_params(path: &std::path::Path) -> Result<Self::Params>;
+    /// The trained editor the file names, if any.
+    fn archive(params: &Self::Params) -> Option<&str>;
+    /// An untrained editor for `model`.
+    fn build(model: &Model, params: Self::Params) -> Result<Self>;
+    fn params(&self) -> &Self::Params;
+    fn inner_params(params: &Self::Params) -> &[String];
+    /// The training loop's settings in `params`.
+    fn training_of(params: &Self::Params) -> TrainingHparams;
+    fn training(&self) -> TrainingHparams {
+        Self::training_of(self.params())
+    }
+    fn weights(&self) -> &[EditedWeight];
+    /// Every trainable tensor, in a fixed order (the optimiser's state follows it).
+    fn vars(&self) -> Vec<Var>;
+    /// Each edited weight's change (`[out, in]`) for the edits `texts`, whose gradient `pass`
+    /// holds. In training the result carries the editor's graph.
+    fn updates(
+        &mut self,
+        texts: &[EditText],
+        model: &Model,
+        pass: &FactorPass,
+        training: bool,
+    ) -> Result<Vec<Tensor>>;
+    /// The editor's state as named tensors.
+    fn tensors(&self) -> Result<Vec<(String, Tensor)>>;
+    /// Takes back tensors written by [`Hypernet::tensors`] for the same configuration.
+    fn load_tensors(&mut self, tensors: &BTreeMap<String, Tensor>) -> Result<()>;
+}
+
+/// What an edit says: the prompt, the new answer, and the old one where the record has it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EditText {
+    pub prompt: String,
+    pub target: String,
+    pub old: Option<String>,
+}
+
+impl EditText {
+    pub fn of(r: &EditRequest) -> Self {
+        EditText {
+            prompt: r.prompt.clone(),
+            target: r.target_new.clone(),
+            old: r.ground_truth.clone(),
+        }
+    }
+}
+
+/// An edited weight, and which network (MEND groups weights by shape) and mode handle it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EditedWeight {
+    /// The checkpoint name, as `inner_params` spells it.
+    pub name: String,
+    #[serde(with = "weight_id_text")]
+    pub id: WeightId,
+    /// The shape key, `(in, out)` as EasyEdit writes it.
+    pub net: String,
+    pub mode: usize,
+}
+
+impl EditedWeight {
+    /// `inner_params` resolved on `model`, each numbered within its shape in file order.
+    ///
+    /// # Errors
+    /// A name that is not a weight of the model, or a weight a hypernetwork cannot edit.
+    pub fn resolve(model: &Model, inner_params: &[String]) -> Result<Vec<EditedWeight>> {
+        let mut modes: BTreeMap<String, usize> = BTreeMap::new();
+        inner_params
+            .iter()
+            .map(|name| {
+                let id = model.weight_id_by_name(name).ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "inner_params: {name:?} is not a weight of this model"
+                    ))
+                })?;
+                factor_sites(id)?;
+                let (out, inp) = model.weight(id)?.dims2()?;
+                let net = format!("({inp}, {out})");
+                let count = modes.entry(net.clone()).or_insert(0);
+                let mode = *count;
+                *count += 1;
+                Ok(EditedWeight {
+                    name: name.clone(),
+                    id,
+                    net,
+                    mode,
+                })
+            })
+            .collect()
+    }
+}
+
+/// A weight id in a checkpoint header, as its display string (`29.mlp_down`).
+mod weight_id_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::model::WeightId;
+
+    pub fn serialize<S: Serializer>(id: &WeightId, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(id)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<WeightId, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// The lowest layer an edit of `weights` changes: everything below it is the same before and
+/// after.
+pub fn lowest_layer(weights: &[EditedWeight]) -> usize {
+    weights.iter().filter_map(|w| w.id.layer).min().unwrap_or(0)
+}
+
+/// Installs `W + ΔW` for every edited weight; returns what was there.
+pub fn install(
+    model: &mut Model,
+    weights: &[EditedWeight],
+    updates: &[Tensor],
+) -> Result<Vec<WeightChange>> {
+    weights
+        .iter()
+        .zip(updates)
+        .map(|(w, delta)| {
+            let before = model.weight(w.id)?;
+            let wide = delta.dtype();
+            let after = (before.to_dtype(wide)? + delta)?.to_dtype(before.dtype())?;
+            model.replace_weight(w.id, after.clone())?;
+            Ok(WeightChange {
+                id: w.id,
+                before,
+                after,
+            })
+        })
+        .collect()
+}
+
+/// Edits `model` with a trained editor: one forward and backward pass of the requests' answers,
+/// all requests pooled into one change per weight (as EasyEdit's executors do).
+pub fn apply_trained<H: Hypernet>(
+    editor: &mut H,
+    model: &mut Model,
+    requests: &[EditRequest],
+) -> Result<Edit> {
+    let pairs: Vec<(&str, &str)> = requests
+        .iter()
+        .map(|r| (r.prompt.as_str(), r.target_new.as_str()))
+        .collect();
+    let texts: Vec<EditText> = requests.iter().map(EditText::of).collect();
+    let batch = AnswerBatch::new(model, &pairs)?;
+    let ids: Vec<WeightId> = editor.weights().iter().map(|w| w.id).collect();
+    let pass = gradient_factors(model, &batch, &ids, None)?;
+    let updates = editor
+        .updates(&texts, model, &pass, false)?
+        .into_iter()
+        .map(|u| u.detach())
+        .collect::<Vec<_>>();
+    let weights = editor.weights().to_vec();
+    Ok(Edit::of_weights(install(model, &weights, &updates)?))
+}
 
 /// Where an edited weight's input is read and the loss's gradient at its output is taken.
 ///

@@ -1,0 +1,231 @@
+//! A trained hypernetwork editor on disk: one safetensors file with the editor's tensors (and,
+//! for a run to resume, the optimiser's moments) and a JSON header in its metadata, written
+//! atomically; and the editor `eval` and `apply` build from the `archive` an hparams file names.
+
+use std::collections::BTreeMap;
+use std::marker::PhantomData;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::{apply_trained, EditedWeight, Hypernet};
+use crate::data::EditRequest;
+use crate::editors::{Edit, EditCtx, Editor};
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::run::train::{EarlyStopping, Outcome};
+
+/// The editor's best state, written at every validation that improves on the best.
+pub const BEST_FILE: &str = "best.safetensors";
+/// Everything a resumed run needs, written at every validation.
+pub const LAST_FILE: &str = "last.safetensors";
+
+pub const FORMAT: u32 = 1;
+const HEADER_KEY: &str = "kedit.hypernet";
+/// The key MEND checkpoints were written under before KE shared the format.
+const MEND_HEADER_KEY: &str = "kedit.mend";
+
+/// What a checkpoint's JSON header (in the safetensors metadata, and beside it as a sidecar for
+/// people) records.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckpointHeader {
+    pub format_version: u32,
+    pub kedit_version: String,
+    pub method: String,
+    pub model_fingerprint: String,
+    /// The hparams file the run read, as the method's parameters serialise.
+    pub hparams: serde_json::Value,
+    pub weights: Vec<EditedWeight>,
+    /// Where the next micro-batch starts in the training records, and how many ran.
+    pub cursor: usize,
+    pub micro_batches: usize,
+    /// The optimiser's step count (its moments are tensors `opt.m.<i>`, `opt.v.<i>`).
+    pub adam_step: i32,
+    pub progress: Outcome,
+    pub early_stopping: Option<EarlyStopping>,
+}
+
+/// Writes `tensors` with `header` in the metadata, atomically.
+pub fn write(path: &Path, header: &CheckpointHeader, tensors: Vec<(String, Tensor)>) -> Result<()> {
+    let json = serde_json::to_string(header)
+        .map_err(|e| Error::Invalid(format!("cannot serialise the checkpoint header: {e}")))?;
+    let tensors = tensors
+        .into_iter()
+        .map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let metadata = std::collections::HashMap::from([(HEADER_KEY.to_string(), json)]);
+    let bytes = safetensors::serialize(tensors.iter().map(|(k, v)| (k.clone(), v)), Some(metadata))
+        .map_err(|e| Error::file(path, e.to_string()))?;
+    crate::files::write_atomically(path, &bytes)
+}
+
+/// Reads a checkpoint of `method` written by [`write`].
+///
+/// # Errors
+/// Not a kedit checkpoint, a newer format, or another method's.
+pub fn read(path: &Path, method: &str) -> Result<(CheckpointHeader, BTreeMap<String, Tensor>)> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let not_one =
+        |why: String| Error::file(path, format!("not a kedit {method} checkpoint: {why}"));
+    let (_, meta) =
+        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| not_one(e.to_string()))?;
+    let json = meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(HEADER_KEY).or_else(|| m.get(MEND_HEADER_KEY)))
+        .ok_or_else(|| not_one("no kedit header in its metadata".into()))?;
+    let header: CheckpointHeader =
+        serde_json::from_str(json).map_err(|e| not_one(e.to_string()))?;
+    if header.format_version > FORMAT {
+        return Err(not_one(format!(
+            "format {} is newer than this kedit reads ({FORMAT})",
+            header.format_version
+        )));
+    }
+    if header.method != method {
+        return Err(not_one(format!("it holds a {} editor", header.method)));
+    }
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+        .map_err(|e| not_one(Error::from(e).to_string()))?;
+    Ok((header, tensors.into_iter().collect()))
+}
+
+/// A trained editor from a checkpoint (`best.safetensors` or `last.safetensors` of a `kedit
+/// train` folder, or the folder itself, which means its best), for `model`.
+///
+/// # Errors
+/// Not a checkpoint of `H`, or one trained on another model (naming both fingerprints).
+pub fn load<H: Hypernet>(model: &Model, path: &Path) -> Result<H> {
+    let file = if path.is_dir() {
+        path.join(BEST_FILE)
+    } else {
+        path.to_path_buf()
+    };
+    let (header, tensors) = read(&file, H::METHOD)?;
+    let here = model.fingerprint()?;
+    if header.model_fingerprint != here {
+        return Err(Error::file(
+            &file,
+            format!(
+                "this {} editor was trained on model {}, but the model here is {here}",
+                H::METHOD,
+                header.model_fingerprint
+            ),
+        ));
+    }
+    let params: H::Params = serde_json::from_value(header.hparams)
+        .map_err(|e| Error::file(&file, format!("its hparams do not read back: {e}")))?;
+    let mut editor = H::build(model, params)?;
+    editor
+        .load_tensors(&tensors)
+        .map_err(|e| Error::file(&file, e.to_string()))?;
+    Ok(editor)
+}
+
+/// A hypernetwork editor as `eval` and `apply` build it from an edit hparams file: the trained
+/// editor its `archive` names (a `kedit train` folder or checkpoint), loaded for the model at the
+/// first edit.
+pub struct FromArchive<H: Hypernet> {
+    inner_params: Vec<String>,
+    archive: Option<PathBuf>,
+    hparams_file: PathBuf,
+    loaded: Option<H>,
+    kind: PhantomData<H>,
+}
+
+impl<H: Hypernet> FromArchive<H> {
+    /// The editor of the hparams file at `path`, whose trained state is `archive` when given,
+    /// else the file's own `archive`.
+    ///
+    /// # Errors
+    /// A file the method cannot honour.
+    pub fn from_yaml(path: &Path, archive: Option<PathBuf>) -> Result<Self> {
+        let params = H::read_params(path)?;
+        let archive = archive.or_else(|| H::archive(&params).map(PathBuf::from));
+        Ok(FromArchive {
+            inner_params: H::inner_params(&params).to_vec(),
+            archive,
+            hparams_file: path.to_path_buf(),
+            loaded: None,
+            kind: PhantomData,
+        })
+    }
+
+    fn train_command(&self, out: &Path) -> String {
+        let method = H::METHOD;
+        let stem = self
+            .hparams_file
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "MODEL.yaml".into());
+        format!(
+            "kedit train --editor {method} --model MODEL --hparams hparams/TRAINING/{method}/{stem} \
+             --data TRAIN.json --out {}",
+            out.display()
+        )
+    }
+
+    fn editor(&mut self, model: &Model) -> Result<&mut H> {
+        if self.loaded.is_none() {
+            let Some(archive) = self.archive.clone() else {
+                return Err(Error::file(
+                    &self.hparams_file,
+                    format!(
+                        "archive is not set: {} edits with a trained editor; train one with `{}` \
+                         and name the folder in archive (or pass --archive)",
+                        H::METHOD,
+                        self.train_command(Path::new("DIR"))
+                    ),
+                ));
+            };
+            if !archive.exists() {
+                return Err(Error::file(
+                    &self.hparams_file,
+                    format!(
+                        "archive {} does not exist; train the editor with `{}`",
+                        archive.display(),
+                        self.train_command(&archive)
+                    ),
+                ));
+            }
+            let editor: H = load(model, &archive)?;
+            if H::inner_params(editor.params()) != self.inner_params.as_slice() {
+                return Err(Error::file(
+                    &self.hparams_file,
+                    format!(
+                        "inner_params differ from those archive {} was trained with; retrain \
+                         with `{}`",
+                        archive.display(),
+                        self.train_command(&archive)
+                    ),
+                ));
+            }
+            self.loaded = Some(editor);
+        }
+        self.loaded
+            .as_mut()
+            .ok_or_else(|| Error::Invalid(format!("{} editor not loaded", H::METHOD)))
+    }
+}
+
+impl<H: Hypernet> Editor for FromArchive<H> {
+    fn name(&self) -> &'static str {
+        H::METHOD
+    }
+
+    /// A batch pools its requests into one update, as EasyEdit's executors do.
+    fn max_batch(&self) -> usize {
+        usize::MAX
+    }
+
+    fn apply(
+        &mut self,
+        model: &mut Model,
+        requests: &[EditRequest],
+        _ctx: &EditCtx,
+    ) -> Result<Edit> {
+        let editor = self.editor(model)?;
+        apply_trained(editor, model, requests)
+    }
+}

@@ -1,0 +1,408 @@
+//! The training of a hypernetwork editor (SPEC-editors §8.5, shared by MEND and KE): each
+//! micro-batch edits the model with the current editor, scores the edited model, and accumulates
+//! the gradient of `cedit·NLL + cloc·KL` for the editor's parameters.
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::checkpoint::{self, CheckpointHeader};
+use super::{
+    gradient_factors, install, kl_from_base, lowest_layer, AnswerBatch, EditText, Hypernet,
+};
+use crate::data::EditRequest;
+use crate::editors::optim::Adam;
+use crate::error::{Error, Result};
+use crate::model::{HookSpec, Model, Site, WeightId};
+use crate::run::train::{EarlyStopping, Metrics, Outcome, Trainee};
+
+/// The fields of EasyEdit's TRAINING files the loop reads, whatever the method.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingHparams {
+    pub lr: f64,
+    pub cedit: f64,
+    pub cloc: f64,
+    pub seed: u64,
+    pub batch_size: usize,
+    pub val_batch_size: usize,
+    pub accumulate_bs: usize,
+    pub max_iters: usize,
+    pub val_interval: usize,
+    pub val_steps: usize,
+    pub early_stop_patience: usize,
+    pub early_stop_key: Option<String>,
+    pub grad_clip: f64,
+}
+
+/// One training example: the edit and a locality prompt whose predictions should not move.
+#[derive(Debug, Clone)]
+pub struct TrainingPair {
+    pub edit: EditText,
+    pub locality: (String, String),
+}
+
+impl TrainingPair {
+    /// The request's prompt, new target and old answer, and its first locality prompt and answer.
+    ///
+    /// # Errors
+    /// A request without a locality prompt: the training loss needs one.
+    pub fn from_request(r: &EditRequest) -> std::result::Result<Self, String> {
+        let (p, a) = r
+            .locality
+            .values()
+            .find_map(|set| Some((set.prompt.first()?, set.ground_truth.first()?)))
+            .ok_or_else(|| "no locality prompt (the training loss needs one)".to_string())?;
+        Ok(TrainingPair {
+            edit: EditText::of(r),
+            locality: (p.clone(), a.clone()),
+        })
+    }
+}
+
+/// The base model's side of a training example: the batches, the residual entering the lowest
+/// edited layer (the same before and after an edit) and the locality predictions before it.
+struct Prepared {
+    edit: AnswerBatch,
+    locality: AnswerBatch,
+    locality_resid: Option<(usize, Tensor)>,
+    base_locality: Tensor,
+}
+
+/// A hypernetwork editor under training, with its optimiser and data.
+pub struct HypernetTrainee<'a, H: Hypernet> {
+    pub editor: H,
+    model: &'a mut Model,
+    train: Vec<TrainingPair>,
+    validation: Vec<TrainingPair>,
+    optimiser: Adam,
+    accumulated: Vec<Option<Tensor>>,
+    micro_batches: usize,
+    /// Where the next micro-batch starts in `train` (it wraps around).
+    cursor: usize,
+    /// The best state so far, when no checkpoint folder is set.
+    pub best: Option<(usize, Vec<(String, Tensor)>)>,
+    /// Where checkpoints go, and the fingerprint of the model they are for.
+    dir: Option<PathBuf>,
+    fingerprint: String,
+}
+
+impl<'a, H: Hypernet> HypernetTrainee<'a, H> {
+    pub fn new(
+        editor: H,
+        model: &'a mut Model,
+        train: Vec<TrainingPair>,
+        validation: Vec<TrainingPair>,
+    ) -> Result<Self> {
+        if train.is_empty() || validation.is_empty() {
+            return Err(Error::Invalid(format!(
+                "{} training needs training and validation records",
+                H::METHOD
+            )));
+        }
+        let vars = editor.vars();
+        let optimiser = Adam::new(vars.clone(), editor.training().lr, 0.0)?;
+        Ok(HypernetTrainee {
+            accumulated: vec![None; vars.len()],
+            editor,
+            model,
+            train,
+            validation,
+            optimiser,
+            micro_batches: 0,
+            cursor: 0,
+            best: None,
+            dir: None,
+            fingerprint: String::new(),
+        })
+    }
+
+    fn prepare(&self, pairs: &[TrainingPair]) -> Result<Prepared> {
+        let model = &*self.model;
+        let edits: Vec<(&str, &str)> = pairs
+            .iter()
+            .map(|p| (p.edit.prompt.as_str(), p.edit.target.as_str()))
+            .collect();
+        let locs: Vec<(&str, &str)> = pairs
+            .iter()
+            .map(|p| (p.locality.0.as_str(), p.locality.1.as_str()))
+            .collect();
+        let edit = AnswerBatch::new(model, &edits)?;
+        let locality = AnswerBatch::new(model, &locs)?;
+        let below = lowest_layer(self.editor.weights()).checked_sub(1);
+        let mut hooks = HookSpec::new();
+        if let Some(l) = below {
+            hooks = hooks.capture(Site::ResidPost(l));
+        }
+        let out = model.forward_at(&locality.batch, &hooks, &locality.positions)?;
+        let base_locality = Model::log_probs(&out.logits)?.detach();
+        let locality_resid = match below {
+            Some(l) => Some((l, out.capture(Site::ResidPost(l))?.detach())),
+            None => None,
+        };
+        Ok(Prepared {
+            edit,
+            locality,
+            locality_resid,
+            base_locality,
+        })
+    }
+
+    /// Edits the model with the current editor, scores it, and puts the weights back: the loss
+    /// (carrying the editor's graph) and its parts.
+    fn edited_loss(
+        &mut self,
+        pairs: &[TrainingPair],
+        prepared: &Prepared,
+        training: bool,
+    ) -> Result<(Tensor, Metrics)> {
+        let weights = self.editor.weights().to_vec();
+        let ids: Vec<WeightId> = weights.iter().map(|w| w.id).collect();
+        let below = lowest_layer(&weights).checked_sub(1);
+        let pass = gradient_factors(self.model, &prepared.edit, &ids, below)?;
+        let texts: Vec<EditText> = pairs.iter().map(|p| p.edit.clone()).collect();
+        let updates = self.editor.updates(&texts, self.model, &pass, training)?;
+        let changes = install(self.model, &weights, &updates)?;
+        let scored = (|| {
+            let resume = |r: &Option<(usize, Tensor)>| match r {
+                Some((l, t)) => HookSpec::new().resume_after(*l, t.clone()),
+                None => HookSpec::new(),
+            };
+            let edit_lp = prepared.edit.log_probs(self.model, &resume(&pass.resid))?;
+            let (nll, acc) = prepared.edit.nll_and_accuracy(&edit_lp)?;
+            let loc_lp = prepared
+                .locality
+                .log_probs(self.model, &resume(&prepared.locality_resid))?;
+            let kl = kl_from_base(&prepared.base_locality, &loc_lp)?;
+            Ok::<_, Error>((nll, acc, kl))
+        })();
+        for change in changes.iter().rev() {
+            self.model
+                .replace_weight(change.id, change.before.clone())?;
+        }
+        let (nll, acc, kl) = scored?;
+        let p = self.editor.training();
+        let total = ((&nll * p.cedit)? + (&kl * p.cloc)?)?;
+        let scalar = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar()?) };
+        let metrics = Metrics::from([
+            ("loss/edit".to_string(), scalar(&nll)?),
+            ("loss/loc".to_string(), scalar(&kl)?),
+            ("loss/total_edit".to_string(), scalar(&total)?),
+            ("edit/acc".to_string(), acc),
+            ("edit/nll_before".to_string(), pass.nll),
+        ]);
+        Ok((total, metrics))
+    }
+
+    /// The training loss of `pairs` under the current editor (carrying its graph) and its parts;
+    /// `training` lets the editor's running statistics take the edit in.
+    pub fn loss(&mut self, pairs: &[TrainingPair], training: bool) -> Result<(Tensor, Metrics)> {
+        let prepared = self.prepare(pairs)?;
+        self.edited_loss(pairs, &prepared, training)
+    }
+
+    /// Writes checkpoints into `dir` (`best.safetensors`, `last.safetensors` and its JSON
+    /// sidecar `last.json`) instead of keeping the best state in memory.
+    pub fn checkpoint_into(&mut self, dir: &std::path::Path) -> Result<()> {
+        self.dir = Some(dir.to_path_buf());
+        self.fingerprint = self.model.fingerprint()?;
+        Ok(())
+    }
+
+    fn header(
+        &self,
+        progress: &Outcome,
+        stopper: Option<&EarlyStopping>,
+    ) -> Result<CheckpointHeader> {
+        Ok(CheckpointHeader {
+            format_version: checkpoint::FORMAT,
+            kedit_version: env!("CARGO_PKG_VERSION").into(),
+            method: H::METHOD.into(),
+            model_fingerprint: self.fingerprint.clone(),
+            hparams: serde_json::to_value(self.editor.params()).map_err(|e| {
+                Error::Invalid(format!("cannot serialise the {} hparams: {e}", H::METHOD))
+            })?,
+            weights: self.editor.weights().to_vec(),
+            cursor: self.cursor,
+            micro_batches: self.micro_batches,
+            adam_step: self.optimiser.state().0,
+            progress: progress.clone(),
+            early_stopping: stopper.cloned(),
+        })
+    }
+
+    /// Continues from `dir/last.safetensors`: the editor, the optimiser, the data cursor; returns
+    /// the loop's progress and stopper to hand back to `train`.
+    ///
+    /// # Errors
+    /// No checkpoint, or one of another method, model or configuration.
+    pub fn resume(&mut self, dir: &std::path::Path) -> Result<(Outcome, Option<EarlyStopping>)> {
+        let file = dir.join(checkpoint::LAST_FILE);
+        let (header, tensors) = checkpoint::read(&file, H::METHOD)?;
+        let here = self.model.fingerprint()?;
+        if header.model_fingerprint != here {
+            return Err(Error::file(
+                &file,
+                format!(
+                    "this run trained on model {}, but the model here is {here}",
+                    header.model_fingerprint
+                ),
+            ));
+        }
+        if header.weights != self.editor.weights() {
+            return Err(Error::file(
+                &file,
+                "this run edited other weights (inner_params differ from the hparams file's)",
+            ));
+        }
+        self.editor
+            .load_tensors(&tensors)
+            .map_err(|e| Error::file(&file, e.to_string()))?;
+        let n = self.editor.vars().len();
+        let moment = |kind: &str| -> Result<Vec<Tensor>> {
+            (0..n)
+                .map(|i| {
+                    tensors
+                        .get(&format!("opt.{kind}.{i}"))
+                        .cloned()
+                        .ok_or_else(|| {
+                            Error::file(&file, format!("the checkpoint lacks opt.{kind}.{i}"))
+                        })
+                })
+                .collect()
+        };
+        self.optimiser
+            .restore(header.adam_step, moment("m")?, moment("v")?)
+            .map_err(|e| Error::file(&file, e.to_string()))?;
+        self.cursor = header.cursor % self.train.len();
+        self.micro_batches = header.micro_batches;
+        Ok((header.progress, header.early_stopping))
+    }
+}
+
+fn squared_norm(t: &Tensor) -> Result<f64> {
+    Ok(t.sqr()?
+        .sum_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?)
+}
+
+impl<H: Hypernet> Trainee for HypernetTrainee<'_, H> {
+    fn accumulate(&mut self, _step: usize) -> Result<Metrics> {
+        let p = self.editor.training();
+        let n = p.batch_size.max(1);
+        let pairs: Vec<TrainingPair> = (0..n)
+            .map(|k| self.train[(self.cursor + k) % self.train.len()].clone())
+            .collect();
+        self.cursor = (self.cursor + n) % self.train.len();
+        let prepared = self.prepare(&pairs)?;
+        let (loss, metrics) = self.edited_loss(&pairs, &prepared, true)?;
+        let grads = loss.backward()?;
+        let vars = self.editor.vars();
+        let scale = 1.0 / p.accumulate_bs.max(1) as f64;
+        let mut fresh = Vec::with_capacity(vars.len());
+        for var in &vars {
+            fresh.push(match grads.get(var.as_tensor()) {
+                Some(g) => Some((g * scale)?),
+                None => None,
+            });
+        }
+        // A micro-batch whose gradient is not finite is skipped, as EasyEdit's trainer skips it.
+        let finite = fresh.iter().flatten().try_fold(true, |ok, g| {
+            Ok::<_, Error>(ok && squared_norm(g)?.is_finite())
+        })?;
+        if finite {
+            for (acc, g) in self.accumulated.iter_mut().zip(fresh) {
+                *acc = match (acc.take(), g) {
+                    (Some(a), Some(g)) => Some((a + g)?),
+                    (a, g) => a.or(g),
+                };
+            }
+        }
+        self.micro_batches += 1;
+        Ok(metrics)
+    }
+
+    fn update(&mut self) -> Result<()> {
+        let p = self.editor.training();
+        let norm = self
+            .accumulated
+            .iter()
+            .flatten()
+            .try_fold(0.0, |sum, g| Ok::<_, Error>(sum + squared_norm(g)?))?
+            .sqrt();
+        if !norm.is_finite() {
+            return Err(Error::Invalid(format!(
+                "the gradient norm is {norm}: training diverged (lower lr, {})",
+                p.lr
+            )));
+        }
+        let factor = if p.grad_clip > 0.0 && norm > p.grad_clip {
+            p.grad_clip / norm
+        } else {
+            1.0
+        };
+        let n = self.editor.vars().len();
+        let grads = std::mem::replace(&mut self.accumulated, vec![None; n])
+            .into_iter()
+            .map(|g| g.map(|g| g * factor).transpose())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        self.optimiser.apply_gradients(&grads)?;
+        Ok(())
+    }
+
+    fn validate(&mut self) -> Result<Metrics> {
+        let n = self.editor.training().val_batch_size.max(1);
+        let mut sums = Metrics::new();
+        let mut batches = 0.0;
+        let validation = self.validation.clone();
+        for chunk in validation.chunks(n) {
+            let prepared = self.prepare(chunk)?;
+            let (_, metrics) = self.edited_loss(chunk, &prepared, false)?;
+            for (k, v) in metrics {
+                *sums.entry(format!("{k}_val")).or_insert(0.0) += v;
+            }
+            batches += 1.0;
+        }
+        Ok(sums.into_iter().map(|(k, v)| (k, v / batches)).collect())
+    }
+
+    fn keep_best(&mut self, step: usize) -> Result<()> {
+        let tensors = self
+            .editor
+            .tensors()?
+            .into_iter()
+            .map(|(k, t)| Ok((k, t.copy()?)))
+            .collect::<Result<Vec<_>>>()?;
+        match &self.dir {
+            Some(dir) => {
+                let progress = Outcome {
+                    steps: step,
+                    best_step: Some(step),
+                    ..Outcome::default()
+                };
+                let header = self.header(&progress, None)?;
+                checkpoint::write(&dir.join(checkpoint::BEST_FILE), &header, tensors)?;
+            }
+            None => self.best = Some((step, tensors)),
+        }
+        Ok(())
+    }
+
+    fn checkpoint(&mut self, progress: &Outcome, stopper: Option<&EarlyStopping>) -> Result<()> {
+        let Some(dir) = self.dir.clone() else {
+            return Ok(());
+        };
+        let header = self.header(progress, stopper)?;
+        let mut tensors = self.editor.tensors()?;
+        let (_, m, v) = self.optimiser.state();
+        for (i, (m, v)) in m.iter().zip(v).enumerate() {
+            tensors.push((format!("opt.m.{i}"), m.clone()));
+            tensors.push((format!("opt.v.{i}"), v.clone()));
+        }
+        checkpoint::write(&dir.join(checkpoint::LAST_FILE), &header, tensors)?;
+        let json = serde_json::to_string_pretty(&header)
+            .map_err(|e| Error::Invalid(format!("cannot serialise the checkpoint header: {e}")))?;
+        crate::files::write_atomically(&dir.join("last.json"), json.as_bytes())
+    }
+}
