@@ -274,3 +274,32 @@ fn a_resumed_run_equals_an_uninterrupted_one() {
     let changed: Vec<String> = edit.weight_changes().map(|w| w.id.to_string()).collect();
     assert_eq!(changed, ["29.mlp_up", "29.mlp_down"]);
 }
+
+/// Running only the layers above the first edited one, from the residual a full pass kept, gives
+/// the full pass's log-probabilities (padded batch, label positions only).
+#[test]
+fn resuming_above_a_layer_equals_a_full_forward() {
+    let model = smollm2();
+    let batch = AnswerBatch::new(
+        &model,
+        &[
+            ("The mother tongue of Danielle Darrieux is", "English"),
+            ("What is the twin city of Houston? It is", "Aberdeen"),
+        ],
+    )
+    .unwrap();
+    let full = batch.log_probs(&model, &HookSpec::new()).unwrap();
+    let pass = gradient_factors(
+        &model,
+        &batch,
+        &[WeightId::layer(27, Module::MlpUp)],
+        Some(26),
+    )
+    .unwrap();
+    let (layer, resid) = pass.resid.unwrap();
+    let resumed = batch
+        .log_probs(&model, &HookSpec::new().resume_after(layer, resid))
+        .unwrap();
+    let gap = max_abs_diff(&full, &resumed);
+    assert!(gap <= 1e-6, "resumed log-probs differ by {gap}");
+}

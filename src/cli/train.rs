@@ -1,4 +1,4 @@
-//! `kedit train`: trains a hypernetwork editor (MEND) on edit records, validating on records held
+//! `kedit train`: trains a hypernetwork editor (MEND or KE) on edit records, validating on records held
 //! out of training, with checkpoints a later run resumes from.
 
 use std::io::IsTerminal;
@@ -14,6 +14,7 @@ use super::ModelArgs;
 use crate::data::python_random::PythonRandom;
 use crate::data::read_dataset;
 use crate::editors::hypernet::checkpoint::{BEST_FILE, LAST_FILE};
+use crate::editors::hypernet::ke::Ke;
 use crate::editors::hypernet::mend::Mend;
 use crate::editors::hypernet::trainer::{HypernetTrainee, TrainingPair};
 use crate::editors::hypernet::Hypernet;
@@ -24,11 +25,11 @@ use crate::run::train::{
 #[derive(Args, Debug)]
 pub struct TrainArgs {
     /// The editor to train
-    #[arg(long, value_parser = ["MEND"])]
+    #[arg(long, value_parser = ["MEND", "KE"])]
     editor: String,
     #[command(flatten)]
     model: ModelArgs,
-    /// EasyEdit's TRAINING hparams file (hparams/TRAINING/MEND/*.yaml), read unchanged
+    /// EasyEdit's TRAINING hparams file (hparams/TRAINING/MEND/*.yaml, hparams/TRAINING/KE/*.yaml), read unchanged
     #[arg(long)]
     hparams: PathBuf,
     /// Training records (ZsRE in MEND's layout, CounterFact, KnowEdit); repeat for several files
@@ -74,7 +75,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     }
     match args.editor.as_str() {
         "MEND" => run_with::<Mend>(args),
-        other => anyhow::bail!("--editor {other}: kedit trains MEND"),
+        "KE" => run_with::<Ke>(args),
+        other => anyhow::bail!("--editor {other}: kedit trains MEND and KE"),
     }
 }
 

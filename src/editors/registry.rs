@@ -15,6 +15,7 @@ pub enum EditorKind {
     Memit,
     AlphaEdit,
     Mend,
+    Ke,
 }
 
 /// Every name `--editor` takes, with the method it selects: the one list the CLI's help and the
@@ -27,6 +28,7 @@ pub const EDITORS: &[(&str, EditorKind)] = &[
     ("MEMIT", EditorKind::Memit),
     ("AlphaEdit", EditorKind::AlphaEdit),
     ("MEND", EditorKind::Mend),
+    ("KE", EditorKind::Ke),
 ];
 
 /// The names `--editor` takes, comma-separated.
@@ -84,6 +86,7 @@ impl EditorKind {
             EditorKind::Memit => "MEMIT",
             EditorKind::AlphaEdit => "AlphaEdit",
             EditorKind::Mend => "MEND",
+            EditorKind::Ke => "KE",
         }
     }
 }
@@ -114,6 +117,9 @@ pub fn build_editor(name: &str, hparams: &Path) -> Result<Box<dyn Editor>> {
         EditorKind::Memit => Box::new(Memit::from_yaml(hparams)?),
         EditorKind::AlphaEdit => Box::new(AlphaEdit::from_yaml(hparams)?),
         EditorKind::Mend => Box::new(super::hypernet::mend::MendFromArchive::from_yaml(
+            hparams, None,
+        )?),
+        EditorKind::Ke => Box::new(super::hypernet::ke::KeFromArchive::from_yaml(
             hparams, None,
         )?),
     })
@@ -193,6 +199,12 @@ mod tests {
         for file in std::fs::read_dir(root.join("TRAINING/MEND")).unwrap() {
             let path = file.unwrap().path();
             super::super::hypernet::mend::MendParams::from_yaml(&path)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            files += 1;
+        }
+        for file in std::fs::read_dir(root.join("TRAINING/KE")).unwrap() {
+            let path = file.unwrap().path();
+            super::super::hypernet::ke::KeParams::from_yaml(&path)
                 .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             files += 1;
         }

@@ -3,6 +3,7 @@
 //! per-token factors from one backward pass, and the answer-token batches their losses read.
 
 pub mod checkpoint;
+pub mod ke;
 pub mod mend;
 pub mod network;
 pub mod trainer;

@@ -1,0 +1,707 @@
+//! KE, Knowledge Editor (De Cao et al. 2021; SPEC-editors §10): a hypernetwork conditioned on the
+//! edit's text. A bidirectional LSTM reads the condition; per edited matrix a weight-normalised
+//! two-layer conditioner turns its summary into two rank-one masks and a scale, and the edit is
+//! `ΔW = σ̄·(∇W ⊙ A + B)` with `∇W` the edit loss's gradient. Trained by the same loop as MEND.
+//!
+//! Where kedit differs from EasyEdit's last KE ("EFK"), on purpose:
+//! - EFK trained on the condition `"{old} >> {new} || {prompt}"` but edited at test time
+//!   conditioned on `prompt + " " + new`, a text it never saw in training. kedit conditions on the
+//!   training form at both times (`"{new} || {prompt}"` where a record has no old answer).
+//! - Matrices are `[out, in]` as kedit stores them: the conditioner's row parts have `out`
+//!   entries and its column parts `in`, for GPT-2's Conv1D as for LLaMA's Linear (EFK splits in
+//!   the stored orientation, transposed for Conv1D). EFK checkpoints do not load here.
+//! - Conditions run one sequence at a time, so no padding reaches the LSTM and the embedding's
+//!   padding row (index 0) needs no special case.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use rand::{RngExt, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use super::checkpoint::FromArchive;
+use super::trainer::{HypernetTrainee, TrainingHparams};
+use super::{EditText, EditedWeight, FactorPass, Hypernet};
+use crate::editors::hparams::{float, read_yaml};
+use crate::error::{Error, Result};
+use crate::model::{Model, Module, WeightId};
+
+/// KE under training.
+pub type KeTrainee<'a> = HypernetTrainee<'a, Ke>;
+/// KE as `eval` and `apply` build it: the trained editor an hparams file's `archive` names.
+pub type KeFromArchive = FromArchive<Ke>;
+
+/// EasyEdit's `KEHyperParams` / `KETrainingHparams` (`hparams/KE/*.yaml`,
+/// `hparams/TRAINING/KE/*.yaml`), read unchanged, plus the network's sizes, which EFK fixed in
+/// code (LSTM and conditioner width 512, condition 768).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeParams {
+    /// EasyEdit's KE edit files carry both `alg_name` and `alg`.
+    #[serde(default)]
+    pub alg_name: Option<String>,
+    #[serde(default)]
+    pub alg: Option<String>,
+    pub inner_params: Vec<String>,
+    #[serde(default)]
+    pub archive: Option<String>,
+    #[serde(deserialize_with = "float")]
+    pub lr: f64,
+    /// Read but unused: KE has no learned step (EFK's `max_scale` is 1).
+    #[serde(default, deserialize_with = "float")]
+    pub edit_lr: f64,
+    /// Read but unused, as in EFK.
+    #[serde(default, deserialize_with = "float")]
+    pub lr_lr: f64,
+    /// Read but unused, as in EFK.
+    #[serde(default, deserialize_with = "float")]
+    pub lr_scale: f64,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(deserialize_with = "float")]
+    pub cedit: f64,
+    #[serde(deserialize_with = "float")]
+    pub cloc: f64,
+    /// Read but unused: EasyEdit's trainer weighs no base-model loss when `train_base` is off.
+    #[serde(default, deserialize_with = "float")]
+    pub cbase: f64,
+    #[serde(default, deserialize_with = "float")]
+    pub dropout: f64,
+    #[serde(default)]
+    pub train_base: bool,
+    #[serde(default)]
+    pub no_grad_layers: Option<serde_yaml::Value>,
+    /// The LSTM's width per direction and the conditioners' hidden width.
+    #[serde(default = "efk_hidden")]
+    pub hidden_dim: usize,
+    /// The width of the condition vector.
+    #[serde(default = "efk_condition")]
+    pub condition_dim: usize,
+    // Training schedule.
+    #[serde(default = "one")]
+    pub batch_size: usize,
+    #[serde(default = "one")]
+    pub val_batch_size: usize,
+    #[serde(default = "one")]
+    pub accumulate_bs: usize,
+    #[serde(default)]
+    pub max_iters: usize,
+    #[serde(default)]
+    pub val_interval: usize,
+    #[serde(default)]
+    pub val_steps: usize,
+    #[serde(default)]
+    pub early_stop_patience: usize,
+    #[serde(default)]
+    pub early_stop_key: Option<String>,
+    #[serde(default)]
+    pub opt: Option<String>,
+    #[serde(default, deserialize_with = "float")]
+    pub grad_clip: f64,
+    #[serde(default)]
+    pub max_length: Option<usize>,
+    // EasyEdit's bookkeeping, read and ignored.
+    #[serde(default)]
+    pub model_class: Option<String>,
+    #[serde(default)]
+    pub tokenizer_class: Option<String>,
+    #[serde(default)]
+    pub tokenizer_name: Option<String>,
+    #[serde(default)]
+    pub model_save_pt: Option<usize>,
+    #[serde(default)]
+    pub silent: Option<bool>,
+    #[serde(default)]
+    pub log_interval: Option<usize>,
+    #[serde(default)]
+    pub eval_log_interval: Option<usize>,
+    #[serde(default)]
+    pub final_eval: Option<bool>,
+    #[serde(default)]
+    pub eval_only: Option<bool>,
+    #[serde(default)]
+    pub half: Option<bool>,
+    #[serde(default)]
+    pub debug: Option<bool>,
+    #[serde(default)]
+    pub save: Option<bool>,
+    #[serde(default)]
+    pub verbose: Option<bool>,
+    #[serde(default)]
+    pub results_dir: Option<String>,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn efk_hidden() -> usize {
+    512
+}
+
+fn efk_condition() -> usize {
+    768
+}
+
+impl KeParams {
+    pub fn from_yaml(path: &Path) -> Result<Self> {
+        let params: KeParams = read_yaml(path)?;
+        let refuse = |msg: &str| Err(Error::file(path, msg.to_string()));
+        if params.inner_params.is_empty() {
+            return refuse("inner_params is empty: KE needs at least one weight to edit");
+        }
+        if params.train_base {
+            return refuse("train_base: true (training the base model) is not implemented");
+        }
+        if params.dropout != 0.0 {
+            return refuse("dropout other than 0 is not implemented (EFK has no dropout)");
+        }
+        if params.hidden_dim == 0 || params.condition_dim == 0 {
+            return refuse("hidden_dim and condition_dim must be at least 1");
+        }
+        Ok(params)
+    }
+}
+
+/// The text KE conditions on: EFK's training form.
+pub fn condition_text(edit: &EditText) -> String {
+    match &edit.old {
+        Some(old) => format!("{old} >> {} || {}", edit.target, edit.prompt),
+        None => format!("{} || {}", edit.target, edit.prompt),
+    }
+}
+
+/// Draws `n` values uniform in `[-bound, bound)`, torch's default for linear and LSTM layers.
+fn uniform(
+    rng: &mut rand::rngs::StdRng,
+    shape: &[usize],
+    bound: f64,
+    (device, dtype): (&Device, DType),
+) -> Result<Var> {
+    let n: usize = shape.iter().product();
+    let values: Vec<f64> = (0..n)
+        .map(|_| (2.0 * rng.random::<f64>() - 1.0) * bound)
+        .collect();
+    Ok(Var::from_tensor(
+        &Tensor::from_vec(values, shape, device)?.to_dtype(dtype)?,
+    )?)
+}
+
+/// `y = x Wᵀ + b`.
+pub struct Linear {
+    pub weight: Var,
+    pub bias: Var,
+}
+
+impl Linear {
+    fn new(
+        rng: &mut rand::rngs::StdRng,
+        inp: usize,
+        out: usize,
+        on: (&Device, DType),
+    ) -> Result<Self> {
+        let bound = 1.0 / (inp as f64).sqrt();
+        Ok(Linear {
+            weight: uniform(rng, &[out, inp], bound, on)?,
+            bias: uniform(rng, &[out], bound, on)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.matmul(&self.weight.as_tensor().t()?)?
+            .broadcast_add(self.bias.as_tensor())?)
+    }
+}
+
+/// A weight-normalised linear layer (torch's `weight_norm`, dim 0): each output row is
+/// `g · v / ‖v‖`, with `g` starting at `‖v‖`.
+pub struct NormedLinear {
+    pub direction: Var,
+    pub gain: Var,
+    pub bias: Var,
+}
+
+impl NormedLinear {
+    fn new(
+        rng: &mut rand::rngs::StdRng,
+        inp: usize,
+        out: usize,
+        on: (&Device, DType),
+    ) -> Result<Self> {
+        let plain = Linear::new(rng, inp, out, on)?;
+        let gain = plain.weight.as_tensor().sqr()?.sum_keepdim(1)?.sqrt()?;
+        Ok(NormedLinear {
+            direction: plain.weight,
+            gain: Var::from_tensor(&gain)?,
+            bias: plain.bias,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let v = self.direction.as_tensor();
+        let norm = v.sqr()?.sum_keepdim(1)?.sqrt()?;
+        let weight = v.broadcast_mul(&self.gain.as_tensor().broadcast_div(&norm)?)?;
+        Ok(x.matmul(&weight.t()?)?
+            .broadcast_add(self.bias.as_tensor())?)
+    }
+
+    fn vars(&self) -> [Var; 3] {
+        [self.direction.clone(), self.gain.clone(), self.bias.clone()]
+    }
+}
+
+/// One direction of an LSTM (torch's gate order: input, forget, cell, output).
+pub struct LstmDirection {
+    pub w_ih: Var,
+    pub w_hh: Var,
+    pub b_ih: Var,
+    pub b_hh: Var,
+}
+
+impl LstmDirection {
+    fn new(
+        rng: &mut rand::rngs::StdRng,
+        inp: usize,
+        hidden: usize,
+        on: (&Device, DType),
+    ) -> Result<Self> {
+        let bound = 1.0 / (hidden as f64).sqrt();
+        Ok(LstmDirection {
+            w_ih: uniform(rng, &[4 * hidden, inp], bound, on)?,
+            w_hh: uniform(rng, &[4 * hidden, hidden], bound, on)?,
+            b_ih: uniform(rng, &[4 * hidden], bound, on)?,
+            b_hh: uniform(rng, &[4 * hidden], bound, on)?,
+        })
+    }
+
+    /// The hidden state after reading `x` (`[T, inp]`) in the order of `steps`: `[1, hidden]`.
+    fn last_state(&self, x: &Tensor, steps: impl Iterator<Item = usize>) -> Result<Tensor> {
+        let hidden = self.w_hh.as_tensor().dim(1)?;
+        let bias = (self.b_ih.as_tensor() + self.b_hh.as_tensor())?;
+        // Every step's input contribution in one product.
+        let from_input = x
+            .matmul(&self.w_ih.as_tensor().t()?)?
+            .broadcast_add(&bias)?;
+        let w_hh_t = self.w_hh.as_tensor().t()?;
+        let mut h = Tensor::zeros((1, hidden), x.dtype(), x.device())?;
+        let mut c = h.clone();
+        for t in steps {
+            let gates = (from_input.narrow(0, t, 1)? + h.matmul(&w_hh_t)?)?;
+            let gate = |k: usize| gates.narrow(1, k * hidden, hidden);
+            let i = candle_nn::ops::sigmoid(&gate(0)?)?;
+            let f = candle_nn::ops::sigmoid(&gate(1)?)?;
+            let g = gate(2)?.tanh()?;
+            let o = candle_nn::ops::sigmoid(&gate(3)?)?;
+            c = ((f * c)? + (i * g)?)?;
+            h = (o * c.tanh()?)?;
+        }
+        Ok(h)
+    }
+
+    fn vars(&self) -> [Var; 4] {
+        [
+            self.w_ih.clone(),
+            self.w_hh.clone(),
+            self.b_ih.clone(),
+            self.b_hh.clone(),
+        ]
+    }
+}
+
+/// The condition encoder: token embeddings (initialised from the model's), a bidirectional LSTM,
+/// and `tanh(Linear)` of its two final states.
+pub struct ConditionEncoder {
+    pub embedding: Var,
+    pub forward: LstmDirection,
+    pub backward: LstmDirection,
+    pub project: Linear,
+}
+
+impl ConditionEncoder {
+    /// `[1, condition_dim]` for one condition's tokens.
+    fn encode(&self, ids: &[u32]) -> Result<Tensor> {
+        let device = self.embedding.as_tensor().device();
+        let idx = Tensor::new(ids, device)?;
+        let x = self.embedding.as_tensor().index_select(&idx, 0)?;
+        let n = ids.len();
+        let ahead = self.forward.last_state(&x, 0..n)?;
+        let back = self.backward.last_state(&x, (0..n).rev())?;
+        Ok(self
+            .project
+            .forward(&Tensor::cat(&[ahead, back], 1)?)?
+            .tanh()?)
+    }
+}
+
+/// One edited matrix's conditioner: condition → `(a_col, a_row, b_col, b_row, s)`.
+pub struct Conditioner {
+    pub first: NormedLinear,
+    pub second: NormedLinear,
+    rows: usize,
+    cols: usize,
+}
+
+impl Conditioner {
+    /// `σ̄ · (∇W ⊙ A + B)` for conditions `[n, c]` and the gradient `[rows, cols]`; the masks sum
+    /// their per-condition rank-one terms and σ̄ averages the conditions' scales, as EFK does.
+    fn delta(&self, conditions: &Tensor, gradient: &Tensor) -> Result<Tensor> {
+        let (r, c) = (self.rows, self.cols);
+        let out = self
+            .second
+            .forward(&self.first.forward(conditions)?.tanh()?)?;
+        let part = |start: usize, len: usize| out.narrow(1, start, len);
+        let a_col = part(0, c)?;
+        let a_row = candle_nn::ops::softmax(&part(c, r)?, D::Minus1)?;
+        let b_col = part(c + r, c)?;
+        let b_row = candle_nn::ops::softmax(&part(2 * c + r, r)?, D::Minus1)?;
+        let scale = candle_nn::ops::sigmoid(&part(2 * (c + r), 1)?)?.mean_all()?;
+        let a = a_row.t()?.matmul(&a_col)?;
+        let b = b_row.t()?.matmul(&b_col)?;
+        Ok(((gradient * a)? + b)?.broadcast_mul(&scale)?)
+    }
+}
+
+/// A KE editor: the condition encoder and one conditioner per edited weight.
+pub struct Ke {
+    pub params: KeParams,
+    pub weights: Vec<EditedWeight>,
+    pub encoder: ConditionEncoder,
+    pub conditioners: Vec<Conditioner>,
+}
+
+impl Ke {
+    /// An untrained editor for `model`, drawn from `seed` as torch initialises each layer, its
+    /// embeddings copied from the model's.
+    pub fn new(model: &Model, params: KeParams) -> Result<Self> {
+        let weights = EditedWeight::resolve(model, &params.inner_params)?;
+        let dtype = match model.dtype() {
+            DType::F64 => DType::F64,
+            _ => DType::F32,
+        };
+        let on = (model.device(), dtype);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(params.seed);
+        let table = model
+            .weight(WeightId::global(Module::Embed))?
+            .to_dtype(dtype)?;
+        let width = table.dim(1)?;
+        let (h, cond) = (params.hidden_dim, params.condition_dim);
+        let encoder = ConditionEncoder {
+            embedding: Var::from_tensor(&table)?,
+            forward: LstmDirection::new(&mut rng, width, h, on)?,
+            backward: LstmDirection::new(&mut rng, width, h, on)?,
+            project: Linear::new(&mut rng, 2 * h, cond, on)?,
+        };
+        let conditioners = weights
+            .iter()
+            .map(|w| {
+                let (rows, cols) = model.weight(w.id)?.dims2()?;
+                Ok(Conditioner {
+                    first: NormedLinear::new(&mut rng, cond, h, on)?,
+                    second: NormedLinear::new(&mut rng, h, 2 * (rows + cols) + 1, on)?,
+                    rows,
+                    cols,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Ke {
+            params,
+            weights,
+            encoder,
+            conditioners,
+        })
+    }
+
+    /// The conditions' vectors, `[n, condition_dim]`.
+    pub fn conditions(&self, model: &Model, texts: &[EditText]) -> Result<Tensor> {
+        let rows = texts
+            .iter()
+            .map(|t| {
+                let text = condition_text(t);
+                let ids = model.encode_with_special_tokens(&text)?;
+                if ids.is_empty() {
+                    return Err(Error::Invalid(format!(
+                        "KE's condition {text:?} has no tokens"
+                    )));
+                }
+                self.encoder.encode(&ids)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&rows, 0)?)
+    }
+
+    fn named_vars(&self) -> Vec<(String, Var)> {
+        let mut out = vec![(
+            "ke.condition.embedding".to_string(),
+            self.encoder.embedding.clone(),
+        )];
+        for (dir, lstm) in [
+            ("forward", &self.encoder.forward),
+            ("backward", &self.encoder.backward),
+        ] {
+            for (name, var) in ["w_ih", "w_hh", "b_ih", "b_hh"]
+                .into_iter()
+                .zip(lstm.vars())
+            {
+                out.push((format!("ke.condition.lstm.{dir}.{name}"), var));
+            }
+        }
+        out.push((
+            "ke.condition.project.weight".into(),
+            self.encoder.project.weight.clone(),
+        ));
+        out.push((
+            "ke.condition.project.bias".into(),
+            self.encoder.project.bias.clone(),
+        ));
+        for (w, c) in self.weights.iter().zip(&self.conditioners) {
+            for (layer, linear) in [("0", &c.first), ("1", &c.second)] {
+                for (name, var) in ["direction", "gain", "bias"].into_iter().zip(linear.vars()) {
+                    out.push((format!("ke.{}.{layer}.{name}", w.name), var));
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Hypernet for Ke {
+    const METHOD: &'static str = "KE";
+    type Params = KeParams;
+
+    fn read_params(path: &Path) -> Result<KeParams> {
+        KeParams::from_yaml(path)
+    }
+
+    fn archive(params: &KeParams) -> Option<&str> {
+        params.archive.as_deref()
+    }
+
+    fn build(model: &Model, params: KeParams) -> Result<Self> {
+        Ke::new(model, params)
+    }
+
+    fn params(&self) -> &KeParams {
+        &self.params
+    }
+
+    fn inner_params(params: &KeParams) -> &[String] {
+        &params.inner_params
+    }
+
+    fn training_of(p: &KeParams) -> TrainingHparams {
+        TrainingHparams {
+            lr: p.lr,
+            cedit: p.cedit,
+            cloc: p.cloc,
+            seed: p.seed,
+            batch_size: p.batch_size,
+            val_batch_size: p.val_batch_size,
+            accumulate_bs: p.accumulate_bs,
+            max_iters: p.max_iters,
+            val_interval: p.val_interval,
+            val_steps: p.val_steps,
+            early_stop_patience: p.early_stop_patience,
+            early_stop_key: p.early_stop_key.clone(),
+            grad_clip: p.grad_clip,
+        }
+    }
+
+    fn weights(&self) -> &[EditedWeight] {
+        &self.weights
+    }
+
+    fn vars(&self) -> Vec<Var> {
+        self.named_vars().into_iter().map(|(_, v)| v).collect()
+    }
+
+    /// The gradient is the detached `Σₙ δₙ xₙᵀ` of the edit loss (first order, as EFK).
+    fn updates(
+        &mut self,
+        texts: &[EditText],
+        model: &Model,
+        pass: &FactorPass,
+        _training: bool,
+    ) -> Result<Vec<Tensor>> {
+        if pass.factors.len() != self.weights.len() {
+            return Err(Error::Invalid(format!(
+                "{} factor sets for {} edited weights",
+                pass.factors.len(),
+                self.weights.len()
+            )));
+        }
+        let conditions = self.conditions(model, texts)?;
+        self.conditioners
+            .iter()
+            .zip(&pass.factors)
+            .map(|(c, f)| {
+                let gradient = f.delta.t()?.matmul(&f.x)?.detach();
+                c.delta(&conditions, &gradient)
+            })
+            .collect()
+    }
+
+    fn tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(self
+            .named_vars()
+            .into_iter()
+            .map(|(k, v)| (k, v.as_tensor().clone()))
+            .collect())
+    }
+
+    fn load_tensors(&mut self, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
+        for (name, var) in self.named_vars() {
+            let t = tensors
+                .get(&name)
+                .ok_or_else(|| Error::Invalid(format!("the KE checkpoint lacks {name}")))?;
+            if t.dims() != var.as_tensor().dims() {
+                return Err(Error::Invalid(format!(
+                    "the KE checkpoint's {name} has shape {:?}, this configuration {:?}",
+                    t.dims(),
+                    var.as_tensor().dims()
+                )));
+            }
+            var.set(
+                &t.to_device(var.as_tensor().device())?
+                    .to_dtype(var.as_tensor().dtype())?,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn var(values: &[f64], shape: &[usize]) -> Var {
+        Var::from_tensor(&Tensor::from_vec(values.to_vec(), shape, &Device::Cpu).unwrap()).unwrap()
+    }
+
+    fn sigmoid(x: f64) -> f64 {
+        1.0 / (1.0 + (-x).exp())
+    }
+
+    /// A one-unit LSTM over two tokens against the LSTM equations written out in scalars, read
+    /// forwards and backwards.
+    #[test]
+    fn the_lstm_follows_torchs_equations_and_gate_order() {
+        // Gate order input, forget, cell, output.
+        let w_ih = [0.5, -0.3, 0.8, 0.2];
+        let w_hh = [0.1, 0.4, -0.6, 0.7];
+        let b_ih = [0.05, 0.1, -0.2, 0.3];
+        let b_hh = [-0.1, 0.2, 0.05, 0.0];
+        let lstm = LstmDirection {
+            w_ih: var(&w_ih, &[4, 1]),
+            w_hh: var(&w_hh, &[4, 1]),
+            b_ih: var(&b_ih, &[4]),
+            b_hh: var(&b_hh, &[4]),
+        };
+        let xs = [1.5, -0.7];
+        let by_hand = |order: &[usize]| {
+            let (mut h, mut c) = (0.0f64, 0.0f64);
+            for &t in order {
+                let pre = |k: usize| w_ih[k] * xs[t] + w_hh[k] * h + b_ih[k] + b_hh[k];
+                let (i, f, g, o) = (
+                    sigmoid(pre(0)),
+                    sigmoid(pre(1)),
+                    pre(2).tanh(),
+                    sigmoid(pre(3)),
+                );
+                c = f * c + i * g;
+                h = o * c.tanh();
+            }
+            h
+        };
+        let x = Tensor::from_vec(xs.to_vec(), (2, 1), &Device::Cpu).unwrap();
+        for order in [vec![0, 1], vec![1, 0]] {
+            let got: Vec<Vec<f64>> = lstm
+                .last_state(&x, order.iter().copied())
+                .unwrap()
+                .to_vec2()
+                .unwrap();
+            let want = by_hand(&order);
+            assert!(
+                (got[0][0] - want).abs() < 1e-12,
+                "{order:?}: {} vs {want}",
+                got[0][0]
+            );
+        }
+    }
+
+    /// At initialisation a weight-normalised layer computes what its plain draw would (torch sets
+    /// `g = ‖v‖`), and scaling `v` leaves it unchanged.
+    #[test]
+    fn weight_normalisation_starts_at_the_plain_layer_and_ignores_the_scale_of_v() {
+        let on = (&Device::Cpu, DType::F64);
+        let mut a = rand::rngs::StdRng::seed_from_u64(7);
+        let mut b = rand::rngs::StdRng::seed_from_u64(7);
+        let plain = Linear::new(&mut a, 5, 3, on).unwrap();
+        let normed = NormedLinear::new(&mut b, 5, 3, on).unwrap();
+        let x = Tensor::from_vec(
+            (0..10).map(|i| i as f64 * 0.1 - 0.4).collect(),
+            (2, 5),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let want: Vec<Vec<f64>> = plain.forward(&x).unwrap().to_vec2().unwrap();
+        let got: Vec<Vec<f64>> = normed.forward(&x).unwrap().to_vec2().unwrap();
+        normed
+            .direction
+            .set(&(normed.direction.as_tensor() * 3.0).unwrap())
+            .unwrap();
+        let scaled: Vec<Vec<f64>> = normed.forward(&x).unwrap().to_vec2().unwrap();
+        for ((w, g), s) in want
+            .iter()
+            .flatten()
+            .zip(got.iter().flatten())
+            .zip(scaled.iter().flatten())
+        {
+            assert!(
+                (w - g).abs() < 1e-12 && (w - s).abs() < 1e-12,
+                "{w} {g} {s}"
+            );
+        }
+    }
+
+    /// The masks are rank one with softmax rows: each column of `A` sums to that column's
+    /// `a_col` entry, so with a zero gradient the change is `σ̄·B` and its column sums are
+    /// `σ̄·b_col`.
+    #[test]
+    fn a_conditioner_builds_rank_one_masks_from_softmax_rows() {
+        let on = (&Device::Cpu, DType::F64);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let (rows, cols, width) = (4, 3, 6);
+        let c = Conditioner {
+            first: NormedLinear::new(&mut rng, 5, width, on).unwrap(),
+            second: NormedLinear::new(&mut rng, width, 2 * (rows + cols) + 1, on).unwrap(),
+            rows,
+            cols,
+        };
+        let condition =
+            Tensor::from_vec(vec![0.3, -0.2, 0.5, 0.1, -0.4], (1, 5), &Device::Cpu).unwrap();
+        let out: Vec<f64> = c
+            .second
+            .forward(&c.first.forward(&condition).unwrap().tanh().unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let scale = sigmoid(out[2 * (rows + cols)]);
+        let b_col = &out[cols + rows..2 * cols + rows];
+        let zero = Tensor::zeros((rows, cols), DType::F64, &Device::Cpu).unwrap();
+        let delta: Vec<Vec<f64>> = c.delta(&condition, &zero).unwrap().to_vec2().unwrap();
+        for j in 0..cols {
+            let column: f64 = delta.iter().map(|r| r[j]).sum();
+            assert!((column - scale * b_col[j]).abs() < 1e-12, "column {j}");
+        }
+        // A gradient of ones adds A, whose column sums are a_col.
+        let ones = Tensor::ones((rows, cols), DType::F64, &Device::Cpu).unwrap();
+        let with: Vec<Vec<f64>> = c.delta(&condition, &ones).unwrap().to_vec2().unwrap();
+        for j in 0..cols {
+            let added: f64 = with.iter().zip(&delta).map(|(a, b)| a[j] - b[j]).sum();
+            assert!((added - scale * out[j]).abs() < 1e-12, "column {j}");
+        }
+    }
+}
