@@ -112,6 +112,54 @@ fn train_writes_checkpoints_resumes_and_its_editor_edits() {
     ]));
     let result: serde_json::Value = serde_json::from_str(&applied).unwrap();
     assert!(result["post"]["rewrite_acc"].is_array(), "{result}");
+
+    // --archive names the editor when the file names none.
+    let no_archive = tmp.path().join("no-archive.yaml");
+    std::fs::write(
+        &no_archive,
+        training_yaml("").replacen("alg: MEND", "alg_name: MEND", 1),
+    )
+    .unwrap();
+    let apply_with = |archive: &std::path::Path| {
+        kedit_with_backtraces(&[
+            "apply",
+            "-m",
+            model.to_str().unwrap(),
+            "--editor",
+            "MEND",
+            "--hparams",
+            no_archive.to_str().unwrap(),
+            "--archive",
+            archive.to_str().unwrap(),
+            "--prompt",
+            "The mother tongue of Danielle Darrieux is",
+            "--target",
+            "English",
+            "--no-fluency",
+            "--json",
+        ])
+    };
+    let via_flag: serde_json::Value = serde_json::from_str(&ok(&apply_with(&out))).unwrap();
+    assert_eq!(
+        via_flag["post"], result["post"],
+        "the same editor gives the same edit"
+    );
+    // A missing one says how to train it.
+    assert_one_line_error(
+        &apply_with(&tmp.path().join("never-trained")),
+        &["never-trained", "kedit train --editor MEND"],
+    );
+
+    // A --val file that repeats training records is used, with a warning that counts them.
+    let data = fixture("data/zsre_mend_train_sample.json");
+    let overlap = kedit(&train_args(
+        &hparams,
+        &tmp.path().join("overlap"),
+        &["--val", data.to_str().unwrap(), "--max-steps", "1"],
+    ));
+    assert!(overlap.status.success());
+    let stderr = String::from_utf8_lossy(&overlap.stderr);
+    assert!(stderr.contains("warning: 300 of 300 records"), "{stderr}");
 }
 
 #[test]
@@ -142,6 +190,12 @@ fn train_refuses_bad_input_in_one_line() {
         &kedit_with_backtraces(&train_args(&separate, &tmp.path().join("a"), &[])),
         &["separate.yaml", "combine: false"],
     );
+    let empty_data = tmp.path().join("empty.json");
+    std::fs::write(&empty_data, "[]").unwrap();
+    let mut args = train_args(&hparams, &tmp.path().join("d"), &[]);
+    let at = args.iter().position(|a| a == "--data").unwrap();
+    args[at + 1] = empty_data.to_str().unwrap().to_string();
+    assert_one_line_error(&kedit_with_backtraces(&args), &["empty.json"]);
     let unknown = tmp.path().join("unknown.yaml");
     std::fs::write(&unknown, training_yaml("learning_rate: 3\n")).unwrap();
     assert_one_line_error(

@@ -10,7 +10,7 @@ use serde::Serialize;
 use super::{ModelArgs, StoreArgs};
 use crate::data::{read_dataset, EditRequest, PromptSet};
 use crate::editors::registry::overlay_from_parts;
-use crate::editors::{build_editor, default_hparams, patch, Edit, Patch};
+use crate::editors::{build_editor_with_archive, default_hparams, patch, Edit, Patch};
 use crate::eval::case::{measure_after, measure_before, CaseResult, MeasureOptions};
 use crate::eval::sentiment::SentimentProtocol;
 use crate::model::Sampling;
@@ -28,6 +28,10 @@ pub struct ApplyArgs {
     /// EasyEdit hyperparameter YAML (default: hparams/<METHOD>/<model>.yaml for known models)
     #[arg(long)]
     hparams: Option<PathBuf>,
+    /// A trained editor's checkpoint (MEND, KE: a `kedit train --out` folder or a .safetensors
+    /// in it), instead of the hparams file's `archive:`
+    #[arg(long)]
+    archive: Option<PathBuf>,
     /// The prompt whose answer changes, e.g. "The mother tongue of Danielle Darrieux is"
     #[arg(long, required_unless_present_any = ["request"])]
     prompt: Option<String>,
@@ -203,7 +207,7 @@ pub fn run(args: ApplyArgs) -> anyhow::Result<ExitCode> {
     };
     let ctx = args.stores.ctx(args.seed);
     let mut editor = match (&args.editor, &hparams) {
-        (Some(name), Some(h)) => Some(build_editor(name, h)?),
+        (Some(name), Some(h)) => Some(build_editor_with_archive(name, h, args.archive.as_deref())?),
         _ => None,
     };
 

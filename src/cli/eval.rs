@@ -8,7 +8,7 @@ use clap::{Args, ValueEnum};
 
 use super::{ModelArgs, StoreArgs};
 use crate::data::{read_dataset, Format};
-use crate::editors::{build_editor, default_hparams, EditCtx};
+use crate::editors::{build_editor_with_archive, default_hparams, EditCtx};
 use crate::eval::case::{CaseResult, MeasureOptions};
 use crate::eval::sentiment::SentimentProtocol;
 use crate::eval::Scoring;
@@ -29,6 +29,10 @@ pub struct EvalArgs {
     /// EasyEdit hyperparameter YAML (default: hparams/<METHOD>/<model>.yaml for known models)
     #[arg(long)]
     hparams: Option<PathBuf>,
+    /// A trained editor's checkpoint (MEND, KE: a `kedit train --out` folder or a .safetensors
+    /// in it), instead of the hparams file's `archive:`
+    #[arg(long)]
+    archive: Option<PathBuf>,
     /// Benchmark file (KnowEdit, CounterFact, ZsRE layouts)
     #[arg(long)]
     data: PathBuf,
@@ -268,7 +272,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
             found
         }
     };
-    let mut editor = build_editor(&args.editor, &hparams)?;
+    let mut editor = build_editor_with_archive(&args.editor, &hparams, args.archive.as_deref())?;
     let protocol = match args.sequential {
         None => Protocol::Single,
         Some(SequentialArg::Each) => Protocol::SequentialEvalEach,

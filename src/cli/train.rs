@@ -108,6 +108,22 @@ fn run_with<H: Hypernet>(args: TrainArgs) -> anyhow::Result<ExitCode> {
         Some(path) => {
             let (val, without) = training_pairs(path)?;
             skipped += without;
+            let trained: std::collections::HashSet<(&str, &str)> = records
+                .iter()
+                .map(|p| (p.edit.prompt.as_str(), p.edit.target.as_str()))
+                .collect();
+            let shared = val
+                .iter()
+                .filter(|p| trained.contains(&(p.edit.prompt.as_str(), p.edit.target.as_str())))
+                .count();
+            if shared > 0 {
+                eprintln!(
+                    "kedit: warning: {shared} of {} records of {} are also training records \
+                     (same prompt and target): validation on them measures memorisation",
+                    val.len(),
+                    path.display()
+                );
+            }
             (records, val)
         }
         None => hold_out(records, params.val_steps, params.seed),

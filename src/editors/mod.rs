@@ -27,7 +27,9 @@ pub use ctx::{ArtefactStore, EditCtx, TemplateCache};
 pub use ft::{Ft, FtParams, Objective};
 pub use memit::Memit;
 pub use patch::Patch;
-pub use registry::{build_editor, default_hparams, editor_from_hparams, EditorKind};
+pub use registry::{
+    build_editor, build_editor_with_archive, default_hparams, editor_from_hparams, EditorKind,
+};
 pub use rome::{Rome, RomeParams};
 
 pub trait Editor {

@@ -94,6 +94,19 @@ impl EditorKind {
 /// Builds the editor `name` (`FT-L`, `FT-M`, `FT`, ...) from a hyperparameter file. A name that
 /// fixes a variant (FT-L, FT-M) overrides the file's choice of it.
 pub fn build_editor(name: &str, hparams: &Path) -> Result<Box<dyn Editor>> {
+    build_editor_with_archive(name, hparams, None)
+}
+
+/// [`build_editor`] for a trained editor (MEND, KE) whose checkpoint is `archive` rather than the
+/// file's own `archive:`.
+///
+/// # Errors
+/// An archive for a method that trains nothing.
+pub fn build_editor_with_archive(
+    name: &str,
+    hparams: &Path,
+    archive: Option<&Path>,
+) -> Result<Box<dyn Editor>> {
     let kind = EditorKind::from_alg_name(name)?;
     let file_kind = EditorKind::from_alg_name(&alg_name(hparams)?)
         .map_err(|e| Error::file(hparams, e.to_string()))?;
@@ -102,6 +115,12 @@ pub fn build_editor(name: &str, hparams: &Path) -> Result<Box<dyn Editor>> {
             hparams,
             format!("is a {file_kind:?} file, not one for {name}"),
         ));
+    }
+    let archive = archive.map(Path::to_path_buf);
+    if archive.is_some() && !matches!(kind, EditorKind::Mend | EditorKind::Ke) {
+        return Err(Error::Invalid(format!(
+            "--archive names a trained editor: MEND and KE take one, {name} does not"
+        )));
     }
     Ok(match kind {
         EditorKind::Ft => {
@@ -117,10 +136,10 @@ pub fn build_editor(name: &str, hparams: &Path) -> Result<Box<dyn Editor>> {
         EditorKind::Memit => Box::new(Memit::from_yaml(hparams)?),
         EditorKind::AlphaEdit => Box::new(AlphaEdit::from_yaml(hparams)?),
         EditorKind::Mend => Box::new(super::hypernet::mend::MendFromArchive::from_yaml(
-            hparams, None,
+            hparams, archive,
         )?),
         EditorKind::Ke => Box::new(super::hypernet::ke::KeFromArchive::from_yaml(
-            hparams, None,
+            hparams, archive,
         )?),
     })
 }

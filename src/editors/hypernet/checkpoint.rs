@@ -166,7 +166,7 @@ impl<H: Hypernet> FromArchive<H> {
         )
     }
 
-    fn editor(&mut self, model: &Model) -> Result<&mut H> {
+    fn editor(&mut self, model: &Model, ctx: &EditCtx) -> Result<&mut H> {
         if self.loaded.is_none() {
             let Some(archive) = self.archive.clone() else {
                 return Err(Error::file(
@@ -179,24 +179,23 @@ impl<H: Hypernet> FromArchive<H> {
                     ),
                 ));
             };
-            if !archive.exists() {
-                return Err(Error::file(
+            let found = ctx.artefacts.resolve(&archive).map_err(|e| {
+                Error::file(
                     &self.hparams_file,
                     format!(
-                        "archive {} does not exist; train the editor with `{}`",
-                        archive.display(),
+                        "{e}; train the editor with `{}`",
                         self.train_command(&archive)
                     ),
-                ));
-            }
-            let editor: H = load(model, &archive)?;
+                )
+            })?;
+            let editor: H = load(model, &found)?;
             if H::inner_params(editor.params()) != self.inner_params.as_slice() {
                 return Err(Error::file(
                     &self.hparams_file,
                     format!(
                         "inner_params differ from those archive {} was trained with; retrain \
                          with `{}`",
-                        archive.display(),
+                        found.display(),
                         self.train_command(&archive)
                     ),
                 ));
@@ -223,9 +222,9 @@ impl<H: Hypernet> Editor for FromArchive<H> {
         &mut self,
         model: &mut Model,
         requests: &[EditRequest],
-        _ctx: &EditCtx,
+        ctx: &EditCtx,
     ) -> Result<Edit> {
-        let editor = self.editor(model)?;
+        let editor = self.editor(model, ctx)?;
         apply_trained(editor, model, requests)
     }
 }

@@ -80,6 +80,10 @@ pub struct HypernetTrainee<'a, H: Hypernet> {
     micro_batches: usize,
     /// Where the next micro-batch starts in `train` (it wraps around).
     cursor: usize,
+    /// Micro-batches skipped for a gradient that was not finite: in all, and since the last
+    /// finite one.
+    skipped: usize,
+    skipped_in_a_row: usize,
     /// The best state so far, when no checkpoint folder is set.
     pub best: Option<(usize, Vec<(String, Tensor)>)>,
     /// Where checkpoints go, and the fingerprint of the model they are for.
@@ -111,6 +115,8 @@ impl<'a, H: Hypernet> HypernetTrainee<'a, H> {
             optimiser,
             micro_batches: 0,
             cursor: 0,
+            skipped: 0,
+            skipped_in_a_row: 0,
             best: None,
             dir: None,
             fingerprint: String::new(),
@@ -280,6 +286,10 @@ impl<'a, H: Hypernet> HypernetTrainee<'a, H> {
     }
 }
 
+/// EasyEdit skips a micro-batch whose loss is not finite and goes on; kedit does too, but stops
+/// when that happens this many times in a row, since nothing is being learned any more.
+const MAX_SKIPPED_IN_A_ROW: usize = 20;
+
 fn squared_norm(t: &Tensor) -> Result<f64> {
     Ok(t.sqr()?
         .sum_all()?
@@ -312,14 +322,27 @@ impl<H: Hypernet> Trainee for HypernetTrainee<'_, H> {
             Ok::<_, Error>(ok && squared_norm(g)?.is_finite())
         })?;
         if finite {
+            self.skipped_in_a_row = 0;
             for (acc, g) in self.accumulated.iter_mut().zip(fresh) {
                 *acc = match (acc.take(), g) {
                     (Some(a), Some(g)) => Some((a + g)?),
                     (a, g) => a.or(g),
                 };
             }
+        } else {
+            self.skipped += 1;
+            self.skipped_in_a_row += 1;
+            if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW {
+                return Err(Error::Invalid(format!(
+                    "the gradient was not finite in {MAX_SKIPPED_IN_A_ROW} micro-batches in a row \
+                     (the last at training record {}): training diverged; lower lr ({})",
+                    self.cursor, p.lr
+                )));
+            }
         }
         self.micro_batches += 1;
+        let mut metrics = metrics;
+        metrics.insert("skipped/not_finite".into(), self.skipped as f64);
         Ok(metrics)
     }
 
