@@ -303,3 +303,91 @@ fn resuming_above_a_layer_equals_a_full_forward() {
     let gap = max_abs_diff(&full, &resumed);
     assert!(gap <= 1e-6, "resumed log-probs differ by {gap}");
 }
+
+/// EasyEdit's LLaMA labels, behind `label_bos`: with a tokenizer that adds BOS, the answer
+/// tokenised alone starts with BOS, and EasyEdit right-aligns those labels against the logits
+/// with the last one dropped, so BOS is scored where the prompt's last token is predicted. Here
+/// SmolLM2's tokenizer is made to add BOS (`<|im_start|>`, its config's bos_token_id 1), as
+/// LLaMA-2's does.
+#[test]
+fn easyedit_bos_labels_are_right_aligned_as_easyedit_aligns_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut tokenizer: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("smollm2/tokenizer.json")).unwrap())
+            .unwrap();
+    tokenizer["post_processor"] = serde_json::json!({
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<|im_start|>", "type_id": 0}},
+                   {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<|im_start|>": {"id": "<|im_start|>", "ids": [1], "tokens": ["<|im_start|>"]}}
+    });
+    let path = dir.path().join("tokenizer.json");
+    std::fs::write(&path, tokenizer.to_string()).unwrap();
+    let opts = kedit::model::load::LoadOptions {
+        tokenizer: Some(path),
+        ..kedit::model::load::LoadOptions::default()
+    };
+    let model = kedit::model::load::load(smollm2_path().to_str().unwrap(), &opts).unwrap();
+    let (prompt, answer) = ("The capital of France is", "Paris");
+    let input = model
+        .encode_with_special_tokens(&format!("{prompt} {answer}"))
+        .unwrap();
+    let alone = model.encode_with_special_tokens(answer).unwrap();
+    assert_eq!(input[0], 1, "the tokenizer adds BOS");
+    assert_eq!(alone[0], 1);
+
+    // EasyEdit: labels = [BOS] + the answer's tokens in the input; logits 0..len-1 (the last
+    // dropped); the labels take the last len(labels) of those positions.
+    let n_prompt = model.encode_with_special_tokens(prompt).unwrap().len();
+    let mut want_labels = vec![1u32];
+    want_labels.extend(&input[n_prompt..]);
+    let kept = input.len() - 1;
+    let want_positions: Vec<(usize, usize)> =
+        (kept - want_labels.len()..kept).map(|p| (0, p)).collect();
+
+    let quirk = AnswerBatch::with_labels(&model, &[(prompt, answer)], true).unwrap();
+    assert_eq!(quirk.labels, want_labels);
+    assert_eq!(quirk.positions, want_positions);
+    // By default the labels are the answer's tokens only.
+    let plain = AnswerBatch::new(&model, &[(prompt, answer)]).unwrap();
+    assert_eq!(plain.labels, &want_labels[1..]);
+    assert_eq!(plain.positions, &want_positions[1..]);
+}
+
+/// With `outer_edit_loss` the edited model is scored on the rephrase (the MEND paper's
+/// `edit_outer`): with every step size zero the edit changes nothing, and the loss is the base
+/// model's NLL of the target after the rephrase.
+#[test]
+fn the_outer_edit_loss_scores_the_rephrase() {
+    let mut model = smollm2();
+    let mut p = params(&["model.layers.29.mlp.down_proj.weight"], 8, 1e-4);
+    p.edit_lr = 0.0;
+    p.outer_edit_loss = true;
+    let records = pairs(0..1);
+    let rephrase = records[0]
+        .rephrase
+        .clone()
+        .expect("ZsRE records have a rephrase");
+    assert_ne!(rephrase, records[0].edit.prompt);
+    let target = records[0].edit.target.clone();
+    let batch = AnswerBatch::new(&model, &[(rephrase.as_str(), target.as_str())]).unwrap();
+    let (want, _) = batch
+        .nll_and_accuracy(&batch.log_probs(&model, &HookSpec::new()).unwrap())
+        .unwrap();
+    let mend = Mend::new(&model, p).unwrap();
+    let mut trainee = MendTrainee::new(mend, &mut model, records.clone(), records.clone()).unwrap();
+    let (_, metrics) = trainee.loss(&records, true).unwrap();
+    let got = metrics["loss/edit"];
+    // An installed weight multiplies through candle's kernel rather than the loader's packed one:
+    // the same values summed in another order (1e-5 relative here).
+    assert!(
+        (got - scalar(&want)).abs() < 1e-3,
+        "{got} vs {}",
+        scalar(&want)
+    );
+    assert!(
+        (got - metrics["edit/nll_before"]).abs() > 0.1,
+        "the edit prompt was scored"
+    );
+}

@@ -101,6 +101,14 @@ pub struct KeParams {
     pub grad_clip: f64,
     #[serde(default)]
     pub max_length: Option<usize>,
+    /// kedit: `true` reproduces EasyEdit's LLaMA labels, which start with BOS (SPEC §8.4);
+    /// by default the labels are the answer's tokens only.
+    #[serde(default)]
+    pub label_bos: bool,
+    /// kedit: `true` trains on the edited model's loss on the rephrase, as the MEND paper does;
+    /// by default on the edit itself, as EasyEdit does.
+    #[serde(default)]
+    pub outer_edit_loss: bool,
     // EasyEdit's bookkeeping, read and ignored.
     #[serde(default)]
     pub model_class: Option<String>,
@@ -504,6 +512,8 @@ impl Hypernet for Ke {
             early_stop_patience: p.early_stop_patience,
             early_stop_key: p.early_stop_key.clone(),
             grad_clip: p.grad_clip,
+            bos_label: p.label_bos,
+            outer_edit_loss: p.outer_edit_loss,
         }
     }
 

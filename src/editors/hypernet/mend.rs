@@ -43,6 +43,7 @@ pub struct MendParams {
     /// the same in one optimiser.
     #[serde(default, deserialize_with = "float")]
     pub lr_lr: f64,
+    /// Read but unused: EasyEdit's MEND reads it nowhere either.
     #[serde(default, deserialize_with = "float")]
     pub lr_scale: f64,
     #[serde(default)]
@@ -51,6 +52,8 @@ pub struct MendParams {
     pub cedit: f64,
     #[serde(deserialize_with = "float")]
     pub cloc: f64,
+    /// Read but unused: it weighs the base model's own loss, which only `train_base` (refused)
+    /// adds.
     #[serde(default, deserialize_with = "float")]
     pub cbase: f64,
     #[serde(default, deserialize_with = "float")]
@@ -99,6 +102,14 @@ pub struct MendParams {
     pub grad_clip: f64,
     #[serde(default)]
     pub max_length: Option<usize>,
+    /// kedit: `true` reproduces EasyEdit's LLaMA labels, which start with BOS (SPEC §8.4);
+    /// by default the labels are the answer's tokens only.
+    #[serde(default)]
+    pub label_bos: bool,
+    /// kedit: `true` trains on the edited model's loss on the rephrase, as the MEND paper does;
+    /// by default on the edit itself, as EasyEdit does.
+    #[serde(default)]
+    pub outer_edit_loss: bool,
     // EasyEdit's bookkeeping, read and ignored.
     #[serde(default)]
     pub model_class: Option<String>,
@@ -155,6 +166,10 @@ impl MendParams {
             ),
             (self.mlp_class != "IDMLP", "an mlp_class other than IDMLP"),
             (self.init != "id", "an init other than id"),
+            (
+                self.dropout != 0.0,
+                "dropout other than 0 (kedit trains with the base model's dropout off)",
+            ),
         ];
         if let Some((_, what)) = unsupported.iter().find(|(bad, _)| *bad) {
             return Err(format!(
@@ -402,6 +417,8 @@ impl Hypernet for Mend {
             early_stop_patience: p.early_stop_patience,
             early_stop_key: p.early_stop_key.clone(),
             grad_clip: p.grad_clip,
+            bos_label: p.label_bos,
+            outer_edit_loss: p.outer_edit_loss,
         }
     }
 

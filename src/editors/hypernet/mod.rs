@@ -180,7 +180,7 @@ pub fn apply_trained<H: Hypernet>(
         .map(|r| (r.prompt.as_str(), r.target_new.as_str()))
         .collect();
     let texts: Vec<EditText> = requests.iter().map(EditText::of).collect();
-    let batch = AnswerBatch::new(model, &pairs)?;
+    let batch = AnswerBatch::with_labels(model, &pairs, editor.training().bos_label)?;
     let ids: Vec<WeightId> = editor.weights().iter().map(|w| w.id).collect();
     let pass = gradient_factors(model, &batch, &ids, None)?;
     let updates = editor
@@ -234,6 +234,14 @@ impl AnswerBatch {
     /// # Errors
     /// An empty prompt, or an answer that adds no token after its prompt: there is nothing to score.
     pub fn new(model: &Model, pairs: &[(&str, &str)]) -> Result<Self> {
+        Self::with_labels(model, pairs, false)
+    }
+
+    /// With `bos_label`, EasyEdit's LLaMA labels: it tokenises the answer on its own with special
+    /// tokens, so for a tokenizer that adds BOS the labels start with BOS, which its right
+    /// alignment scores at the position predicting the prompt's last token (SPEC-editors §8.4).
+    /// A tokenizer that adds no BOS (GPT-2, SmolLM2) has no such label either way.
+    pub fn with_labels(model: &Model, pairs: &[(&str, &str)], bos_label: bool) -> Result<Self> {
         let mut sequences = Vec::with_capacity(pairs.len());
         let mut positions = Vec::new();
         let mut labels = Vec::new();
@@ -244,6 +252,16 @@ impl AnswerBatch {
                 return Err(Error::Invalid(format!(
                     "{prompt:?} followed by {answer:?} leaves no answer token to score"
                 )));
+            }
+            if bos_label && n_prompt >= 2 {
+                let bos = model.spec().bos_id;
+                let answer_ids = model.encode_with_special_tokens(answer)?;
+                if let (Some(bos), Some(&first)) = (bos, answer_ids.first()) {
+                    if first == bos {
+                        positions.push((row, n_prompt - 2));
+                        labels.push(bos);
+                    }
+                }
             }
             for (t, &label) in ids.iter().enumerate().skip(n_prompt) {
                 positions.push((row, t - 1));

@@ -33,12 +33,18 @@ pub struct TrainingHparams {
     pub early_stop_patience: usize,
     pub early_stop_key: Option<String>,
     pub grad_clip: f64,
+    /// EasyEdit's LLaMA labels, which start with BOS ([`AnswerBatch::with_labels`]).
+    pub bos_label: bool,
+    /// Score the edited model on the edit's rephrase (the MEND paper's `edit_outer`) rather than
+    /// on the edit itself (EasyEdit's `edit_inner`); records without a rephrase use the edit.
+    pub outer_edit_loss: bool,
 }
 
 /// One training example: the edit and a locality prompt whose predictions should not move.
 #[derive(Debug, Clone)]
 pub struct TrainingPair {
     pub edit: EditText,
+    pub rephrase: Option<String>,
     pub locality: (String, String),
 }
 
@@ -55,6 +61,7 @@ impl TrainingPair {
             .ok_or_else(|| "no locality prompt (the training loss needs one)".to_string())?;
         Ok(TrainingPair {
             edit: EditText::of(r),
+            rephrase: r.rephrase_prompt.clone(),
             locality: (p.clone(), a.clone()),
         })
     }
@@ -64,6 +71,8 @@ impl TrainingPair {
 /// edited layer (the same before and after an edit) and the locality predictions before it.
 struct Prepared {
     edit: AnswerBatch,
+    /// What the edited model is scored on, when not `edit`, and its residual below the edits.
+    outer: Option<(AnswerBatch, Option<(usize, Tensor)>)>,
     locality: AnswerBatch,
     locality_resid: Option<(usize, Tensor)>,
     base_locality: Tensor,
@@ -133,13 +142,34 @@ impl<'a, H: Hypernet> HypernetTrainee<'a, H> {
             .iter()
             .map(|p| (p.locality.0.as_str(), p.locality.1.as_str()))
             .collect();
-        let edit = AnswerBatch::new(model, &edits)?;
+        let knobs = self.editor.training();
+        let edit = AnswerBatch::with_labels(model, &edits, knobs.bos_label)?;
         let locality = AnswerBatch::new(model, &locs)?;
         let below = lowest_layer(self.editor.weights()).checked_sub(1);
         let mut hooks = HookSpec::new();
         if let Some(l) = below {
             hooks = hooks.capture(Site::ResidPost(l));
         }
+        let outer = if knobs.outer_edit_loss {
+            let rephrased: Vec<(&str, &str)> = pairs
+                .iter()
+                .map(|p| {
+                    let prompt = p.rephrase.as_deref().unwrap_or(&p.edit.prompt);
+                    (prompt, p.edit.target.as_str())
+                })
+                .collect();
+            let batch = AnswerBatch::with_labels(model, &rephrased, knobs.bos_label)?;
+            let resid = match below {
+                Some(l) => {
+                    let out = model.forward_at(&batch.batch, &hooks, &batch.positions)?;
+                    Some((l, out.capture(Site::ResidPost(l))?.detach()))
+                }
+                None => None,
+            };
+            Some((batch, resid))
+        } else {
+            None
+        };
         let out = model.forward_at(&locality.batch, &hooks, &locality.positions)?;
         let base_locality = Model::log_probs(&out.logits)?.detach();
         let locality_resid = match below {
@@ -148,6 +178,7 @@ impl<'a, H: Hypernet> HypernetTrainee<'a, H> {
         };
         Ok(Prepared {
             edit,
+            outer,
             locality,
             locality_resid,
             base_locality,
@@ -174,8 +205,12 @@ impl<'a, H: Hypernet> HypernetTrainee<'a, H> {
                 Some((l, t)) => HookSpec::new().resume_after(*l, t.clone()),
                 None => HookSpec::new(),
             };
-            let edit_lp = prepared.edit.log_probs(self.model, &resume(&pass.resid))?;
-            let (nll, acc) = prepared.edit.nll_and_accuracy(&edit_lp)?;
+            let (scored, resid) = match &prepared.outer {
+                Some((batch, resid)) => (batch, resid),
+                None => (&prepared.edit, &pass.resid),
+            };
+            let edit_lp = scored.log_probs(self.model, &resume(resid))?;
+            let (nll, acc) = scored.nll_and_accuracy(&edit_lp)?;
             let loc_lp = prepared
                 .locality
                 .log_probs(self.model, &resume(&prepared.locality_resid))?;
