@@ -226,3 +226,53 @@ fn train_refuses_bad_input_in_one_line() {
         &["no-archive.yaml", "archive"],
     );
 }
+
+/// Ctrl-C ends a run after the update in progress with a checkpoint and exit status 130, and
+/// `--resume` continues from it.
+#[test]
+fn ctrl_c_writes_a_checkpoint_that_resumes() {
+    use std::io::BufRead;
+    let tmp = tempfile::tempdir().unwrap();
+    let hparams = tmp.path().join("mend-train.yaml");
+    std::fs::write(
+        &hparams,
+        training_yaml("").replace("max_iters: 4", "max_iters: 100000"),
+    )
+    .unwrap();
+    let out = tmp.path().join("run");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kedit"))
+        .args(train_args(&hparams, &out, &[]))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The first validation line: the run is under way.
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    assert!(first.contains("\"step\":2"), "{first}");
+    let killed = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "exit status after Ctrl-C");
+    let header: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("last.json")).unwrap()).unwrap();
+    assert_eq!(header["progress"]["interrupted"], true, "{header}");
+    let stopped_at = header["progress"]["steps"].as_u64().unwrap();
+    assert!(stopped_at >= 2, "{header}");
+    let more = (stopped_at + 2).to_string();
+    let resumed = ok(&kedit(&train_args(
+        &hparams,
+        &out,
+        &["--resume", "--max-steps", &more],
+    )));
+    let header: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("last.json")).unwrap()).unwrap();
+    assert_eq!(
+        header["progress"]["steps"].as_u64(),
+        Some(stopped_at + 2),
+        "{resumed}"
+    );
+}

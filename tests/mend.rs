@@ -391,3 +391,43 @@ fn the_outer_edit_loss_scores_the_rephrase() {
         "the edit prompt was scored"
     );
 }
+
+/// The same identity on GPT-2 (tiny, f64), whose MLP is Conv1D `c_fc`/`c_proj`: the factors
+/// multiply back to autograd's gradient to f64 precision.
+#[test]
+fn gradient_factors_multiply_back_on_gpt2_in_f64() {
+    let mut model = load_as(&fixture("tiny-gpt2"), DType::F64);
+    let batch = AnswerBatch::new(
+        &model,
+        &[
+            ("The mother tongue of Danielle Darrieux is", "English"),
+            ("Houston is twinned with", "Aberdeen"),
+        ],
+    )
+    .unwrap();
+    let last = model.spec().n_layers - 1;
+    let ids = [
+        WeightId::layer(0, Module::MlpUp),
+        WeightId::layer(0, Module::MlpDown),
+        WeightId::layer(last, Module::MlpUp),
+    ];
+    let pass = gradient_factors(&model, &batch, &ids, None).unwrap();
+    let vars: Vec<Var> = ids
+        .iter()
+        .map(|&id| Var::from_tensor(&model.weight(id).unwrap()).unwrap())
+        .collect();
+    for (&id, v) in ids.iter().zip(&vars) {
+        model.replace_weight(id, v.as_tensor().clone()).unwrap();
+    }
+    let log_probs = batch.log_probs(&model, &HookSpec::new()).unwrap();
+    let (nll, _) = batch.nll_and_accuracy(&log_probs).unwrap();
+    let grads = nll.backward().unwrap();
+    for ((id, var), factors) in ids.iter().zip(&vars).zip(&pass.factors) {
+        let want = grads
+            .get(var.as_tensor())
+            .expect("the weight has a gradient");
+        let got = factors.delta.t().unwrap().matmul(&factors.x).unwrap();
+        let gap = relative_gap(&got, want);
+        assert!(gap < 1e-10, "{id}: factors vs autograd, relative gap {gap}");
+    }
+}

@@ -304,6 +304,30 @@ mod tests {
         Ok(())
     }
 
+    /// With normalisation off an initial network returns its input bit for bit, whatever V is
+    /// (U = 0 zeroes V's contribution), for each mode.
+    #[test]
+    fn with_normalisation_off_and_u_zero_the_network_is_the_identity_for_any_v() -> Result<()> {
+        let dev = Device::Cpu;
+        let shape = NetShape {
+            n_hidden: 1,
+            rank: 4,
+            normalise: false,
+        };
+        let mut net = GradientNet::new(2, 3, 2, shape, 9, (&dev, DType::F32))?;
+        for layer in &net.layers {
+            layer.v.set(&layer.v.as_tensor().randn_like(0.0, 5.0)?)?;
+        }
+        let x = Tensor::new(&[[1f32, 2.], [3., -4.], [0.5, 0.]], &dev)?;
+        let d = Tensor::new(&[[1f32, 0., 2.], [-1., 1., 0.], [2., -2., 7.]], &dev)?;
+        for mode in 0..2 {
+            let (xt, dt) = net.forward(&x, &d, mode, true)?;
+            assert_eq!(xt.to_vec2::<f32>()?, x.to_vec2::<f32>()?);
+            assert_eq!(dt.to_vec2::<f32>()?, d.to_vec2::<f32>()?);
+        }
+        Ok(())
+    }
+
     /// With U = 0 the pre-activations are exactly zero, where torch's clamp passes the gradient
     /// and a ReLU would not: U must receive a gradient on the very first step.
     #[test]
