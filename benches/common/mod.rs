@@ -33,3 +33,16 @@ pub fn counterfact() -> Vec<EditRequest> {
         .map(|(_, r)| r)
         .collect()
 }
+
+/// The ZsRE training records copied into the test fixtures.
+#[allow(dead_code)] // only the hypernetwork benchmark trains
+pub fn zsre_training() -> Vec<EditRequest> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/data/zsre_mend_train_sample.json");
+    read_dataset(&path, None)
+        .unwrap()
+        .cases
+        .into_iter()
+        .map(|(_, r)| r)
+        .collect()
+}
