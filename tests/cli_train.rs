@@ -144,6 +144,27 @@ fn train_writes_checkpoints_resumes_and_its_editor_edits() {
         via_flag["post"], result["post"],
         "the same editor gives the same edit"
     );
+    // An editor trained on another model is refused, naming both.
+    let tiny = fixture("tiny-gpt2");
+    assert_one_line_error(
+        &kedit_with_backtraces(&[
+            "apply",
+            "-m",
+            tiny.to_str().unwrap(),
+            "--editor",
+            "MEND",
+            "--hparams",
+            edit_yaml.to_str().unwrap(),
+            "--prompt",
+            "The mother tongue of Danielle Darrieux is",
+            "--target",
+            "English",
+            "--max-new-tokens",
+            "5",
+            "--no-fluency",
+        ]),
+        &["trained on model", "the model here is"],
+    );
     // A missing one says how to train it.
     assert_one_line_error(
         &apply_with(&tmp.path().join("never-trained")),
