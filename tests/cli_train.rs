@@ -297,3 +297,77 @@ fn ctrl_c_writes_a_checkpoint_that_resumes() {
         "{resumed}"
     );
 }
+
+/// `kedit train --editor KE` with a small network, then `apply --editor KE --archive` with the
+/// shipped SmolLM2 edit file: the trained editor edits the weights the file names.
+#[test]
+fn ke_trains_and_its_editor_applies_through_archive() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hparams = tmp.path().join("ke-train.yaml");
+    std::fs::write(
+        &hparams,
+        "alg: KE\ninner_params:\n- model.layers.27.mlp.gate_proj.weight\n\
+         - model.layers.27.mlp.up_proj.weight\n- model.layers.27.mlp.down_proj.weight\n\
+         - model.layers.28.mlp.gate_proj.weight\n- model.layers.28.mlp.up_proj.weight\n\
+         - model.layers.28.mlp.down_proj.weight\n- model.layers.29.mlp.gate_proj.weight\n\
+         - model.layers.29.mlp.up_proj.weight\n- model.layers.29.mlp.down_proj.weight\n\
+         archive: null\nlr: 1e-3\nedit_lr: 1e-2\nlr_lr: 1e-3\nseed: 42\ncedit: 0.1\ncloc: 1.0\n\
+         cbase: 1.0\ndropout: 0.0\ntrain_base: False\nhidden_dim: 16\ncondition_dim: 16\n\
+         batch_size: 1\nval_batch_size: 2\naccumulate_bs: 1\nmax_iters: 2\nval_interval: 2\n\
+         val_steps: 4\nearly_stop_patience: 1000\nearly_stop_key: \"loss/total_edit_val\"\n\
+         grad_clip: 100.\n",
+    )
+    .unwrap();
+    let out = tmp.path().join("run");
+    let mut args = train_args(&hparams, &out, &[]);
+    let at = args.iter().position(|a| a == "MEND").unwrap();
+    args[at] = "KE".into();
+    assert_eq!(steps_of(&ok(&kedit(&args))), [2]);
+
+    let model = smollm2_path();
+    let shipped =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("hparams/KE/smollm2-135m.yaml");
+    let applied = ok(&kedit(&[
+        "apply",
+        "-m",
+        model.to_str().unwrap(),
+        "--editor",
+        "KE",
+        "--hparams",
+        shipped.to_str().unwrap(),
+        "--archive",
+        out.to_str().unwrap(),
+        "--prompt",
+        "The mother tongue of Danielle Darrieux is",
+        "--target",
+        "English",
+        "--ground-truth",
+        "French",
+        "--no-fluency",
+        "--json",
+    ]));
+    let result: serde_json::Value = serde_json::from_str(&applied).unwrap();
+    assert!(result["post"]["rewrite_acc"].is_array(), "{result}");
+    // A MEND file cannot load it.
+    let mend_yaml =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("hparams/MEND/smollm2-135m.yaml");
+    assert_one_line_error(
+        &kedit_with_backtraces(&[
+            "apply",
+            "-m",
+            model.to_str().unwrap(),
+            "--editor",
+            "MEND",
+            "--hparams",
+            mend_yaml.to_str().unwrap(),
+            "--archive",
+            out.to_str().unwrap(),
+            "--prompt",
+            "The mother tongue of Danielle Darrieux is",
+            "--target",
+            "English",
+            "--no-fluency",
+        ]),
+        &["not a kedit MEND checkpoint", "holds a KE editor"],
+    );
+}
