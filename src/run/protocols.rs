@@ -89,9 +89,9 @@ pub fn run_cases(
                 let requests: Vec<EditRequest> =
                     cases_ahead.iter().map(|(_, r)| r.clone()).collect();
                 let mut before = measure_before_many(model, &requests, measure)?.into_iter();
-                for chunk in cases_ahead.chunks(batch) {
-                    let requests: Vec<EditRequest> = chunk.iter().map(|(_, r)| r.clone()).collect();
-                    let (edit, seconds) = timed_apply(model, editor, &requests, ctx)?;
+                for (chunk, chunk_requests) in cases_ahead.chunks(batch).zip(requests.chunks(batch))
+                {
+                    let (edit, seconds) = timed_apply(model, editor, chunk_requests, ctx)?;
                     let pending = chunk
                         .iter()
                         .zip(before.by_ref())
