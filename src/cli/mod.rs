@@ -45,7 +45,7 @@ enum Command {
     /// Gather the second moment E[k kᵀ] of MLP keys over a text corpus (ROME, MEMIT, AlphaEdit),
     /// cached on disk for every later edit
     Stats(stats::StatsArgs),
-    /// Train a hypernetwork editor (MEND) on edit records, with held-out validation, early
+    /// Train a hypernetwork editor (MEND or KE) on edit records, with held-out validation, early
     /// stopping and checkpoints that resume
     Train(Box<train::TrainArgs>),
     /// Causal tracing: corrupt the subject, restore one hidden state at a time, and plot how much

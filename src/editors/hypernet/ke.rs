@@ -180,7 +180,8 @@ pub fn condition_text(edit: &EditText) -> String {
     }
 }
 
-/// Draws `n` values uniform in `[-bound, bound)`, torch's default for linear and LSTM layers.
+/// A variable of `shape` drawn uniform in `[-bound, bound)`, torch's default for linear and LSTM
+/// layers.
 fn uniform(
     rng: &mut rand::rngs::StdRng,
     shape: &[usize],
