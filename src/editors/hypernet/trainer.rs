@@ -350,7 +350,7 @@ impl<H: Hypernet> Trainee for HypernetTrainee<'_, H> {
         let vars = self.editor.vars();
         let fresh: Vec<Option<Tensor>> = vars
             .iter()
-            .map(|var| grads.get(var.as_tensor()).cloned())
+            .map(|var| grads.get(var.as_tensor()).map(Tensor::detach))
             .collect();
         // A micro-batch whose gradient is not finite is skipped, as EasyEdit's trainer skips it.
         // A plain sum is not finite exactly when some entry is not (or, for sums beyond f32's
