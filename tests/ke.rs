@@ -6,9 +6,7 @@ mod common;
 
 use candle_core::{DType, Tensor, Var};
 use common::*;
-use kedit::data::read_dataset;
 use kedit::editors::hypernet::ke::{Ke, KeParams, KeTrainee};
-use kedit::editors::hypernet::trainer::TrainingPair;
 use kedit::run::train::{train, Outcome, Schedule, Silent, Trainee};
 
 /// A KE configuration on SmolLM2's last layer, with a small network.
@@ -23,14 +21,6 @@ fn params(inner: &[&str], width: usize, lr: f64) -> KeParams {
     let path = dir.path().join("ke.yaml");
     std::fs::write(&path, yaml).unwrap();
     KeParams::from_yaml(&path).unwrap()
-}
-
-fn pairs(range: std::ops::Range<usize>) -> Vec<TrainingPair> {
-    let ds = read_dataset(&fixture("data/zsre_mend_train_sample.json"), None).unwrap();
-    ds.cases[range]
-        .iter()
-        .map(|(_, r)| TrainingPair::from_request(r).unwrap())
-        .collect()
 }
 
 fn scalar(t: &Tensor) -> f64 {
@@ -48,7 +38,7 @@ fn the_training_loss_differentiates_into_the_encoder_and_conditioners() {
         "model.layers.29.mlp.down_proj.weight",
     ];
     let ke = Ke::new(&model, params(&inner, 8, 1e-3)).unwrap();
-    let records = pairs(0..2);
+    let records = zsre_pairs(0..2);
     let condition = kedit::editors::hypernet::ke::condition_text(&records[0].edit);
     let token = model.encode_with_special_tokens(&condition).unwrap()[2] as usize;
     let mut trainee = KeTrainee::new(ke, &mut model, records.clone(), records.clone()).unwrap();
@@ -125,7 +115,8 @@ fn training_lowers_the_validation_loss_and_the_editor_loads_back() {
     let dir = tempfile::tempdir().unwrap();
     let mut model = smollm2();
     let ke = Ke::new(&model, params(&inner, 32, 1e-3)).unwrap();
-    let mut trainee = KeTrainee::new(ke, &mut model, pairs(0..60), pairs(60..68)).unwrap();
+    let mut trainee =
+        KeTrainee::new(ke, &mut model, zsre_pairs(0..60), zsre_pairs(60..68)).unwrap();
     trainee.checkpoint_into(dir.path()).unwrap();
     let before = trainee.validate().unwrap();
     let mut schedule = Schedule {

@@ -7,9 +7,7 @@ mod common;
 
 use candle_core::{DType, Tensor, Var};
 use common::*;
-use kedit::data::read_dataset;
 use kedit::editors::hypernet::mend::{Mend, MendParams, MendTrainee};
-use kedit::editors::hypernet::trainer::TrainingPair;
 use kedit::editors::hypernet::{gradient_factors, AnswerBatch};
 use kedit::model::{HookSpec, Module, WeightId};
 use kedit::run::train::{train, Outcome, Schedule, Silent};
@@ -27,14 +25,6 @@ fn params(inner: &[&str], rank: usize, lr: f64) -> MendParams {
     let path = dir.path().join("mend.yaml");
     std::fs::write(&path, yaml).unwrap();
     MendParams::from_yaml(&path).unwrap()
-}
-
-fn pairs(range: std::ops::Range<usize>) -> Vec<TrainingPair> {
-    let ds = read_dataset(&fixture("data/zsre_mend_train_sample.json"), None).unwrap();
-    ds.cases[range]
-        .iter()
-        .map(|(_, r)| TrainingPair::from_request(r).unwrap())
-        .collect()
 }
 
 fn scalar(t: &Tensor) -> f64 {
@@ -105,7 +95,7 @@ fn the_training_loss_differentiates_through_the_edited_weights() {
         1e-4,
     );
     let mend = Mend::new(&model, p).unwrap();
-    let records = pairs(0..3);
+    let records = zsre_pairs(0..3);
     let mut trainee =
         MendTrainee::new(mend, &mut model, records.clone(), records[..1].to_vec()).unwrap();
     // Moments from the first edits (training mode), then fixed for the comparison.
@@ -177,7 +167,8 @@ fn training_lowers_the_validation_loss() {
         1e-4,
     );
     let mend = Mend::new(&model, p).unwrap();
-    let mut trainee = MendTrainee::new(mend, &mut model, pairs(0..60), pairs(60..68)).unwrap();
+    let mut trainee =
+        MendTrainee::new(mend, &mut model, zsre_pairs(0..60), zsre_pairs(60..68)).unwrap();
     let mut schedule = Schedule {
         max_steps: 30,
         accumulate: 2,
@@ -189,7 +180,7 @@ fn training_lowers_the_validation_loss() {
     // The networks normalise by moments of the factors they have seen: let them see a few
     // training edits (no update), then validate before training.
     use kedit::run::train::Trainee;
-    trainee.loss(&pairs(0..4), true).unwrap();
+    trainee.loss(&zsre_pairs(0..4), true).unwrap();
     let before = trainee.validate().unwrap();
     let outcome = train(&mut trainee, &mut schedule, Outcome::default(), &mut Silent).unwrap();
     let after = &outcome.history.last().unwrap().1;
@@ -221,7 +212,8 @@ fn a_resumed_run_equals_an_uninterrupted_one() {
     let run = |dir: &std::path::Path, max_steps: usize, resume: bool| {
         let mut model = smollm2();
         let mend = Mend::new(&model, params(&inner, 8, 1e-3)).unwrap();
-        let mut trainee = MendTrainee::new(mend, &mut model, pairs(0..12), pairs(12..14)).unwrap();
+        let mut trainee =
+            MendTrainee::new(mend, &mut model, zsre_pairs(0..12), zsre_pairs(12..14)).unwrap();
         trainee.checkpoint_into(dir).unwrap();
         let mut schedule = Schedule {
             max_steps,
@@ -364,7 +356,7 @@ fn the_outer_edit_loss_scores_the_rephrase() {
     let mut p = params(&["model.layers.29.mlp.down_proj.weight"], 8, 1e-4);
     p.edit_lr = 0.0;
     p.outer_edit_loss = true;
-    let records = pairs(0..1);
+    let records = zsre_pairs(0..1);
     let rephrase = records[0]
         .rephrase
         .clone()

@@ -21,11 +21,11 @@ pub fn smollm2_f32() -> Model {
     .expect("SmolLM2 GGUF: run scripts/fetch-model.sh")
 }
 
-/// The CounterFact records copied into the test fixtures.
-#[allow(dead_code)] // not every benchmark edits
-pub fn counterfact() -> Vec<EditRequest> {
+/// The records of a file in the test fixtures.
+fn fixture_records(name: &str) -> Vec<EditRequest> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/data/counterfact_easyedit_edit.json");
+        .join("tests/fixtures/data")
+        .join(name);
     read_dataset(&path, None)
         .unwrap()
         .cases
@@ -34,15 +34,14 @@ pub fn counterfact() -> Vec<EditRequest> {
         .collect()
 }
 
+/// The CounterFact records copied into the test fixtures.
+#[allow(dead_code)] // not every benchmark edits
+pub fn counterfact() -> Vec<EditRequest> {
+    fixture_records("counterfact_easyedit_edit.json")
+}
+
 /// The ZsRE training records copied into the test fixtures.
 #[allow(dead_code)] // only the hypernetwork benchmark trains
 pub fn zsre_training() -> Vec<EditRequest> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/data/zsre_mend_train_sample.json");
-    read_dataset(&path, None)
-        .unwrap()
-        .cases
-        .into_iter()
-        .map(|(_, r)| r)
-        .collect()
+    fixture_records("zsre_mend_train_sample.json")
 }

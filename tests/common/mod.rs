@@ -190,3 +190,14 @@ context_templates: [["{{}}"]]
 "#
     )
 }
+
+/// Training pairs (edit and locality prompt) of the ZsRE training sample in the fixtures.
+pub fn zsre_pairs(
+    range: std::ops::Range<usize>,
+) -> Vec<kedit::editors::hypernet::trainer::TrainingPair> {
+    let ds = kedit::data::read_dataset(&fixture("data/zsre_mend_train_sample.json"), None).unwrap();
+    ds.cases[range]
+        .iter()
+        .map(|(_, r)| kedit::editors::hypernet::trainer::TrainingPair::from_request(r).unwrap())
+        .collect()
+}
