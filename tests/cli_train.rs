@@ -371,3 +371,58 @@ fn ke_trains_and_its_editor_applies_through_archive() {
         &["not a kedit MEND checkpoint", "holds a KE editor"],
     );
 }
+
+/// A checkpoint write that dies part-way never touches the checkpoint before it. A write that
+/// fails (its temporary file cannot be created) stops the run with a one-line error naming that
+/// file; what a killed process leaves (a truncated temporary file) is ignored and replaced; and
+/// the folder resumes to the state of a run that was never interrupted.
+#[test]
+fn an_interrupted_checkpoint_write_leaves_the_last_checkpoint_valid() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hparams = tmp.path().join("mend-train.yaml");
+    std::fs::write(&hparams, training_yaml("")).unwrap();
+    let out = tmp.path().join("run");
+    assert_eq!(
+        steps_of(&ok(&kedit(&train_args(
+            &hparams,
+            &out,
+            &["--max-steps", "2"]
+        )))),
+        [2]
+    );
+    let last = out.join("last.safetensors");
+    let at_step_2 = std::fs::read(&last).unwrap();
+
+    let partial = out.join(".last.safetensors.partial");
+    std::fs::create_dir_all(partial.join("in-the-way")).unwrap();
+    let failed = kedit_with_backtraces(&train_args(&hparams, &out, &["--resume"]));
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert_eq!(failed.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains(".last.safetensors.partial"), "{stderr}");
+    assert!(
+        std::fs::read(&last).unwrap() == at_step_2,
+        "the step-2 checkpoint changed"
+    );
+
+    std::fs::remove_dir_all(&partial).unwrap();
+    std::fs::write(&partial, &at_step_2[..at_step_2.len() / 2]).unwrap();
+    let resumed = ok(&kedit(&train_args(&hparams, &out, &["--resume"])));
+    assert_eq!(steps_of(&resumed), [4]);
+    assert!(!partial.exists(), "the truncated temporary file is left");
+
+    let straight = ok(&kedit(&train_args(
+        &hparams,
+        &tmp.path().join("straight"),
+        &[],
+    )));
+    let validation_at_4 = |stdout: &str| -> serde_json::Value {
+        let mut line: serde_json::Value =
+            serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+        line.as_object_mut()
+            .unwrap()
+            .retain(|k, _| !k.contains("time"));
+        line
+    };
+    assert_eq!(validation_at_4(&resumed), validation_at_4(&straight));
+}
