@@ -145,9 +145,8 @@ pub fn save(
     let json = serde_json::to_string(&header)
         .map_err(|e| Error::Invalid(format!("cannot serialise the patch header: {e}")))?;
     let metadata = HashMap::from([(HEADER_KEY.to_string(), json)]);
-    let bytes = safetensors::serialize(tensors.iter().map(|(k, v)| (k.clone(), v)), Some(metadata))
-        .map_err(|e| Error::file(path, e.to_string()))?;
-    crate::files::write_atomically(path, &bytes)
+    let tensors: Vec<(String, Tensor)> = tensors.into_iter().collect();
+    crate::files::write_safetensors(path, &tensors, metadata)
 }
 
 impl Patch {

@@ -55,9 +55,7 @@ pub fn write(path: &Path, header: &CheckpointHeader, tensors: Vec<(String, Tenso
         .map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?)))
         .collect::<Result<Vec<_>>>()?;
     let metadata = std::collections::HashMap::from([(HEADER_KEY.to_string(), json)]);
-    let bytes = safetensors::serialize(tensors.iter().map(|(k, v)| (k.clone(), v)), Some(metadata))
-        .map_err(|e| Error::file(path, e.to_string()))?;
-    crate::files::write_atomically(path, &bytes)
+    crate::files::write_safetensors(path, &tensors, metadata)
 }
 
 /// Reads a checkpoint of `method` written by [`write`].

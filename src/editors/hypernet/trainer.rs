@@ -429,12 +429,6 @@ impl<H: Hypernet> Trainee for HypernetTrainee<'_, H> {
     }
 
     fn keep_best(&mut self, step: usize) -> Result<()> {
-        let tensors = self
-            .editor
-            .tensors()?
-            .into_iter()
-            .map(|(k, t)| Ok((k, t.copy()?)))
-            .collect::<Result<Vec<_>>>()?;
         match &self.dir {
             Some(dir) => {
                 let progress = Outcome {
@@ -443,9 +437,19 @@ impl<H: Hypernet> Trainee for HypernetTrainee<'_, H> {
                     ..Outcome::default()
                 };
                 let header = self.header(&progress, None)?;
+                let tensors = self.editor.tensors()?;
                 checkpoint::write(&dir.join(checkpoint::BEST_FILE), &header, tensors)?;
             }
-            None => self.best = Some((step, tensors)),
+            None => {
+                // A copy: the optimiser updates the editor's variables in place.
+                let tensors = self
+                    .editor
+                    .tensors()?
+                    .into_iter()
+                    .map(|(k, t)| Ok((k, t.copy()?)))
+                    .collect::<Result<Vec<_>>>()?;
+                self.best = Some((step, tensors));
+            }
         }
         Ok(())
     }
