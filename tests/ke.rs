@@ -7,6 +7,7 @@ mod common;
 use candle_core::{DType, Tensor, Var};
 use common::*;
 use kedit::editors::hypernet::ke::{Ke, KeParams, KeTrainee};
+use kedit::editors::hypernet::{Gradient, Hypernet};
 use kedit::run::train::{train, Outcome, Schedule, Silent, Trainee};
 
 /// A KE configuration on SmolLM2's last layer, with a small network.
@@ -54,6 +55,12 @@ fn the_training_loss_differentiates_into_the_encoder_and_conditioners() {
     let (loss, _) = trainee.loss(&probe, false).unwrap();
     let grads = loss.backward().unwrap();
     let e = &trainee.editor;
+    // As the trainer reads them: the embedding's as the gathered rows' gradient.
+    let gradients: Vec<(Var, Option<Gradient>)> = e
+        .vars()
+        .into_iter()
+        .zip(e.gradients(&grads).unwrap())
+        .collect();
     let width = e.encoder.embedding.as_tensor().dim(1).unwrap();
     let checks: Vec<(Var, usize, &str)> = vec![
         (e.encoder.embedding.clone(), token * width + 3, "embedding"),
@@ -74,9 +81,13 @@ fn the_training_loss_differentiates_into_the_encoder_and_conditioners() {
     ];
     for (var, index, what) in checks {
         let shape = var.as_tensor().dims().to_vec();
-        let analytic: Vec<f64> = grads
-            .get(var.as_tensor())
+        let analytic: Vec<f64> = gradients
+            .iter()
+            .find(|(v, _)| v.as_tensor().id() == var.as_tensor().id())
+            .and_then(|(_, g)| g.clone())
             .unwrap_or_else(|| panic!("{what} has no gradient"))
+            .dense(var.as_tensor())
+            .unwrap()
             .flatten_all()
             .unwrap()
             .to_vec1()

@@ -16,13 +16,14 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var, D};
 use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint::FromArchive;
 use super::trainer::{HypernetTrainee, TrainingHparams};
-use super::{EditText, EditedWeight, FactorPass, Hypernet};
+use super::{EditText, EditedWeight, FactorPass, Gradient, Hypernet};
 use crate::editors::hparams::{float, read_yaml};
 use crate::error::{Error, Result};
 use crate::model::{Model, Module, WeightId};
@@ -327,15 +328,46 @@ pub struct ConditionEncoder {
     pub project: Linear,
 }
 
+/// The embedding rows a batch of conditions reads, copied into a variable of their own: the
+/// graph then reaches the table only through them, and its gradient is those rows' (a few
+/// hundred values) instead of a table-sized tensor (28 M values on SmolLM2).
+pub struct GatheredRows {
+    /// Table row of each gathered row, ascending.
+    pub rows: Tensor,
+    pub values: Var,
+}
+
 impl ConditionEncoder {
-    /// `[1, condition_dim]` for one condition's tokens.
-    fn encode(&self, ids: &[u32]) -> Result<Tensor> {
+    /// `[n, condition_dim]` for the conditions' tokens, and the rows they read.
+    fn encode_all(&self, conditions: &[Vec<u32>]) -> Result<(Tensor, GatheredRows)> {
         let device = self.embedding.as_tensor().device();
-        let idx = Tensor::new(ids, device)?;
-        let x = self.embedding.as_tensor().index_select(&idx, 0)?;
-        let n = ids.len();
-        let ahead = self.forward.last_state(&x, 0..n)?;
-        let back = self.backward.last_state(&x, (0..n).rev())?;
+        let mut wanted: Vec<u32> = conditions.iter().flatten().copied().collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let rows = Tensor::new(wanted.as_slice(), device)?;
+        let values = Var::from_tensor(&self.embedding.as_tensor().index_select(&rows, 0)?)?;
+        let encoded = conditions
+            .iter()
+            .map(|ids| {
+                let local: Vec<u32> = ids
+                    .iter()
+                    .map(|id| wanted.binary_search(id).map(|k| k as u32))
+                    .collect::<std::result::Result<_, _>>()
+                    .map_err(|_| Error::Invalid("a condition token was not gathered".into()))?;
+                let x = values
+                    .as_tensor()
+                    .index_select(&Tensor::new(local.as_slice(), device)?, 0)?;
+                self.encode(&x)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((Tensor::cat(&encoded, 0)?, GatheredRows { rows, values }))
+    }
+
+    /// `[1, condition_dim]` for one condition's embedded tokens `[n, width]`.
+    fn encode(&self, x: &Tensor) -> Result<Tensor> {
+        let n = x.dim(0)?;
+        let ahead = self.forward.last_state(x, 0..n)?;
+        let back = self.backward.last_state(x, (0..n).rev())?;
         Ok(self
             .project
             .forward(&Tensor::cat(&[ahead, back], 1)?)?
@@ -377,6 +409,8 @@ pub struct Ke {
     pub weights: Vec<EditedWeight>,
     pub encoder: ConditionEncoder,
     pub conditioners: Vec<Conditioner>,
+    /// The embedding rows the last `updates` read, whose gradient stands for the table's.
+    pub gathered: Option<GatheredRows>,
 }
 
 impl Ke {
@@ -418,12 +452,13 @@ impl Ke {
             weights,
             encoder,
             conditioners,
+            gathered: None,
         })
     }
 
-    /// The conditions' vectors, `[n, condition_dim]`.
-    pub fn conditions(&self, model: &Model, texts: &[EditText]) -> Result<Tensor> {
-        let rows = texts
+    /// The conditions' vectors, `[n, condition_dim]`, and the embedding rows they read.
+    pub fn conditions(&self, model: &Model, texts: &[EditText]) -> Result<(Tensor, GatheredRows)> {
+        let ids = texts
             .iter()
             .map(|t| {
                 let text = condition_text(t);
@@ -433,10 +468,10 @@ impl Ke {
                         "KE's condition {text:?} has no tokens"
                     )));
                 }
-                self.encoder.encode(&ids)
+                Ok(ids)
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Tensor::cat(&rows, 0)?)
+        self.encoder.encode_all(&ids)
     }
 
     fn named_vars(&self) -> Vec<(String, Var)> {
@@ -526,6 +561,29 @@ impl Hypernet for Ke {
         self.named_vars().into_iter().map(|(_, v)| v).collect()
     }
 
+    /// The embedding table's gradient is that of the rows the last edit gathered.
+    fn gradients(&self, grads: &GradStore) -> Result<Vec<Option<Gradient>>> {
+        let table = self.encoder.embedding.as_tensor().id();
+        Ok(self
+            .vars()
+            .iter()
+            .map(|v| {
+                if v.as_tensor().id() != table {
+                    return grads
+                        .get(v.as_tensor())
+                        .map(|g| Gradient::Dense(g.detach()));
+                }
+                let gathered = self.gathered.as_ref()?;
+                grads
+                    .get(gathered.values.as_tensor())
+                    .map(|g| Gradient::Rows {
+                        rows: gathered.rows.clone(),
+                        values: g.detach(),
+                    })
+            })
+            .collect())
+    }
+
     /// The gradient is the detached `Σₙ δₙ xₙᵀ` of the edit loss (first order, as EFK).
     fn updates(
         &mut self,
@@ -541,7 +599,8 @@ impl Hypernet for Ke {
                 self.weights.len()
             )));
         }
-        let conditions = self.conditions(model, texts)?;
+        let (conditions, gathered) = self.conditions(model, texts)?;
+        self.gathered = Some(gathered);
         self.conditioners
             .iter()
             .zip(&pass.factors)

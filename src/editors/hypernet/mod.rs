@@ -10,6 +10,7 @@ pub mod trainer;
 
 use std::collections::BTreeMap;
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var, D};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -54,10 +55,70 @@ pub trait Hypernet: Sized {
         pass: &FactorPass,
         training: bool,
     ) -> Result<Vec<Tensor>>;
+    /// The gradient of a loss with respect to each of [`Hypernet::vars`], from the store its
+    /// `backward` made. An editor whose graph reads a variable only through rows gathered for the
+    /// last [`Hypernet::updates`] (KE's embedding table) returns those rows' gradient.
+    fn gradients(&self, grads: &GradStore) -> Result<Vec<Option<Gradient>>> {
+        Ok(self
+            .vars()
+            .iter()
+            .map(|v| {
+                grads
+                    .get(v.as_tensor())
+                    .map(|g| Gradient::Dense(g.detach()))
+            })
+            .collect())
+    }
     /// The editor's state as named tensors.
     fn tensors(&self) -> Result<Vec<(String, Tensor)>>;
     /// Takes back tensors written by [`Hypernet::tensors`] for the same configuration.
     fn load_tensors(&mut self, tensors: &BTreeMap<String, Tensor>) -> Result<()>;
+}
+
+/// A variable's gradient: whole, or as some of its rows (`values[k]` belongs to row `rows[k]`,
+/// repeated rows summing), which is how an embedding table's gradient is kept without a dense
+/// table-sized tensor per micro-batch.
+#[derive(Debug, Clone)]
+pub enum Gradient {
+    Dense(Tensor),
+    Rows { rows: Tensor, values: Tensor },
+}
+
+impl Gradient {
+    /// The sum of two gradients of the same variable.
+    pub fn add(self, other: Gradient, var: &Tensor) -> Result<Gradient> {
+        Ok(match (self, other) {
+            (Gradient::Dense(a), Gradient::Dense(b)) => Gradient::Dense((a + b)?),
+            (
+                Gradient::Rows { rows, values },
+                Gradient::Rows {
+                    rows: more,
+                    values: more_values,
+                },
+            ) => Gradient::Rows {
+                rows: Tensor::cat(&[rows, more], 0)?,
+                values: Tensor::cat(&[values, more_values], 0)?,
+            },
+            (a, b) => Gradient::Dense((a.dense(var)? + b.dense(var)?)?),
+        })
+    }
+
+    /// The gradient as a tensor of `var`'s shape.
+    pub fn dense(self, var: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Gradient::Dense(g) => g,
+            Gradient::Rows { rows, values } => var.zeros_like()?.index_add(&rows, &values, 0)?,
+        })
+    }
+
+    /// The sum of its entries (for a finiteness check that allocates nothing table-sized).
+    pub fn sum(&self) -> Result<f64> {
+        let t = match self {
+            Gradient::Dense(g) => g,
+            Gradient::Rows { values, .. } => values,
+        };
+        Ok(t.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+    }
 }
 
 /// What an edit says: the prompt, the new answer, and the old one where the record has it.
@@ -411,4 +472,33 @@ fn nonzero_rows(x: &Tensor, delta: &Tensor) -> Result<Factors> {
         x: x.index_select(&idx, 0)?,
         delta: delta.index_select(&idx, 0)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Row gradients sum where rows repeat, within one gradient and across two, and added to a
+    /// whole gradient they give the hand-written sum.
+    #[test]
+    fn row_gradients_sum_into_their_rows() {
+        let d = &Device::Cpu;
+        let table = Tensor::zeros((4, 2), DType::F32, d).unwrap();
+        let rows = |r: &[u32], v: &[[f32; 2]]| Gradient::Rows {
+            rows: Tensor::new(r, d).unwrap(),
+            values: Tensor::from_vec(v.concat(), (v.len(), 2), d).unwrap(),
+        };
+        let first = rows(&[1, 3, 1], &[[1.0, 2.0], [3.0, 4.0], [10.0, 20.0]]);
+        let second = rows(&[3], &[[0.5, 0.5]]);
+        let sum = first.add(second, &table).unwrap();
+        assert_eq!(sum.sum().unwrap(), 41.0);
+        let dense =
+            Gradient::Dense(Tensor::new(&[[1f32, 1.], [1., 1.], [1., 1.], [1., 1.]], d).unwrap());
+        let total = sum.add(dense, &table).unwrap().dense(&table).unwrap();
+        assert_eq!(
+            total.to_vec2::<f32>().unwrap(),
+            [[1.0, 1.0], [12.0, 23.0], [1.0, 1.0], [4.5, 5.5]]
+        );
+    }
 }

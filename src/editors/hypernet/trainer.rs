@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{self, CheckpointHeader};
 use super::{
-    gradient_factors, install, kl_from_base, lowest_layer, AnswerBatch, EditText, Hypernet,
+    gradient_factors, install, kl_from_base, lowest_layer, AnswerBatch, EditText, Gradient,
+    Hypernet,
 };
 use crate::data::EditRequest;
 use crate::editors::optim::Adam;
@@ -85,7 +86,7 @@ pub struct HypernetTrainee<'a, H: Hypernet> {
     train: Vec<TrainingPair>,
     validation: Vec<TrainingPair>,
     optimiser: Adam,
-    accumulated: Vec<Option<Tensor>>,
+    accumulated: Vec<Option<Gradient>>,
     micro_batches: usize,
     /// Where the next micro-batch starts in `train` (it wraps around).
     cursor: usize,
@@ -347,23 +348,21 @@ impl<H: Hypernet> Trainee for HypernetTrainee<'_, H> {
         // 28 M of them on SmolLM2).
         let scale = 1.0 / p.accumulate_bs.max(1) as f64;
         let grads = (loss * scale)?.backward()?;
-        let vars = self.editor.vars();
-        let fresh: Vec<Option<Tensor>> = vars
-            .iter()
-            .map(|var| grads.get(var.as_tensor()).map(Tensor::detach))
-            .collect();
+        let fresh = self.editor.gradients(&grads)?;
+        drop(grads);
         // A micro-batch whose gradient is not finite is skipped, as EasyEdit's trainer skips it.
         // A plain sum is not finite exactly when some entry is not (or, for sums beyond f32's
         // range, when the gradient is useless anyway), and needs no temporary.
-        let finite = fresh.iter().flatten().try_fold(true, |ok, g| {
-            let sum = g.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            Ok::<_, Error>(ok && sum.is_finite())
-        })?;
+        let finite = fresh
+            .iter()
+            .flatten()
+            .try_fold(true, |ok, g| Ok::<_, Error>(ok && g.sum()?.is_finite()))?;
         if finite {
             self.skipped_in_a_row = 0;
-            for (acc, g) in self.accumulated.iter_mut().zip(fresh) {
+            let vars = self.editor.vars();
+            for ((acc, g), var) in self.accumulated.iter_mut().zip(fresh).zip(&vars) {
                 *acc = match (acc.take(), g) {
-                    (Some(a), Some(g)) => Some((a + g)?),
+                    (Some(a), Some(g)) => Some(a.add(g, var.as_tensor())?),
                     (a, g) => a.or(g),
                 };
             }
@@ -386,8 +385,14 @@ impl<H: Hypernet> Trainee for HypernetTrainee<'_, H> {
 
     fn update(&mut self) -> Result<()> {
         let p = self.editor.training();
-        let norm = self
-            .accumulated
+        let vars = self.editor.vars();
+        let n = vars.len();
+        let grads = std::mem::replace(&mut self.accumulated, vec![None; n])
+            .into_iter()
+            .zip(&vars)
+            .map(|(g, var)| g.map(|g| g.dense(var.as_tensor())).transpose())
+            .collect::<Result<Vec<_>>>()?;
+        let norm = grads
             .iter()
             .flatten()
             .try_fold(0.0, |sum, g| Ok::<_, Error>(sum + squared_norm(g)?))?
@@ -403,8 +408,7 @@ impl<H: Hypernet> Trainee for HypernetTrainee<'_, H> {
         } else {
             1.0
         };
-        let n = self.editor.vars().len();
-        let grads = std::mem::replace(&mut self.accumulated, vec![None; n])
+        let grads = grads
             .into_iter()
             .map(|g| g.map(|g| g * factor).transpose())
             .collect::<candle_core::Result<Vec<_>>>()?;
