@@ -40,6 +40,7 @@ pub use template::{module_template, ModuleTemplate};
 pub use weights::{Module, Param, WeightId};
 
 use crate::error::{Error, Result};
+pub use ops::LowRankChange;
 use ops::{causal_mask, linear, ragged_causal_mask, RopeTables};
 
 /// A token's `[start, end)` byte range in the text it came from.
@@ -156,6 +157,8 @@ pub struct Model {
     /// used only while that tensor is still the weight (see [`packed`]).
     packed: BTreeMap<WeightId, (TensorId, Arc<PackedRows>)>,
     overlays: BTreeMap<Site, Arc<dyn Overlay>>,
+    /// Changes added to a weight's product without forming `W + ΔW` (see [`LowRankChange`]).
+    low_rank: BTreeMap<WeightId, LowRankChange>,
     tokenizer: Tokenizer,
     chat_template: Option<String>,
     device: Device,
@@ -205,6 +208,7 @@ impl Model {
             weights,
             packed: BTreeMap::new(),
             overlays: BTreeMap::new(),
+            low_rank: BTreeMap::new(),
             tokenizer,
             chat_template: None,
             device,
@@ -407,7 +411,39 @@ impl Model {
     }
 
     fn proj(&self, xs: &Tensor, id: WeightId) -> candle_core::Result<Tensor> {
-        linear(xs, self.w(id)?, self.packed(id), self.bias(id))
+        let ys = linear(xs, self.w(id)?, self.packed(id), self.bias(id))?;
+        match self.low_rank.get(&self.resolve(id)) {
+            Some(change) => ys + change.product(xs)?,
+            None => Ok(ys),
+        }
+    }
+
+    /// Makes every product with weight `id` that of `W + change` until it is taken back (`None`),
+    /// without forming that matrix; returns the change it replaces. A hypernetwork's training
+    /// graph differentiates through its edits this way: a weight-sized sum and its gradient per
+    /// edited weight and micro-batch cost more than the rank-`r` products. [`Model::weight`] still
+    /// returns `W`.
+    ///
+    /// # Errors
+    /// An unknown weight, or factors whose shapes do not make one of its shape.
+    pub fn set_low_rank_change(
+        &mut self,
+        id: WeightId,
+        change: Option<LowRankChange>,
+    ) -> Result<Option<LowRankChange>> {
+        let id = self.resolve(id);
+        let (out, inp) = self.weight(id)?.dims2()?;
+        let Some(change) = change else {
+            return Ok(self.low_rank.remove(&id));
+        };
+        let (rows, rank) = change.left.dims2()?;
+        let (rank2, cols) = change.right.dims2()?;
+        if (rows, cols) != (out, inp) || rank != rank2 {
+            return Err(Error::Invalid(format!(
+                "a change of {id} ({out}x{inp}) from factors {rows}x{rank} and {rank2}x{cols}"
+            )));
+        }
+        Ok(self.low_rank.insert(id, change))
     }
 
     /// Keeps `rows` beside weight `id` for the short products of editing and training: they must

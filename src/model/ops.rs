@@ -124,6 +124,36 @@ fn fused_grad_ops() -> bool {
     FUSED_GRAD_OPS.load(Ordering::Relaxed)
 }
 
+/// A weight change `left · right` of rank `r`, applied to inputs as `(x rightᵀ) leftᵀ`.
+///
+/// # Shapes
+/// `left: [out, r]`, `right: [r, in]`
+#[derive(Debug, Clone)]
+pub struct LowRankChange {
+    pub left: Tensor,
+    pub right: Tensor,
+}
+
+impl LowRankChange {
+    /// The change as a matrix `[out, in]`.
+    pub fn dense(&self) -> Result<Tensor> {
+        self.left.matmul(&self.right)
+    }
+
+    /// `x @ changeᵀ` in `xs`'s dtype.
+    ///
+    /// # Shapes
+    /// `xs: [b, s, in]` → `[b, s, out]`
+    pub fn product(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, s, d_in) = xs.dims3()?;
+        let dtype = xs.dtype();
+        let flat = xs.contiguous()?.reshape((b * s, d_in))?;
+        let inner = flat.matmul(&self.right.to_dtype(dtype)?.t()?)?;
+        let out = inner.matmul(&self.left.to_dtype(dtype)?.t()?)?;
+        out.reshape((b, s, self.left.dim(0)?))
+    }
+}
+
 /// `x @ wᵀ (+ b)` for a weight stored `[out, in]`, with its quantised rows where the model keeps
 /// them ([`PackedRows`], the same values).
 ///

@@ -23,10 +23,10 @@ use serde::{Deserialize, Serialize};
 
 use super::checkpoint::FromArchive;
 use super::trainer::{HypernetTrainee, TrainingHparams};
-use super::{EditText, EditedWeight, FactorPass, Gradient, Hypernet};
+use super::{EditText, EditedWeight, FactorPass, Factors, Gradient, Hypernet};
 use crate::editors::hparams::{float, read_yaml};
 use crate::error::{Error, Result};
-use crate::model::{Model, Module, WeightId};
+use crate::model::{LowRankChange, Model, Module, WeightId};
 
 /// KE under training.
 pub type KeTrainee<'a> = HypernetTrainee<'a, Ke>;
@@ -384,9 +384,11 @@ pub struct Conditioner {
 }
 
 impl Conditioner {
-    /// `σ̄ · (∇W ⊙ A + B)` for conditions `[n, c]` and the gradient `[rows, cols]`; the masks sum
-    /// their per-condition rank-one terms and σ̄ averages the conditions' scales, as EFK does.
-    fn delta(&self, conditions: &Tensor, gradient: &Tensor) -> Result<Tensor> {
+    /// `σ̄ · (∇W ⊙ A + B)` for conditions `[n, c]` and the gradient `∇W = Σₜ δₜ xₜᵀ` given by its
+    /// factors. The masks sum their per-condition rank-one terms and σ̄ averages the conditions'
+    /// scales, as EFK does; so the change is never formed: `∇W ⊙ A = Σ_c Σₜ (δₜ ⊙ a_row_c)
+    /// (xₜ ⊙ a_col_c)ᵀ` and `B = Σ_c b_row_c b_col_cᵀ` make factors of rank `n·(T + 1)`.
+    fn change(&self, conditions: &Tensor, gradient: &Factors) -> Result<LowRankChange> {
         let (r, c) = (self.rows, self.cols);
         let out = self
             .second
@@ -397,9 +399,19 @@ impl Conditioner {
         let b_col = part(c + r, c)?;
         let b_row = candle_nn::ops::softmax(&part(2 * c + r, r)?, D::Minus1)?;
         let scale = candle_nn::ops::sigmoid(&part(2 * (c + r), 1)?)?.mean_all()?;
-        let a = a_row.t()?.matmul(&a_col)?;
-        let b = b_row.t()?.matmul(&b_col)?;
-        Ok(((gradient * a)? + b)?.broadcast_mul(&scale)?)
+        let (n, t) = (a_row.dim(0)?, gradient.x.dim(0)?);
+        // [n, 1, width] ⊙ [1, T, width]: each token's factor under each condition's mask.
+        let masked = |mask: &Tensor, factor: &Tensor, width: usize| -> Result<Tensor> {
+            Ok(mask
+                .unsqueeze(1)?
+                .broadcast_mul(&factor.unsqueeze(0)?)?
+                .reshape((n * t, width))?)
+        };
+        let left = Tensor::cat(&[masked(&a_row, &gradient.delta, r)?, b_row], 0)?
+            .t()?
+            .broadcast_mul(&scale)?;
+        let right = Tensor::cat(&[masked(&a_col, &gradient.x, c)?, b_col], 0)?;
+        Ok(LowRankChange { left, right })
     }
 }
 
@@ -591,7 +603,7 @@ impl Hypernet for Ke {
         model: &Model,
         pass: &FactorPass,
         _training: bool,
-    ) -> Result<Vec<Tensor>> {
+    ) -> Result<Vec<LowRankChange>> {
         if pass.factors.len() != self.weights.len() {
             return Err(Error::Invalid(format!(
                 "{} factor sets for {} edited weights",
@@ -605,8 +617,11 @@ impl Hypernet for Ke {
             .iter()
             .zip(&pass.factors)
             .map(|(c, f)| {
-                let gradient = f.delta.t()?.matmul(&f.x)?.detach();
-                c.delta(&conditions, &gradient)
+                let gradient = Factors {
+                    x: f.x.detach(),
+                    delta: f.delta.detach(),
+                };
+                c.change(&conditions, &gradient)
             })
             .collect()
     }
@@ -760,18 +775,96 @@ mod tests {
             .unwrap();
         let scale = sigmoid(out[2 * (rows + cols)]);
         let b_col = &out[cols + rows..2 * cols + rows];
-        let zero = Tensor::zeros((rows, cols), DType::F64, &Device::Cpu).unwrap();
-        let delta: Vec<Vec<f64>> = c.delta(&condition, &zero).unwrap().to_vec2().unwrap();
+        // A gradient δ xᵀ of zeros, then of ones, from one token's factors.
+        let gradient = |value: f64| Factors {
+            x: Tensor::full(value, (1, cols), &Device::Cpu).unwrap(),
+            delta: Tensor::full(value, (1, rows), &Device::Cpu).unwrap(),
+        };
+        let change = |g: &Factors| -> Vec<Vec<f64>> {
+            c.change(&condition, g)
+                .unwrap()
+                .dense()
+                .unwrap()
+                .to_vec2()
+                .unwrap()
+        };
+        let delta = change(&gradient(0.0));
         for j in 0..cols {
             let column: f64 = delta.iter().map(|r| r[j]).sum();
             assert!((column - scale * b_col[j]).abs() < 1e-12, "column {j}");
         }
         // A gradient of ones adds A, whose column sums are a_col.
-        let ones = Tensor::ones((rows, cols), DType::F64, &Device::Cpu).unwrap();
-        let with: Vec<Vec<f64>> = c.delta(&condition, &ones).unwrap().to_vec2().unwrap();
+        let with = change(&gradient(1.0));
         for j in 0..cols {
             let added: f64 = with.iter().zip(&delta).map(|(a, b)| a[j] - b[j]).sum();
             assert!((added - scale * out[j]).abs() < 1e-12, "column {j}");
+        }
+    }
+
+    /// Two conditions and two tokens: the factored change is EFK's dense change
+    /// `σ̄ · (∇W ⊙ Σ_c a_row_c a_col_cᵀ + Σ_c b_row_c b_col_cᵀ)`, written out in scalars from the
+    /// conditioner's raw outputs.
+    #[test]
+    fn the_factored_change_is_efks_dense_change() {
+        let on = (&Device::Cpu, DType::F64);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let (rows, cols, width) = (4, 3, 6);
+        let c = Conditioner {
+            first: NormedLinear::new(&mut rng, 5, width, on).unwrap(),
+            second: NormedLinear::new(&mut rng, width, 2 * (rows + cols) + 1, on).unwrap(),
+            rows,
+            cols,
+        };
+        let conditions = Tensor::from_vec(
+            vec![0.3, -0.2, 0.5, 0.1, -0.4, -0.6, 0.2, 0.9, -0.1, 0.05],
+            (2, 5),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let x = [[0.7, -1.2, 0.4], [0.1, 0.5, -0.9]];
+        let delta = [[0.3, -0.5, 0.8, 0.2], [-1.1, 0.6, 0.05, 0.4]];
+        let gradient = Factors {
+            x: Tensor::new(&x, &Device::Cpu).unwrap(),
+            delta: Tensor::new(&delta, &Device::Cpu).unwrap(),
+        };
+        let got: Vec<Vec<f64>> = c
+            .change(&conditions, &gradient)
+            .unwrap()
+            .dense()
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let out: Vec<Vec<f64>> = c
+            .second
+            .forward(&c.first.forward(&conditions).unwrap().tanh().unwrap())
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let softmax = |v: &[f64]| -> Vec<f64> {
+            let total: f64 = v.iter().map(|z| z.exp()).sum();
+            v.iter().map(|z| z.exp() / total).collect()
+        };
+        let scale = out
+            .iter()
+            .map(|o| sigmoid(o[2 * (rows + cols)]))
+            .sum::<f64>()
+            / 2.0;
+        for (o, got_row) in got.iter().enumerate() {
+            for (i, &value) in got_row.iter().enumerate() {
+                let grad: f64 = (0..2).map(|t| delta[t][o] * x[t][i]).sum();
+                let (mut a, mut b) = (0.0, 0.0);
+                for raw in &out {
+                    let a_row = softmax(&raw[cols..cols + rows]);
+                    let b_row = softmax(&raw[2 * cols + rows..2 * (cols + rows)]);
+                    a += a_row[o] * raw[i];
+                    b += b_row[o] * raw[cols + rows + i];
+                }
+                let expected = scale * (grad * a + b);
+                assert!(
+                    (value - expected).abs() < 1e-12,
+                    "({o}, {i}): {value} vs {expected}"
+                );
+            }
         }
     }
 }

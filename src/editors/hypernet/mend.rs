@@ -15,7 +15,7 @@ use super::trainer::{HypernetTrainee, TrainingHparams};
 use super::{EditText, EditedWeight, FactorPass, Factors, Hypernet};
 use crate::editors::hparams::{float, read_yaml};
 use crate::error::{Error, Result};
-use crate::model::Model;
+use crate::model::{LowRankChange, Model};
 
 /// MEND under training.
 pub type MendTrainee<'a> = HypernetTrainee<'a, Mend>;
@@ -243,7 +243,7 @@ impl Mend {
 
     /// Each weight's change `ηᵢ Σₙ δ̃ₙ x̃ₙᵀ` (`[out, in]`), from its gradient factors. In training
     /// the networks' moments take the factors in and the result carries the networks' graph.
-    pub fn updates(&mut self, factors: &[Factors], training: bool) -> Result<Vec<Tensor>> {
+    pub fn updates(&mut self, factors: &[Factors], training: bool) -> Result<Vec<LowRankChange>> {
         if factors.len() != self.weights.len() {
             return Err(Error::Invalid(format!(
                 "{} factor sets for {} edited weights",
@@ -276,7 +276,10 @@ impl Mend {
                     Error::Invalid(format!("MEND has no network for {}", self.weights[i].name))
                 })?;
                 let step = self.edit_lrs.as_tensor().get(i)?;
-                Ok(delta.t()?.matmul(&x)?.broadcast_mul(&step)?)
+                Ok(LowRankChange {
+                    left: delta.t()?.broadcast_mul(&step)?,
+                    right: x,
+                })
             })
             .collect()
     }
@@ -437,7 +440,7 @@ impl Hypernet for Mend {
         _model: &Model,
         pass: &FactorPass,
         training: bool,
-    ) -> Result<Vec<Tensor>> {
+    ) -> Result<Vec<LowRankChange>> {
         Mend::updates(self, &pass.factors, training)
     }
 

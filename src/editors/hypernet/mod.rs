@@ -18,7 +18,9 @@ use serde::{Deserialize, Serialize};
 use crate::data::EditRequest;
 use crate::editors::{Edit, WeightChange};
 use crate::error::{Error, Result};
-use crate::model::{HookSpec, Intervention, Model, Module, Param, Site, TokenBatch, WeightId};
+use crate::model::{
+    HookSpec, Intervention, LowRankChange, Model, Module, Param, Site, TokenBatch, WeightId,
+};
 use trainer::TrainingHparams;
 
 /// A trained hypernetwork editor as the training loop, checkpoints and test-time editing see it:
@@ -46,15 +48,16 @@ pub trait Hypernet: Sized {
     fn weights(&self) -> &[EditedWeight];
     /// Every trainable tensor, in a fixed order (the optimiser's state follows it).
     fn vars(&self) -> Vec<Var>;
-    /// Each edited weight's change (`[out, in]`) for the edits `texts`, whose gradient `pass`
-    /// holds. In training the result carries the editor's graph.
+    /// Each edited weight's change for the edits `texts`, whose gradient `pass` holds, in the
+    /// factored form both methods' changes have (rank: the gradient's rows, and one more for
+    /// KE). In training the result carries the editor's graph.
     fn updates(
         &mut self,
         texts: &[EditText],
         model: &Model,
         pass: &FactorPass,
         training: bool,
-    ) -> Result<Vec<Tensor>>;
+    ) -> Result<Vec<LowRankChange>>;
     /// The gradient of a loss with respect to each of [`Hypernet::vars`], from the store its
     /// `backward` made. An editor whose graph reads a variable only through rows gathered for the
     /// last [`Hypernet::updates`] (KE's embedding table) returns those rows' gradient.
@@ -210,13 +213,14 @@ pub fn lowest_layer(weights: &[EditedWeight]) -> usize {
 pub fn install(
     model: &mut Model,
     weights: &[EditedWeight],
-    updates: &[Tensor],
+    updates: &[LowRankChange],
 ) -> Result<Vec<WeightChange>> {
     weights
         .iter()
         .zip(updates)
-        .map(|(w, delta)| {
+        .map(|(w, change)| {
             let before = model.weight(w.id)?;
+            let delta = change.dense()?;
             let wide = delta.dtype();
             let after = (before.to_dtype(wide)? + delta)?.to_dtype(before.dtype())?;
             model.replace_weight(w.id, after.clone())?;
@@ -247,7 +251,10 @@ pub fn apply_trained<H: Hypernet>(
     let updates = editor
         .updates(&texts, model, &pass, false)?
         .into_iter()
-        .map(|u| u.detach())
+        .map(|u| LowRankChange {
+            left: u.left.detach(),
+            right: u.right.detach(),
+        })
         .collect::<Vec<_>>();
     let weights = editor.weights().to_vec();
     Ok(Edit::of_weights(install(model, &weights, &updates)?))

@@ -9,8 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{self, CheckpointHeader};
 use super::{
-    gradient_factors, install, kl_from_base, lowest_layer, AnswerBatch, EditText, Gradient,
-    Hypernet,
+    gradient_factors, kl_from_base, lowest_layer, AnswerBatch, EditText, Gradient, Hypernet,
 };
 use crate::data::EditRequest;
 use crate::editors::optim::Adam;
@@ -200,8 +199,21 @@ impl<'a, H: Hypernet> HypernetTrainee<'a, H> {
         let pass = gradient_factors(self.model, &prepared.edit, &ids, below)?;
         let texts: Vec<EditText> = pairs.iter().map(|p| p.edit.clone()).collect();
         let updates = self.editor.updates(&texts, self.model, &pass, training)?;
-        let changes = install(self.model, &weights, &updates)?;
-        let scored = (|| {
+        // The edited weights stay factored in the graph: W + ΔW and its gradient would cost a
+        // weight-sized tensor each, per weight and micro-batch.
+        let mut installed = Vec::with_capacity(weights.len());
+        let mut put = Ok(());
+        for (w, change) in weights.iter().zip(updates) {
+            put = self
+                .model
+                .set_low_rank_change(w.id, Some(change))
+                .map(|_| ());
+            if put.is_err() {
+                break;
+            }
+            installed.push(w.id);
+        }
+        let scored = put.and_then(|()| {
             let resume = |r: &Option<(usize, Tensor)>| match r {
                 Some((l, t)) => HookSpec::new().resume_after(*l, t.clone()),
                 None => HookSpec::new(),
@@ -217,10 +229,9 @@ impl<'a, H: Hypernet> HypernetTrainee<'a, H> {
                 .log_probs(self.model, &resume(&prepared.locality_resid))?;
             let kl = kl_from_base(&prepared.base_locality, &loc_lp)?;
             Ok::<_, Error>((nll, acc, kl))
-        })();
-        for change in changes.iter().rev() {
-            self.model
-                .replace_weight(change.id, change.before.clone())?;
+        });
+        for id in installed {
+            self.model.set_low_rank_change(id, None)?;
         }
         let (nll, acc, kl) = scored?;
         let p = self.editor.training();
