@@ -470,3 +470,46 @@ fn mlp_up_and_gate_sites_hold_the_projections_outputs() {
         "{err}"
     );
 }
+
+/// A low-rank change acts as the merged weight `W + L·R` (on an MLP matrix with a bias, GPT-2's
+/// up projection, and LLaMA's gate before its SiLU), and taking it back leaves the logits bit
+/// for bit as before; factors of the wrong shape are refused.
+#[test]
+fn a_low_rank_change_acts_as_the_merged_weight_and_leaves_no_trace() {
+    for (mut model, module) in [(tiny_gpt2(), Module::MlpUp), (smollm2(), Module::MlpGate)] {
+        let ids = model.encode("The capital of France is").unwrap();
+        let before = logits_alone(&model, &ids);
+        let id = WeightId::layer(1, module);
+        let (out, inp) = model.weight(id).unwrap().dims2().unwrap();
+        let on = model.device().clone();
+        let left = (Tensor::randn(0f32, 1.0, (out, 3), &on).unwrap() * 0.05).unwrap();
+        let right = (Tensor::randn(0f32, 1.0, (3, inp), &on).unwrap() * 0.05).unwrap();
+        let change = kedit::model::LowRankChange {
+            left: left.clone(),
+            right: right.clone(),
+        };
+        model.set_low_rank_change(id, Some(change)).unwrap();
+        let factored = logits_alone(&model, &ids);
+        model.set_low_rank_change(id, None).unwrap();
+        assert_eq!(
+            logits_alone(&model, &ids).to_vec2::<f32>().unwrap(),
+            before.to_vec2::<f32>().unwrap()
+        );
+        let w = model.weight(id).unwrap();
+        let merged = (&w + left.matmul(&right).unwrap()).unwrap();
+        model.replace_weight(id, merged).unwrap();
+        let dense = logits_alone(&model, &ids);
+        model.replace_weight(id, w).unwrap();
+        assert!(
+            max_abs_diff(&dense, &before) > 1e-3,
+            "the change moved nothing"
+        );
+        let gap = max_abs_diff(&factored, &dense);
+        assert!(gap < 1e-4, "factored and merged logits differ by {gap}");
+        let wrong = kedit::model::LowRankChange {
+            left: right.t().unwrap(),
+            right: left.t().unwrap(),
+        };
+        assert!(model.set_low_rank_change(id, Some(wrong)).is_err() || out == inp);
+    }
+}
