@@ -95,6 +95,7 @@ fn train_writes_checkpoints_resumes_and_its_editor_edits() {
     )
     .unwrap();
     let model = smollm2_path();
+    let patch = tmp.path().join("mend-edit.safetensors");
     let applied = ok(&kedit(&[
         "apply",
         "-m",
@@ -109,9 +110,43 @@ fn train_writes_checkpoints_resumes_and_its_editor_edits() {
         "English",
         "--no-fluency",
         "--json",
+        "--save-edit",
+        patch.to_str().unwrap(),
     ]));
     let result: serde_json::Value = serde_json::from_str(&applied).unwrap();
-    assert!(result["post"]["rewrite_acc"].is_array(), "{result}");
+    // The edit is a change of exactly the weights inner_params names, and replaying it as a
+    // patch gives the same edited model.
+    let bytes = std::fs::read(&patch).unwrap();
+    let mut stored: Vec<String> = safetensors::SafeTensors::deserialize(&bytes)
+        .unwrap()
+        .names()
+        .into_iter()
+        .map(String::from)
+        .collect();
+    stored.sort();
+    assert_eq!(
+        stored,
+        [
+            "model.layers.29.mlp.down_proj.weight",
+            "model.layers.29.mlp.up_proj.weight"
+        ]
+    );
+    let replayed: serde_json::Value = serde_json::from_str(&ok(&kedit(&[
+        "apply",
+        "-m",
+        model.to_str().unwrap(),
+        "--patch",
+        patch.to_str().unwrap(),
+        "--prompt",
+        "The mother tongue of Danielle Darrieux is",
+        "--target",
+        "English",
+        "--no-fluency",
+        "--json",
+    ])))
+    .unwrap();
+    assert_eq!(replayed["post"], result["post"]);
+    assert_eq!(replayed["generation_after"], result["generation_after"]);
 
     // --archive names the editor when the file names none.
     let no_archive = tmp.path().join("no-archive.yaml");

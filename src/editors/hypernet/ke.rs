@@ -302,12 +302,7 @@ impl candle_core::CustomOp1 for RowNorm {
         Ok((out, (rows, 1).into()))
     }
 
-    fn bwd(
-        &self,
-        v: &Tensor,
-        norm: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(&self, v: &Tensor, norm: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(v.broadcast_mul(&(grad / norm)?)?))
     }
 }
