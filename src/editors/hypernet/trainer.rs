@@ -419,10 +419,15 @@ impl<H: Hypernet> Trainee for HypernetTrainee<'_, H> {
         } else {
             1.0
         };
-        let grads = grads
-            .into_iter()
-            .map(|g| g.map(|g| g * factor).transpose())
-            .collect::<candle_core::Result<Vec<_>>>()?;
+        // Unclipped gradients are used as they are (`g · 1` would copy each for nothing).
+        let grads = if factor < 1.0 {
+            grads
+                .into_iter()
+                .map(|g| g.map(|g| g * factor).transpose())
+                .collect::<candle_core::Result<Vec<_>>>()?
+        } else {
+            grads
+        };
         self.optimiser.apply_gradients(&grads)?;
         Ok(())
     }
