@@ -168,7 +168,11 @@ impl Adam {
             let mut shape = w.dims().to_vec();
             shape[0] = len;
             for (target, values) in [(w, w_new), (m, m_new), (v, v_new)] {
-                target.slice_set(&Tensor::from_vec(values, shape.as_slice(), w.device())?, 0, start)?;
+                target.slice_set(
+                    &Tensor::from_vec(values, shape.as_slice(), w.device())?,
+                    0,
+                    start,
+                )?;
             }
         }
         Ok(true)
@@ -247,10 +251,17 @@ mod tests {
     fn the_blocked_update_covers_every_row() -> Result<()> {
         let (lr, b1, b2, eps) = (0.05f32, 0.9f32, 0.999f32, 1e-8f32);
         let (rows, cols) = (3, 20_000);
-        assert!(cols < FUSED_BLOCK && 2 * cols > FUSED_BLOCK, "one row per block");
+        assert!(
+            cols < FUSED_BLOCK && 2 * cols > FUSED_BLOCK,
+            "one row per block"
+        );
         let start: Vec<f32> = (0..rows * cols).map(|k| (k % 7) as f32 - 3.0).collect();
         let scale: Vec<f32> = (0..rows * cols).map(|k| 1.0 + (k / cols) as f32).collect();
-        let w = Var::from_tensor(&Tensor::from_vec(start.clone(), (rows, cols), &Device::Cpu)?)?;
+        let w = Var::from_tensor(&Tensor::from_vec(
+            start.clone(),
+            (rows, cols),
+            &Device::Cpu,
+        )?)?;
         let mut adam = Adam::new(vec![w.clone()], f64::from(lr), 0.0)?;
         let (mut x, mut m, mut v) = (start, vec![0f32; rows * cols], vec![0f32; rows * cols]);
         for t in 1..=3 {
@@ -275,7 +286,10 @@ mod tests {
             // f32 rounding in the two orders of operations stays near 1e-5; a row skipped or
             // written to the wrong place would be off by lr-sized steps.
             for (j, (a, b)) in got.iter().zip(want.iter()).enumerate() {
-                assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "element {j}: {a} vs {b}");
+                assert!(
+                    (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+                    "element {j}: {a} vs {b}"
+                );
             }
         }
         Ok(())
