@@ -83,12 +83,36 @@ fn fast_products_give_the_fallbacks_logits_and_gradients() {
             "every matrix of SmolLM2's GGUF keeps its blocks"
         );
     }
-    model.discard_packed_weights();
+    // The layers below 20 kept only as quantised rows: the same bits again, the same weights and
+    // fingerprint, and layer 5's down_proj made f32 when replaced.
+    let fingerprint = model.fingerprint().unwrap();
+    let up = model
+        .weight_id_by_name("model.layers.3.mlp.up_proj.weight")
+        .unwrap();
+    let up_f32 = model.weight(up).unwrap();
+    let (released, freed) = model.release_dense_below(20);
+    if kernels::available() {
+        assert_eq!((released, freed), (7 * 20, 20 * 3_538_944 * 4));
+    }
+    assert_eq!(model.fingerprint().unwrap(), fingerprint);
+    assert_eq!(
+        model.weight(up).unwrap().to_vec2::<f32>().unwrap(),
+        up_f32.to_vec2::<f32>().unwrap()
+    );
+    let (short_rows, long_rows, grad_rows) = outputs(&mut model);
+    model.discard_packed_weights().unwrap();
     let (short_f32, long_f32, grad_f32) = outputs(&mut model);
     for (what, got, want) in [
         ("logits of 12 tokens", &short, &short_f32),
         ("logits of 8 x 32 tokens", &long, &long_f32),
         ("gradient of layer 5's down_proj", &grad, &grad_f32),
+        ("logits of 12 tokens, rows alone", &short_rows, &short_f32),
+        ("logits of 8 x 32 tokens, rows alone", &long_rows, &long_f32),
+        (
+            "gradient of layer 5's down_proj, rows alone",
+            &grad_rows,
+            &grad_f32,
+        ),
     ] {
         let bits = |t: &Tensor| -> Vec<u32> {
             t.flatten_all()

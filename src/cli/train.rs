@@ -141,6 +141,8 @@ fn run_with<H: Hypernet>(args: TrainArgs) -> anyhow::Result<ExitCode> {
 
     let mut model = args.model.load()?;
     let editor = H::build(&model, method_params)?;
+    // Training runs the layers below the edited weights forward only: their quantised rows do.
+    model.release_dense_below(crate::editors::hypernet::lowest_layer(editor.weights()));
     let accumulate = params.accumulate_bs.max(1);
     let max_steps = args
         .max_steps

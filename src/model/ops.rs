@@ -175,6 +175,44 @@ pub fn linear(
     }
 }
 
+/// `x @ wᵀ (+ b)` from a weight's quantised rows alone, where the short-product kernels apply
+/// (f32 on the CPU, no gradient, at most [`kernels::MAX_PACKED_ROWS`] rows): the same kernel, so
+/// the same bits, as [`linear`] given the weight beside its rows. `None` elsewhere.
+///
+/// # Shapes
+/// `xs: [b, s, in]`, `packed: [out, in]`, `bias: [out]` → `[b, s, out]`
+pub fn linear_from_packed(
+    xs: &Tensor,
+    packed: &PackedRows,
+    bias: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
+    let (b, s, d_in) = xs.dims3()?;
+    let m = b * s;
+    let applies = !xs.track_op()
+        && xs.dtype() == DType::F32
+        && xs.device().is_cpu()
+        && m <= kernels::MAX_PACKED_ROWS
+        && d_in == packed.cols()
+        && kernels::available()
+        && FAST_PRODUCTS.load(Ordering::Relaxed);
+    if !applies {
+        return Ok(None);
+    }
+    let flat = xs.contiguous()?.reshape((m, d_in))?;
+    let Some(a) = cpu_f32(&flat) else {
+        return Ok(None);
+    };
+    let ys = Tensor::from_vec(
+        kernels::x_wt_packed(a.slice(), packed, m),
+        (b, s, packed.rows()),
+        &Device::Cpu,
+    )?;
+    Ok(Some(match bias {
+        Some(bias) => ys.broadcast_add(bias)?,
+        None => ys,
+    }))
+}
+
 /// `x @ wᵀ` for a 2-D `x`. When a gradient flows through `x` but `w` is a constant, candle's
 /// matmul backward would still build the full `[out, in]` gradient of `w` (for the LM head, a
 /// vocabulary-sized matrix) on every backward pass and throw it away; [`ConstWeightMatmul`]

@@ -107,6 +107,13 @@ impl PackedRows {
         Self { data, ..*self }
     }
 
+    /// The whole matrix in f32: the values the loader made beside it.
+    pub fn dequantize(&self) -> candle_core::Result<candle_core::Tensor> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        self.dequantize_rows(0, self.rows, &mut out);
+        candle_core::Tensor::from_vec(out, (self.rows, self.cols), &candle_core::Device::Cpu)
+    }
+
     /// Writes rows `j0..j1` as f32 into `out` (`(j1 - j0) · cols` long).
     ///
     /// # Panics
