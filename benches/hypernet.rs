@@ -26,7 +26,7 @@ fn bench_one<H: Hypernet>(c: &mut Criterion, name: &str, editor: impl Fn(&Model)
     let pairs: Vec<TrainingPair> = records
         .iter()
         .take(20)
-        .map(|r| TrainingPair::from_request(r).unwrap())
+        .map(|r| TrainingPair::from_request(r, &|p: &str| p.to_string()).unwrap())
         .collect();
     let mut model = common::smollm2_f32();
     let mut group = c.benchmark_group("smollm2");

@@ -7,7 +7,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use serde::Serialize;
 
-use super::{ModelArgs, StoreArgs};
+use super::{InstructionArgs, ModelArgs, StoreArgs};
 use crate::data::{read_dataset, EditRequest, PromptSet};
 use crate::editors::registry::overlay_from_parts;
 use crate::editors::{build_editor_with_archive, default_hparams, patch, Edit, Patch};
@@ -22,6 +22,8 @@ pub struct ApplyArgs {
     model: ModelArgs,
     #[command(flatten)]
     stores: StoreArgs,
+    #[command(flatten)]
+    instruction: InstructionArgs,
     /// Editing method; not needed with --patch alone
     #[arg(long, required_unless_present = "patch", value_parser = super::editor_parser())]
     editor: Option<String>,
@@ -124,16 +126,19 @@ fn pairs(what: &str, prompts: &[String], answers: &[String]) -> anyhow::Result<O
     }))
 }
 
-fn request_from(args: &ApplyArgs) -> anyhow::Result<EditRequest> {
+/// The request, and the layout of the file it came from.
+fn request_from(args: &ApplyArgs) -> anyhow::Result<(EditRequest, Option<crate::data::Format>)> {
     if let Some(path) = &args.request {
         let ds = read_dataset(path, None)?;
         return match ds.cases.len() {
-            1 => Ok(ds
-                .cases
-                .into_iter()
-                .next()
-                .map(|(_, r)| r)
-                .context("no request")?),
+            1 => Ok((
+                ds.cases
+                    .into_iter()
+                    .next()
+                    .map(|(_, r)| r)
+                    .context("no request")?,
+                Some(ds.format),
+            )),
             n => bail!(
                 "{}: holds {n} usable records; --request takes exactly one",
                 path.display()
@@ -168,11 +173,22 @@ fn request_from(args: &ApplyArgs) -> anyhow::Result<EditRequest> {
             );
         }
     }
-    Ok(request)
+    Ok((request, None))
 }
 
 pub fn run(args: ApplyArgs) -> anyhow::Result<ExitCode> {
-    let request = request_from(&args)?;
+    let (request, format) = request_from(&args)?;
+    let data = args.request.as_deref().zip(format);
+    let instruction = match &args.editor {
+        Some(editor) => args.instruction.instruction(editor, data)?,
+        None => args.instruction.instruction("", data)?,
+    };
+    // InstructEdit edits, and is measured on, the prompts wrapped in its instruction.
+    let request = match &instruction {
+        Some((task, description)) => crate::data::instructions::Instructions::builtin()?
+            .wrap_request(*task, description, &request),
+        None => request,
+    };
     let mut model = args.model.load()?;
     let greedy = |m: &crate::model::Model| -> anyhow::Result<String> {
         Ok(

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::bail;
 use clap::{Args, ValueEnum};
 
-use super::{ModelArgs, StoreArgs};
+use super::{InstructionArgs, ModelArgs, StoreArgs};
 use crate::data::{read_dataset, Format};
 use crate::editors::{build_editor_with_archive, default_hparams, EditCtx};
 use crate::eval::case::{CaseResult, MeasureOptions};
@@ -23,6 +23,8 @@ pub struct EvalArgs {
     model: ModelArgs,
     #[command(flatten)]
     stores: StoreArgs,
+    #[command(flatten)]
+    instruction: InstructionArgs,
     /// Editing method (FT takes FT-L or FT-M from the hparams file)
     #[arg(long, value_parser = super::editor_parser())]
     editor: String,
@@ -240,6 +242,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         bail!("--batch-size must be at least 1");
     }
     let dataset = read_dataset(&args.data, args.format)?;
+    let instruction = args
+        .instruction
+        .instruction(&args.editor, Some((&args.data, dataset.format)))?;
     let shared_locality = dataset.shared_locality;
     let cases: Vec<_> = dataset
         .cases
@@ -254,6 +259,18 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         .skip_while(|(i, _)| *i < args.offset)
         .take(args.limit.unwrap_or(usize::MAX))
         .collect();
+    // InstructEdit's instruction goes around the edit, rephrase and portability prompts before
+    // anything is measured, so pre-edit scores see the same inputs (as EasyEdit's test script).
+    let cases: Vec<_> = match &instruction {
+        Some((task, description)) => {
+            let instructions = crate::data::instructions::Instructions::builtin()?;
+            cases
+                .into_iter()
+                .map(|(i, r)| (i, instructions.wrap_request(*task, description, &r)))
+                .collect()
+        }
+        None => cases,
+    };
     if cases.is_empty() {
         bail!(
             "{}: no records to evaluate after --offset {}, --limit and --sanitation-answer",
@@ -296,6 +313,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         fluency: args.fluency,
         chat_template,
         convsent_corrected: args.convsent_corrected,
+        instruction: instruction.map(|(task, description)| format!("{task}: {description}")),
         kedit_version: env!("CARGO_PKG_VERSION").into(),
     };
     let ctx = args.stores.ctx(args.seed);

@@ -70,6 +70,75 @@ pub struct ModelArgs {
     pub tokenizer: Option<std::path::PathBuf>,
 }
 
+/// InstructEdit's instruction for an evaluation run (SPEC-editors §9.1): one description for every
+/// record, as EasyEdit's test script uses.
+#[derive(Args, Debug, Clone)]
+pub struct InstructionArgs {
+    /// InstructEdit: the task the instruction names (default: from the data's layout and file name)
+    #[arg(long, value_enum)]
+    pub task: Option<crate::data::instructions::Task>,
+    /// InstructEdit: description K of the task for every record (0-8: those trained with, 9: the
+    /// held-out one); default: one drawn as EasyEdit's test script draws it (seed 0)
+    #[arg(long, conflicts_with = "unseen_instruction")]
+    pub instruction_index: Option<usize>,
+    /// InstructEdit: the task's held-out description, never seen in training
+    #[arg(long)]
+    pub unseen_instruction: bool,
+}
+
+impl InstructionArgs {
+    fn given(&self) -> bool {
+        self.task.is_some() || self.instruction_index.is_some() || self.unseen_instruction
+    }
+
+    /// For InstructEdit, the task and description every request of the run is wrapped in
+    /// (`data` names the file the task may be read from); `None` for other editors.
+    ///
+    /// # Errors
+    /// Instruction options for an editor that takes none, a task that cannot be told from the
+    /// data, or a description index out of range.
+    pub fn instruction(
+        &self,
+        editor: &str,
+        data: Option<(&std::path::Path, crate::data::Format)>,
+    ) -> anyhow::Result<Option<(crate::data::instructions::Task, String)>> {
+        use crate::data::instructions::{Choice, Instructions, Task};
+        if editor != "InstructEdit" {
+            if self.given() {
+                anyhow::bail!(
+                    "--task, --instruction-index and --unseen-instruction are InstructEdit's; \
+                     --editor {editor} takes no instruction"
+                );
+            }
+            return Ok(None);
+        }
+        let task = match (self.task, data) {
+            (Some(task), _) => task,
+            (None, Some((path, format))) => Task::of_file(path, format).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{}: cannot tell the task from the file; pass --task ({})",
+                    path.display(),
+                    Task::ALL.map(Task::name).join(", ")
+                )
+            })?,
+            (None, None) => anyhow::bail!(
+                "InstructEdit needs the task of the edit: pass --task ({})",
+                Task::ALL.map(Task::name).join(", ")
+            ),
+        };
+        let choice = match (self.instruction_index, self.unseen_instruction) {
+            (Some(k), _) => Choice::Index(k),
+            (None, true) => Choice::Unseen,
+            (None, false) => Choice::Drawn,
+        };
+        let description = Instructions::builtin()?
+            .description(task, choice)
+            .map_err(|e| anyhow::anyhow!(e))?
+            .to_string();
+        Ok(Some((task, description)))
+    }
+}
+
 /// Where the stores an editor uses live; shared by the subcommands that edit.
 #[derive(Args, Debug, Clone)]
 pub struct StoreArgs {

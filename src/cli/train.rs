@@ -1,5 +1,5 @@
-//! `kedit train`: trains a hypernetwork editor (MEND or KE) on edit records, validating on records held
-//! out of training, with checkpoints a later run resumes from.
+//! `kedit train`: trains a hypernetwork editor (MEND, KE, InstructEdit) on edit records, validating
+//! on records held out of training, with checkpoints a later run resumes from.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -11,9 +11,11 @@ use std::time::Duration;
 use clap::Args;
 
 use super::ModelArgs;
+use crate::data::instructions::{Instructions, Sentiment, Task};
 use crate::data::python_random::PythonRandom;
 use crate::data::read_dataset;
 use crate::editors::hypernet::checkpoint::{BEST_FILE, LAST_FILE};
+use crate::editors::hypernet::instructedit::InstructEdit;
 use crate::editors::hypernet::ke::Ke;
 use crate::editors::hypernet::mend::Mend;
 use crate::editors::hypernet::trainer::{HypernetTrainee, TrainingPair};
@@ -25,20 +27,22 @@ use crate::run::train::{
 #[derive(Args, Debug)]
 pub struct TrainArgs {
     /// The editor to train
-    #[arg(long, value_parser = ["MEND", "KE"])]
+    #[arg(long, value_parser = ["MEND", "KE", "InstructEdit"])]
     editor: String,
     #[command(flatten)]
     model: ModelArgs,
     /// EasyEdit's TRAINING hparams file (hparams/TRAINING/MEND/*.yaml, hparams/TRAINING/KE/*.yaml), read unchanged
     #[arg(long)]
     hparams: PathBuf,
-    /// Training records (ZsRE in MEND's layout, CounterFact, KnowEdit); repeat for several files
-    #[arg(long, required = true)]
-    data: Vec<PathBuf>,
+    /// Training records (ZsRE in MEND's layout, CounterFact, KnowEdit, ConvSent); repeat for
+    /// several files, which are mixed. `TASK=FILE` names the file's task (convsent, counterfact,
+    /// wikirecent, zsre), which InstructEdit's instructions need
+    #[arg(long, required = true, value_parser = parse_data)]
+    data: Vec<TaggedFile>,
     /// Validation records; by default a seeded sample of the training records is held out
     /// (never trained on): val_steps of them, at most a tenth
-    #[arg(long)]
-    val: Option<PathBuf>,
+    #[arg(long, value_parser = parse_data)]
+    val: Option<TaggedFile>,
     /// Folder for checkpoints: best.safetensors (the editor eval and apply load through the edit
     /// hparams' archive), last.safetensors and last.json (to resume)
     #[arg(long)]
@@ -76,8 +80,48 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     match args.editor.as_str() {
         "MEND" => run_with::<Mend>(args),
         "KE" => run_with::<Ke>(args),
-        other => anyhow::bail!("--editor {other}: kedit trains MEND and KE"),
+        "InstructEdit" => run_with::<InstructEdit>(args),
+        other => anyhow::bail!("--editor {other}: kedit trains MEND, KE and InstructEdit"),
     }
+}
+
+/// A `--data` file, and the task it was tagged with (`counterfact=FILE`).
+#[derive(Debug, Clone)]
+pub struct TaggedFile {
+    pub task: Option<Task>,
+    pub path: PathBuf,
+}
+
+fn parse_data(text: &str) -> Result<TaggedFile, String> {
+    if let Some((tag, path)) = text.split_once('=') {
+        if let Some(task) = Task::parse(tag) {
+            return Ok(TaggedFile {
+                task: Some(task),
+                path: PathBuf::from(path),
+            });
+        }
+        // A path with '=' in it (but whose prefix is no task) is a path.
+        if !std::path::Path::new(text).exists() {
+            return Err(format!(
+                "{tag:?} is not a task: tag a file with one of {}",
+                Task::ALL.map(Task::name).join(", ")
+            ));
+        }
+    }
+    Ok(TaggedFile {
+        task: None,
+        path: PathBuf::from(text),
+    })
+}
+
+/// How each record's edit prompts are wrapped: InstructEdit's instruction for the file's task,
+/// or not at all.
+enum Wrapping {
+    None,
+    Instructions {
+        instructions: Box<Instructions>,
+        seed: u64,
+    },
 }
 
 fn run_with<H: Hypernet>(args: TrainArgs) -> anyhow::Result<ExitCode> {
@@ -97,16 +141,26 @@ fn run_with<H: Hypernet>(args: TrainArgs) -> anyhow::Result<ExitCode> {
             args.out.display()
         );
     }
+    let wrapping = if H::METHOD == InstructEdit::METHOD {
+        Wrapping::Instructions {
+            instructions: Box::new(Instructions::builtin()?),
+            seed: params.seed,
+        }
+    } else {
+        Wrapping::None
+    };
     let mut records = Vec::new();
     let mut skipped = 0;
-    for path in &args.data {
-        let (pairs, without) = training_pairs(path)?;
+    for file in &args.data {
+        let (pairs, without) = training_pairs(file, &wrapping)?;
         records.extend(pairs);
         skipped += without;
     }
+    let mixed = args.data.len() > 1;
     let (train_pairs, val_pairs) = match &args.val {
-        Some(path) => {
-            let (val, without) = training_pairs(path)?;
+        Some(file) => {
+            let path = &file.path;
+            let (val, without) = training_pairs(file, &wrapping)?;
             skipped += without;
             let trained: std::collections::HashSet<(&str, &str)> = records
                 .iter()
@@ -128,6 +182,11 @@ fn run_with<H: Hypernet>(args: TrainArgs) -> anyhow::Result<ExitCode> {
         }
         None => hold_out(records, params.val_steps, params.seed),
     };
+    // A mixture is trained on in a seeded order, not file after file (EasyEdit's loader shuffles).
+    let mut train_pairs = train_pairs;
+    if mixed {
+        PythonRandom::new(params.seed).shuffle(&mut train_pairs);
+    }
     if train_pairs.is_empty() || val_pairs.is_empty() {
         anyhow::bail!(
             "{} training and {} validation records: MEND needs both (give more --data or --val)",
@@ -307,12 +366,39 @@ fn summary(metrics: &Metrics, suffix: &str) -> String {
 }
 
 /// The records of a file as training pairs, and how many had no locality prompt.
-fn training_pairs(path: &Path) -> anyhow::Result<(Vec<TrainingPair>, usize)> {
+fn training_pairs(
+    file: &TaggedFile,
+    wrapping: &Wrapping,
+) -> anyhow::Result<(Vec<TrainingPair>, usize)> {
+    let path: &Path = &file.path;
     let ds = read_dataset(path, None)?;
+    let task = match (
+        wrapping,
+        file.task.or_else(|| Task::of_file(path, ds.format)),
+    ) {
+        (Wrapping::None, task) => task,
+        (Wrapping::Instructions { .. }, Some(task)) => Some(task),
+        (Wrapping::Instructions { .. }, None) => anyhow::bail!(
+            "{}: InstructEdit needs each file's task; tag it, e.g. --data counterfact={}",
+            path.display(),
+            path.display()
+        ),
+    };
     let mut pairs = Vec::with_capacity(ds.cases.len());
     let mut without = 0;
     for (_, request) in &ds.cases {
-        match TrainingPair::from_request(request) {
+        let pair = match (wrapping, task) {
+            (Wrapping::Instructions { instructions, seed }, Some(task)) => {
+                let record = format!("{}\n{}", request.prompt, request.target_new);
+                let description = instructions.training_description(task, *seed, &record);
+                let sentiment = Sentiment::of(request);
+                TrainingPair::from_request(request, &|p: &str| {
+                    instructions.wrap(task, description, p, sentiment)
+                })
+            }
+            _ => TrainingPair::from_request(request, &|p: &str| p.to_string()),
+        };
+        match pair {
             Ok(p) => pairs.push(p),
             Err(_) => without += 1,
         }

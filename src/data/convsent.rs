@@ -48,6 +48,12 @@ impl SentimentProbe {
     pub fn text((question, answer): &(String, String)) -> String {
         format!("{question} {SEPARATOR} {answer}")
     }
+
+    /// Whether the edit asks for the positive sentiment: the topic's sentences come positive
+    /// first, so the first carries the target sentiment exactly when it is positive.
+    pub fn target_is_positive(&self) -> bool {
+        self.same_sentiment.first().copied().unwrap_or(false)
+    }
 }
 
 fn questions() -> Vec<String> {

@@ -3,6 +3,7 @@
 
 pub mod convsent;
 mod counterfact;
+pub mod instructions;
 mod knowedit;
 pub mod python_random;
 mod sanitation;

@@ -15,6 +15,8 @@ pub enum EditorKind {
     Memit,
     AlphaEdit,
     Mend,
+    /// MEND trained and applied with instructions.
+    InstructEdit,
     Ke,
 }
 
@@ -28,6 +30,7 @@ pub const EDITORS: &[(&str, EditorKind)] = &[
     ("MEMIT", EditorKind::Memit),
     ("AlphaEdit", EditorKind::AlphaEdit),
     ("MEND", EditorKind::Mend),
+    ("InstructEdit", EditorKind::InstructEdit),
     ("KE", EditorKind::Ke),
 ];
 
@@ -86,6 +89,7 @@ impl EditorKind {
             EditorKind::Memit => "MEMIT",
             EditorKind::AlphaEdit => "AlphaEdit",
             EditorKind::Mend => "MEND",
+            EditorKind::InstructEdit => "InstructEdit",
             EditorKind::Ke => "KE",
         }
     }
@@ -110,16 +114,24 @@ pub fn build_editor_with_archive(
     let kind = EditorKind::from_alg_name(name)?;
     let file_kind = EditorKind::from_alg_name(&alg_name(hparams)?)
         .map_err(|e| Error::file(hparams, e.to_string()))?;
-    if kind != file_kind {
+    // EasyEdit's InstructEdit files are MEND files (`alg_name: MEND`).
+    let same =
+        kind == file_kind || (kind, file_kind) == (EditorKind::InstructEdit, EditorKind::Mend);
+    if !same {
         return Err(Error::file(
             hparams,
             format!("is a {file_kind:?} file, not one for {name}"),
         ));
     }
     let archive = archive.map(Path::to_path_buf);
-    if archive.is_some() && !matches!(kind, EditorKind::Mend | EditorKind::Ke) {
+    if archive.is_some()
+        && !matches!(
+            kind,
+            EditorKind::Mend | EditorKind::InstructEdit | EditorKind::Ke
+        )
+    {
         return Err(Error::Invalid(format!(
-            "--archive names a trained editor: MEND and KE take one, {name} does not"
+            "--archive names a trained editor: MEND, InstructEdit and KE take one, {name} does not"
         )));
     }
     Ok(match kind {
@@ -138,6 +150,9 @@ pub fn build_editor_with_archive(
         EditorKind::Mend => Box::new(super::hypernet::mend::MendFromArchive::from_yaml(
             hparams, archive,
         )?),
+        EditorKind::InstructEdit => Box::new(
+            super::hypernet::instructedit::InstructEditFromArchive::from_yaml(hparams, archive)?,
+        ),
         EditorKind::Ke => Box::new(super::hypernet::ke::KeFromArchive::from_yaml(
             hparams, archive,
         )?),
@@ -215,7 +230,10 @@ mod tests {
         }
         assert!(files >= 15, "found {files} files");
         // Training files are read by `kedit train`, not the registry.
-        for file in std::fs::read_dir(root.join("TRAINING/MEND")).unwrap() {
+        let mend_files = std::fs::read_dir(root.join("TRAINING/MEND"))
+            .unwrap()
+            .chain(std::fs::read_dir(root.join("TRAINING/InstructEdit")).unwrap());
+        for file in mend_files {
             let path = file.unwrap().path();
             super::super::hypernet::mend::MendParams::from_yaml(&path)
                 .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -227,7 +245,7 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             files += 1;
         }
-        assert!(files >= 18, "found {files} files");
+        assert!(files >= 24, "found {files} files");
     }
 
     #[test]

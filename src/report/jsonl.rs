@@ -31,6 +31,9 @@ pub struct RunRecord {
     pub fluency: bool,
     pub chat_template: bool,
     pub convsent_corrected: bool,
+    /// InstructEdit's task and description, the same for every case.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instruction: Option<String>,
     /// Informational: which kedit wrote the file (not compared).
     pub kedit_version: String,
 }
@@ -242,6 +245,7 @@ mod tests {
             fluency: false,
             chat_template: false,
             convsent_corrected: false,
+            instruction: None,
             kedit_version: "0.1.0".into(),
         }
     }

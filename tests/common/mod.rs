@@ -198,6 +198,11 @@ pub fn zsre_pairs(
     let ds = kedit::data::read_dataset(&fixture("data/zsre_mend_train_sample.json"), None).unwrap();
     ds.cases[range]
         .iter()
-        .map(|(_, r)| kedit::editors::hypernet::trainer::TrainingPair::from_request(r).unwrap())
+        .map(|(_, r)| {
+            kedit::editors::hypernet::trainer::TrainingPair::from_request(r, &|p: &str| {
+                p.to_string()
+            })
+            .unwrap()
+        })
         .collect()
 }

@@ -99,7 +99,10 @@ pub fn read(path: &Path, method: &str) -> Result<(CheckpointHeader, BTreeMap<Str
         )));
     }
     if header.method != method {
-        return Err(not_one(format!("it holds a {} editor", header.method)));
+        return Err(not_one(format!(
+            "it holds an editor trained as {}",
+            header.method
+        )));
     }
     #[derive(Deserialize)]
     struct Entry {
@@ -330,7 +333,7 @@ mod tests {
             b.to_vec1::<f64>().unwrap()
         );
         let refused = read(&path, "MEND").unwrap_err().to_string();
-        assert!(refused.contains("holds a KE editor"), "{refused}");
+        assert!(refused.contains("trained as KE"), "{refused}");
 
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() - 4]).unwrap();

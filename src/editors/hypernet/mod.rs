@@ -3,6 +3,7 @@
 //! per-token factors from one backward pass, and the answer-token batches their losses read.
 
 pub mod checkpoint;
+pub mod instructedit;
 pub mod ke;
 pub mod mend;
 pub mod network;
@@ -296,6 +297,9 @@ pub struct AnswerBatch {
     /// `(row, position)` of the logit predicting each label.
     pub positions: Vec<(usize, usize)>,
     pub labels: Vec<u32>,
+    /// Per label: whether the loss raises its probability (the edit's answer) or lowers it
+    /// (ConvSent's sentences of the other sentiment, by unlikelihood).
+    pub wanted: Vec<bool>,
 }
 
 impl AnswerBatch {
@@ -338,11 +342,21 @@ impl AnswerBatch {
             sequences.push(ids);
         }
         let pad = model.spec().eos_id.or(model.spec().pad_id).unwrap_or(0);
+        let wanted = vec![true; labels.len()];
         Ok(AnswerBatch {
             batch: TokenBatch::new(&sequences, pad, model.device())?,
             positions,
             labels,
+            wanted,
         })
+    }
+
+    /// The batch with the labels of the rows marked `false` to be made unlikely.
+    pub fn with_unwanted_rows(mut self, wanted_rows: &[bool]) -> Self {
+        for (w, (row, _)) in self.wanted.iter_mut().zip(&self.positions) {
+            *w = wanted_rows.get(*row).copied().unwrap_or(true);
+        }
+        self
     }
 
     /// Log-probabilities `[n_labels, vocab]` at the label positions, with `hooks`.
@@ -354,17 +368,43 @@ impl AnswerBatch {
     }
 
     /// Mean negative log-likelihood of the labels, and the fraction of labels that are the argmax.
+    ///
+    /// With unwanted labels, the loss is EasyEdit's unlikelihood form for ConvSent,
+    /// `−mean log p(wanted) − mean log(1 − p(unwanted) + ε)` (ε: f32's machine epsilon), and the
+    /// accuracy counts the wanted labels only: an unwanted label being the argmax is no success.
     pub fn nll_and_accuracy(&self, log_probs: &Tensor) -> Result<(Tensor, f64)> {
         let labels = Tensor::new(self.labels.as_slice(), log_probs.device())?;
-        let picked = log_probs.gather(&labels.unsqueeze(1)?, D::Minus1)?;
-        let nll = picked.neg()?.mean_all()?;
+        let picked = log_probs
+            .gather(&labels.unsqueeze(1)?, D::Minus1)?
+            .squeeze(1)?;
         let argmax = log_probs.argmax(D::Minus1)?.to_vec1::<u32>()?;
-        let hits = argmax
+        let wanted_rows: Vec<u32> = (0..self.labels.len() as u32)
+            .filter(|&i| self.wanted[i as usize])
+            .collect();
+        let hits = wanted_rows
             .iter()
-            .zip(&self.labels)
-            .filter(|(a, b)| a == b)
+            .filter(|&&i| argmax[i as usize] == self.labels[i as usize])
             .count();
-        Ok((nll, hits as f64 / self.labels.len() as f64))
+        let accuracy = hits as f64 / wanted_rows.len().max(1) as f64;
+        if wanted_rows.len() == self.labels.len() {
+            return Ok((picked.neg()?.mean_all()?, accuracy));
+        }
+        let unwanted_rows: Vec<u32> = (0..self.labels.len() as u32)
+            .filter(|&i| !self.wanted[i as usize])
+            .collect();
+        let rows = |r: &[u32]| Tensor::new(r, log_probs.device());
+        let mut nll = picked
+            .index_select(&rows(&unwanted_rows)?, 0)?
+            .exp()?
+            .affine(-1.0, 1.0 + f64::from(f32::EPSILON))?
+            .log()?
+            .mean_all()?
+            .neg()?;
+        if !wanted_rows.is_empty() {
+            let good = picked.index_select(&rows(&wanted_rows)?, 0)?.mean_all()?;
+            nll = (nll - good)?;
+        }
+        Ok((nll, accuracy))
     }
 }
 
@@ -507,5 +547,37 @@ mod tests {
             total.to_vec2::<f32>().unwrap(),
             [[1.0, 1.0], [12.0, 23.0], [1.0, 1.0], [4.5, 5.5]]
         );
+    }
+
+    /// ConvSent's unlikelihood loss on a hand-made example: wanted labels with probabilities 0.5
+    /// and 0.25, unwanted ones with 0.6 and 0.8, so by hand
+    /// `−(ln 0.5 + ln 0.25)/2 − (ln(0.4 + ε) + ln(0.2 + ε))/2 = 2.302584646`; accuracy counts the
+    /// wanted labels only (one of two is the argmax). All labels wanted is the plain mean NLL.
+    #[test]
+    fn unlikelihood_loss_matches_the_hand_computed_value() {
+        let d = &Device::Cpu;
+        let probs = [
+            [0.5f64, 0.25, 0.25],
+            [0.2, 0.6, 0.2],
+            [0.1, 0.1, 0.8],
+            [0.5, 0.25, 0.25],
+        ];
+        let log_probs = Tensor::new(&probs, d).unwrap().log().unwrap();
+        let batch = |wanted: Vec<bool>| AnswerBatch {
+            batch: TokenBatch::new(&[vec![0u32, 1, 2, 3, 4]], 0, d).unwrap(),
+            positions: vec![(0, 0), (0, 1), (0, 2), (0, 3)],
+            labels: vec![0, 1, 2, 1],
+            wanted,
+        };
+        let (nll, acc) = batch(vec![true, false, false, true])
+            .nll_and_accuracy(&log_probs)
+            .unwrap();
+        let nll = nll.to_scalar::<f64>().unwrap();
+        assert!((nll - 2.302_584_645_959_319).abs() < 1e-9, "{nll}");
+        assert_eq!(acc, 0.5);
+        let (nll, acc) = batch(vec![true; 4]).nll_and_accuracy(&log_probs).unwrap();
+        let by_hand = -(0.5f64.ln() + 0.6f64.ln() + 0.8f64.ln() + 0.25f64.ln()) / 4.0;
+        assert!((nll.to_scalar::<f64>().unwrap() - by_hand).abs() < 1e-12);
+        assert_eq!(acc, 0.75);
     }
 }

@@ -40,31 +40,97 @@ pub struct TrainingHparams {
     pub outer_edit_loss: bool,
 }
 
-/// One training example: the edit and a locality prompt whose predictions should not move.
+/// One answer the edited model is scored on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScoredAnswer {
+    pub prompt: String,
+    pub answer: String,
+    /// `false` for an answer the loss makes unlikely (ConvSent's other sentiment).
+    pub wanted: bool,
+}
+
+/// One training example: the edit, what the edited model is scored on, and locality prompts whose
+/// predictions should not move.
 #[derive(Debug, Clone)]
 pub struct TrainingPair {
     pub edit: EditText,
+    /// The edit's prompt and new answer; for ConvSent, every opinion sentence on the topic, the
+    /// target sentiment's wanted and the other's unwanted (EasyEdit's multi-task trainer).
+    pub answers: Vec<ScoredAnswer>,
     pub rephrase: Option<String>,
-    pub locality: (String, String),
+    /// A fact's first locality prompt and answer; ConvSent's sentences on the next topic.
+    pub locality: Vec<(String, String)>,
 }
 
 impl TrainingPair {
-    /// The request's prompt, new target and old answer, and its first locality prompt and answer.
+    /// The request as a training example, its edit prompts (not its locality prompts) passed
+    /// through `wrap` (InstructEdit's instruction; the identity otherwise).
+    ///
+    /// A fact is scored on its new answer and keeps its first locality prompt. A ConvSent topic
+    /// is scored on its sentences after `question </s>` (the answer tokens only: EasyEdit also
+    /// scores the question tokens, the same for both sentiments, which the unlikelihood term then
+    /// pushes down), with the next topic's sentences for locality.
     ///
     /// # Errors
     /// A request without a locality prompt: the training loss needs one.
-    pub fn from_request(r: &EditRequest) -> std::result::Result<Self, String> {
+    pub fn from_request(
+        r: &EditRequest,
+        wrap: &dyn Fn(&str) -> String,
+    ) -> std::result::Result<Self, String> {
+        use crate::data::convsent::SEPARATOR;
+        let edit = EditText {
+            prompt: wrap(&r.prompt),
+            ..EditText::of(r)
+        };
+        if let Some(probe) = &r.sentiment {
+            let answers = probe
+                .inner_qa
+                .iter()
+                .zip(&probe.same_sentiment)
+                .map(|((q, a), &wanted)| ScoredAnswer {
+                    prompt: format!("{} {SEPARATOR}", wrap(q)),
+                    answer: a.trim().to_string(),
+                    wanted,
+                })
+                .collect();
+            let locality = probe
+                .outer_qa
+                .iter()
+                .map(|(q, a)| (format!("{q} {SEPARATOR}"), a.trim().to_string()))
+                .collect();
+            return Ok(TrainingPair {
+                edit,
+                answers,
+                rephrase: None,
+                locality,
+            });
+        }
         let (p, a) = r
             .locality
             .values()
             .find_map(|set| Some((set.prompt.first()?, set.ground_truth.first()?)))
             .ok_or_else(|| "no locality prompt (the training loss needs one)".to_string())?;
         Ok(TrainingPair {
-            edit: EditText::of(r),
-            rephrase: r.rephrase_prompt.clone(),
-            locality: (p.clone(), a.clone()),
+            answers: vec![ScoredAnswer {
+                prompt: edit.prompt.clone(),
+                answer: edit.target.clone(),
+                wanted: true,
+            }],
+            edit,
+            rephrase: r.rephrase_prompt.as_deref().map(wrap),
+            locality: vec![(p.clone(), a.clone())],
         })
     }
+}
+
+/// The batch scoring `answers`, unwanted ones by unlikelihood.
+fn answer_batch(model: &Model, answers: &[&ScoredAnswer], bos_label: bool) -> Result<AnswerBatch> {
+    let pairs: Vec<(&str, &str)> = answers
+        .iter()
+        .map(|a| (a.prompt.as_str(), a.answer.as_str()))
+        .collect();
+    let wanted: Vec<bool> = answers.iter().map(|a| a.wanted).collect();
+    Ok(AnswerBatch::with_labels(model, &pairs, bos_label)?.with_unwanted_rows(&wanted))
 }
 
 /// The base model's side of a training example: the batches, the residual entering the lowest
@@ -134,16 +200,14 @@ impl<'a, H: Hypernet> HypernetTrainee<'a, H> {
 
     fn prepare(&self, pairs: &[TrainingPair]) -> Result<Prepared> {
         let model = &*self.model;
-        let edits: Vec<(&str, &str)> = pairs
-            .iter()
-            .map(|p| (p.edit.prompt.as_str(), p.edit.target.as_str()))
-            .collect();
+        let answers: Vec<&ScoredAnswer> = pairs.iter().flat_map(|p| &p.answers).collect();
         let locs: Vec<(&str, &str)> = pairs
             .iter()
-            .map(|p| (p.locality.0.as_str(), p.locality.1.as_str()))
+            .flat_map(|p| &p.locality)
+            .map(|(p, a)| (p.as_str(), a.as_str()))
             .collect();
         let knobs = self.editor.training();
-        let edit = AnswerBatch::with_labels(model, &edits, knobs.bos_label)?;
+        let edit = answer_batch(model, &answers, knobs.bos_label)?;
         let locality = AnswerBatch::new(model, &locs)?;
         let below = lowest_layer(self.editor.weights()).checked_sub(1);
         let mut hooks = HookSpec::new();
@@ -151,14 +215,22 @@ impl<'a, H: Hypernet> HypernetTrainee<'a, H> {
             hooks = hooks.capture(Site::ResidPost(l));
         }
         let outer = if knobs.outer_edit_loss {
-            let rephrased: Vec<(&str, &str)> = pairs
+            let rephrased: Vec<ScoredAnswer> = pairs
                 .iter()
-                .map(|p| {
-                    let prompt = p.rephrase.as_deref().unwrap_or(&p.edit.prompt);
-                    (prompt, p.edit.target.as_str())
+                .flat_map(|p| match &p.rephrase {
+                    Some(prompt) => vec![ScoredAnswer {
+                        prompt: prompt.clone(),
+                        answer: p.edit.target.clone(),
+                        wanted: true,
+                    }],
+                    None => p.answers.clone(),
                 })
                 .collect();
-            let batch = AnswerBatch::with_labels(model, &rephrased, knobs.bos_label)?;
+            let batch = answer_batch(
+                model,
+                &rephrased.iter().collect::<Vec<_>>(),
+                knobs.bos_label,
+            )?;
             let resid = match below {
                 Some(l) => {
                     let out = model.forward_at(&batch.batch, &hooks, &batch.positions)?;
