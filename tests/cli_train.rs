@@ -403,7 +403,7 @@ fn ke_trains_and_its_editor_applies_through_archive() {
             "English",
             "--no-fluency",
         ]),
-        &["not a kedit MEND checkpoint", "holds a KE editor"],
+        &["not a kedit MEND checkpoint", "trained as KE"],
     );
 }
 

@@ -171,5 +171,5 @@ fn training_lowers_the_validation_loss_and_the_editor_loads_back() {
     .err()
     .expect("a KE checkpoint is not a MEND editor")
     .to_string();
-    assert!(err.contains("holds a KE editor"), "{err}");
+    assert!(err.contains("trained as KE"), "{err}");
 }
