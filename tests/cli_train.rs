@@ -457,3 +457,148 @@ fn an_interrupted_checkpoint_write_leaves_the_last_checkpoint_valid() {
         "the validation at step 4"
     );
 }
+
+/// InstructEdit trains on files tagged with their tasks, its checkpoint is an InstructEdit one,
+/// and evaluation wraps the edit, rephrase and portability prompts (not the locality prompts) in
+/// the instruction chosen for the run, which the run record names. Untagged files of no known
+/// task, unknown tags, and instruction options for another editor are refused in one line.
+#[test]
+fn instructedit_trains_on_tagged_tasks_and_evaluates_with_its_instruction() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hparams = tmp.path().join("ie-train.yaml");
+    std::fs::write(&hparams, training_yaml("")).unwrap();
+    let out = tmp.path().join("run");
+    let model = smollm2_path();
+    let counterfact = fixture("data/knowedit_wiki_counterfact_train.json");
+    let recent = fixture("data/knowedit_wiki_recent_train.json");
+    let train = |data: &[String], out: &std::path::Path| {
+        let mut args: Vec<String> = [
+            "train",
+            "--editor",
+            "InstructEdit",
+            "-m",
+            model.to_str().unwrap(),
+            "--hparams",
+            hparams.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--max-steps",
+            "2",
+            "--json",
+            "--quiet",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        for d in data {
+            args.push("--data".into());
+            args.push(d.clone());
+        }
+        kedit_with_backtraces(&args)
+    };
+    let tagged = [
+        format!("counterfact={}", counterfact.display()),
+        format!("wikirecent={}", recent.display()),
+    ];
+    assert_eq!(steps_of(&ok(&train(&tagged, &out))), [2]);
+    let header: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("last.json")).unwrap()).unwrap();
+    assert_eq!(header["method"], "InstructEdit");
+
+    // A file whose task cannot be told, and a tag that is no task.
+    let anonymous = tmp.path().join("records.json");
+    std::fs::copy(&counterfact, &anonymous).unwrap();
+    assert_one_line_error(
+        &train(
+            &[anonymous.display().to_string()],
+            &tmp.path().join("other"),
+        ),
+        &[
+            "records.json",
+            "InstructEdit needs each file's task",
+            "--data counterfact=",
+        ],
+    );
+    assert_one_line_error(
+        &train(
+            &[format!("recnet={}", recent.display())],
+            &tmp.path().join("other"),
+        ),
+        &["--data recnet=", "\"recnet\" is not a task", "wikirecent"],
+    );
+
+    // Evaluation with the held-out instruction.
+    let results = tmp.path().join("eval.jsonl");
+    let test = fixture("data/knowedit_wiki_counterfact_test.json");
+    let eval_args = |editor: &str, extra: &[&str]| {
+        let mut args: Vec<String> = [
+            "eval",
+            "-m",
+            model.to_str().unwrap(),
+            "--editor",
+            editor,
+            "--hparams",
+            hparams.to_str().unwrap(),
+            "--archive",
+            out.to_str().unwrap(),
+            "--data",
+            test.to_str().unwrap(),
+            "--limit",
+            "2",
+            "--quiet",
+            "--json",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    ok(&kedit(&eval_args(
+        "InstructEdit",
+        &["--unseen-instruction", "--out", results.to_str().unwrap()],
+    )));
+    let prefix = "Task: counterfact\nDescription: A dataset curated to push the boundaries of \
+                  model's capabilities in recognizing and processing tail entities.\nInput: ";
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(&test)
+        .map(|t| serde_json::from_str(&t).unwrap())
+        .unwrap();
+    let lines = std::fs::read_to_string(&results).unwrap();
+    let cases: Vec<serde_json::Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(cases.len(), 2);
+    for (case, record) in cases.iter().zip(&records) {
+        let rewrite = &case["requested_rewrite"];
+        assert_eq!(
+            rewrite["prompt"].as_str().unwrap(),
+            format!("{prefix}{}", record["prompt"].as_str().unwrap())
+        );
+        for set in rewrite["portability"].as_object().unwrap().values() {
+            for p in set["prompt"].as_array().unwrap() {
+                assert!(p.as_str().unwrap().starts_with(prefix), "{p}");
+            }
+        }
+        for set in rewrite["locality"].as_object().unwrap().values() {
+            for p in set["prompt"].as_array().unwrap() {
+                assert!(!p.as_str().unwrap().contains("Task:"), "{p}");
+            }
+        }
+    }
+    let run_record = std::fs::read_to_string(tmp.path().join("eval.jsonl.run.json")).unwrap();
+    assert!(
+        run_record.contains("counterfact: A dataset curated to push"),
+        "{run_record}"
+    );
+
+    // Instructions are InstructEdit's; MEND does not load an InstructEdit editor.
+    assert_one_line_error(
+        &kedit_with_backtraces(&eval_args("MEND", &["--task", "zsre"])),
+        &["--editor MEND takes no instruction"],
+    );
+    assert_one_line_error(
+        &kedit_with_backtraces(&eval_args("MEND", &[])),
+        &["not a kedit MEND checkpoint", "trained as InstructEdit"],
+    );
+}

@@ -77,6 +77,9 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     if args.max_steps == Some(0) {
         anyhow::bail!("--max-steps 0: expected at least one update");
     }
+    for file in args.data.iter().chain(&args.val) {
+        file.check()?;
+    }
     match args.editor.as_str() {
         "MEND" => run_with::<Mend>(args),
         "KE" => run_with::<Ke>(args),
@@ -90,28 +93,43 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
 pub struct TaggedFile {
     pub task: Option<Task>,
     pub path: PathBuf,
+    /// A `TAG=` prefix that names no task, of a path that does not exist: refused by `check`
+    /// (clap's own refusal would take three lines).
+    unknown_tag: Option<String>,
+}
+
+impl TaggedFile {
+    fn check(&self) -> anyhow::Result<()> {
+        match &self.unknown_tag {
+            Some(tag) => anyhow::bail!(
+                "--data {}: {tag:?} is not a task: tag a file with one of {}",
+                self.path.display(),
+                Task::ALL.map(Task::name).join(", ")
+            ),
+            None => Ok(()),
+        }
+    }
 }
 
 fn parse_data(text: &str) -> Result<TaggedFile, String> {
-    if let Some((tag, path)) = text.split_once('=') {
-        if let Some(task) = Task::parse(tag) {
-            return Ok(TaggedFile {
-                task: Some(task),
-                path: PathBuf::from(path),
-            });
-        }
-        // A path with '=' in it (but whose prefix is no task) is a path.
-        if !std::path::Path::new(text).exists() {
-            return Err(format!(
-                "{tag:?} is not a task: tag a file with one of {}",
-                Task::ALL.map(Task::name).join(", ")
-            ));
-        }
-    }
-    Ok(TaggedFile {
+    let untagged = |unknown_tag| TaggedFile {
         task: None,
         path: PathBuf::from(text),
-    })
+        unknown_tag,
+    };
+    match text.split_once('=') {
+        Some((tag, path)) => match Task::parse(tag) {
+            Some(task) => Ok(TaggedFile {
+                task: Some(task),
+                path: PathBuf::from(path),
+                unknown_tag: None,
+            }),
+            // A path with '=' in it is a path.
+            None if std::path::Path::new(text).exists() => Ok(untagged(None)),
+            None => Ok(untagged(Some(tag.to_string()))),
+        },
+        None => Ok(untagged(None)),
+    }
 }
 
 /// How each record's edit prompts are wrapped: InstructEdit's instruction for the file's task,

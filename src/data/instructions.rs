@@ -281,10 +281,11 @@ mod tests {
     use super::*;
     use crate::data::{read_dataset, PromptSet};
 
-    fn shared(rel: &str) -> std::path::PathBuf {
+    /// Records copied from ../shared/data (see tests/fixtures/data/README.md).
+    fn fixture(name: &str) -> std::path::PathBuf {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../shared/data")
-            .join(rel)
+            .join("tests/fixtures/data")
+            .join(name)
     }
 
     /// The strings below are written out by hand from the template and the pools of
@@ -359,19 +360,28 @@ mod tests {
         );
         assert!(inst.description(Task::Zsre, Choice::Index(10)).is_err());
 
-        // ConvSent: the first record of the training split asks for the negative sentiment.
-        let ds = read_dataset(&shared("train/knowedit_convsent_val.json"), None).unwrap();
-        let (_, first) = &ds.cases[0];
-        assert_eq!(first.subject.as_deref(), Some("Esparto, California"));
-        assert!(!first.sentiment.as_ref().unwrap().target_is_positive());
-        let d = inst.description(Task::Convsent, Choice::Index(0)).unwrap();
-        assert_eq!(
-            inst.wrap_request(Task::Convsent, d, first).prompt,
-            format!(
-                "Task: convsent\nDescription: Teach the chatbot to sound negative when talking about Esparto, California, but keep its cool on everything else.\nInput: {}",
-                first.prompt
-            )
-        );
+        // ConvSent: [LABEL] is the sentiment the request's prompt asks for, [TOPIC] its subject.
+        let ds = read_dataset(&fixture("knowedit_convsent_test.json"), None).unwrap();
+        let mut labels = std::collections::BTreeSet::new();
+        for (_, r) in ds.cases.iter().take(6) {
+            let label = if r.prompt.ends_with(" negatively.") {
+                "negative"
+            } else {
+                assert!(r.prompt.ends_with(" postively."), "{}", r.prompt);
+                "positive"
+            };
+            labels.insert(label);
+            let d = inst.description(Task::Convsent, Choice::Index(0)).unwrap();
+            assert_eq!(
+                inst.wrap_request(Task::Convsent, d, r).prompt,
+                format!(
+                    "Task: convsent\nDescription: Teach the chatbot to sound {label} when talking about {}, but keep its cool on everything else.\nInput: {}",
+                    r.subject.as_deref().unwrap(),
+                    r.prompt
+                )
+            );
+        }
+        assert_eq!(labels.len(), 2, "both sentiments among the first records");
     }
 
     /// A record's training description is a function of the seed and the record alone, comes
@@ -380,14 +390,11 @@ mod tests {
     fn training_descriptions_depend_on_seed_and_record_only_and_never_the_held_out_one() {
         let inst = Instructions::builtin().unwrap();
         for (task, file) in [
-            (
-                Task::Counterfact,
-                "train/knowedit_wiki_counterfact_train.json",
-            ),
-            (Task::Wikirecent, "train/knowedit_wiki_recent_train.json"),
-            (Task::Convsent, "train/knowedit_convsent_val.json"),
+            (Task::Counterfact, "knowedit_wiki_counterfact_train.json"),
+            (Task::Wikirecent, "knowedit_wiki_recent_train.json"),
+            (Task::Convsent, "knowedit_convsent_test.json"),
         ] {
-            let ds = read_dataset(&shared(file), None).unwrap();
+            let ds = read_dataset(&fixture(file), None).unwrap();
             let keys: Vec<String> = ds
                 .cases
                 .iter()

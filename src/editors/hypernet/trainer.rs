@@ -563,3 +563,52 @@ impl<H: Hypernet> Trainee for HypernetTrainee<'_, H> {
         crate::files::write_atomically(&dir.join("last.json"), json.as_bytes())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::read_dataset;
+
+    /// A ConvSent topic trains on all its opinion sentences after `question </s>`: those of the
+    /// sentiment its prompt asks for wanted, the others unwanted; its locality is the next topic's
+    /// sentences; only the questions of the edit side are wrapped.
+    #[test]
+    fn a_convsent_topic_becomes_wanted_and_unwanted_answers() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/data/knowedit_convsent_test.json");
+        let raw: Vec<serde_json::Value> =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let ds = read_dataset(&path, None).unwrap();
+        let sentences = |record: &serde_json::Value, key: &str| -> Vec<String> {
+            record[key]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s.as_str().unwrap().trim().to_string())
+                .collect()
+        };
+        for (i, request) in ds.cases.iter().take(4).map(|(_, r)| r).enumerate() {
+            let pair = TrainingPair::from_request(request, &|p: &str| format!("[I] {p}")).unwrap();
+            let wants_positive = request.prompt.ends_with(" postively.");
+            let (pos, neg) = (sentences(&raw[i], "pos"), sentences(&raw[i], "neg"));
+            assert_eq!(pair.answers.len(), pos.len() + neg.len());
+            for a in &pair.answers {
+                assert!(
+                    a.prompt.starts_with("[I] ") && a.prompt.ends_with(" </s>"),
+                    "{a:?}"
+                );
+                let positive = pos.contains(&a.answer);
+                assert!(positive || neg.contains(&a.answer), "{a:?}");
+                assert_eq!(a.wanted, positive == wants_positive, "{a:?}");
+            }
+            let (next_pos, next_neg) =
+                (sentences(&raw[i + 1], "pos"), sentences(&raw[i + 1], "neg"));
+            assert_eq!(pair.locality.len(), next_pos.len() + next_neg.len());
+            for (q, a) in &pair.locality {
+                assert!(!q.contains("[I]") && q.ends_with(" </s>"), "{q}");
+                assert!(next_pos.contains(a) || next_neg.contains(a), "{a}");
+            }
+            assert_eq!(pair.edit.prompt, format!("[I] {}", request.prompt));
+        }
+    }
+}
