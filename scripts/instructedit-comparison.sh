@@ -6,7 +6,9 @@
 #   (c) InstructEdit trained on the same mixture, with instructions;
 # each evaluated on held-out records of every training task, on the held-out task ZsRE (MEND's
 # eval split and KnowEdit's test split), and InstructEdit again with the held-out ("unseen")
-# instruction. Writes $OUT/table.md (reliability / generalization / locality / portability, %).
+# instruction. Writes $OUT/table.md (reliability / generalization / locality / portability, %)
+# and $OUT/updates-pca.svg (the principal components of multi-task MEND's and InstructEdit's
+# updates, by task: the paper's Fig. 4).
 #
 # Training data: ../shared/data/train (never an evaluation file). WikiData_recent has no test split
 # here, so every fifth record of its training file is held out of training for testing (the records
@@ -106,6 +108,21 @@ for tagged in "${sets[@]}"; do
   evaluate "instructedit-unseen.$set_name" InstructEdit hparams/InstructEdit/smollm2-135m.yaml \
     "$OUT/models/instructedit" "$tagged" --unseen-instruction
 done
+
+# The paper's Fig. 4: the principal components of each editor's updates, by task.
+if [ ! -s "$OUT/updates-pca.svg" ]; then
+  figure_data=()
+  for tagged in "${sets[@]}"; do
+    case ${tagged%%=*} in
+      zsre-mend) figure_data+=(--data "zsre=${tagged#*=}") ;;
+      zsre-knowedit) ;;
+      *) figure_data+=(--data "$tagged") ;;
+    esac
+  done
+  "$KEDIT" plot-updates --model "$MODEL" --editor "MEND=$OUT/models/mend-multi" \
+    --editor "InstructEdit=$OUT/models/instructedit" "${figure_data[@]}" --limit "$LIMIT" \
+    --out "$OUT/updates-pca.svg" --json --quiet > "$OUT/updates-pca.jsonl"
+fi
 
 python3 - "$OUT" "$STEPS" "$LIMIT" $TASKS <<'EOF'
 import json, os, sys

@@ -592,6 +592,38 @@ fn instructedit_trains_on_tagged_tasks_and_evaluates_with_its_instruction() {
         "{run_record}"
     );
 
+    // The figure of its updates on two tasks' edits: one point per edit, coloured by task.
+    let figure = tmp.path().join("updates.svg");
+    let zsre = fixture("data/zsre_mend_eval.json");
+    let lines = ok(&kedit(&[
+        "plot-updates",
+        "-m",
+        model.to_str().unwrap(),
+        "--editor",
+        &format!("InstructEdit={}", out.display()),
+        "--data",
+        &format!("counterfact={}", test.display()),
+        "--data",
+        &format!("zsre={}", zsre.display()),
+        "--limit",
+        "3",
+        "--out",
+        figure.to_str().unwrap(),
+        "--json",
+        "--quiet",
+    ]));
+    let points: Vec<serde_json::Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(points.len(), 6);
+    assert!(points
+        .iter()
+        .all(|p| p["pc1"].as_f64().unwrap().is_finite()));
+    let svg = std::fs::read_to_string(&figure).unwrap();
+    assert_eq!(svg.matches("r=\"3.5\"").count(), 6, "{svg}");
+    assert!(svg.contains(">counterfact<") && svg.contains(">zsre<"));
+
     // Instructions are InstructEdit's; MEND does not load an InstructEdit editor.
     assert_one_line_error(
         &kedit_with_backtraces(&eval_args("MEND", &["--task", "zsre"])),

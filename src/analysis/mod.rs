@@ -1,4 +1,7 @@
-//! Analyses of where a model keeps a fact.
+//! Analyses: where a model keeps a fact (causal tracing), and how a trained editor's updates
+//! differ between tasks (the principal components of its updates, as a scatter figure).
 
+pub mod scatter;
 pub mod svg;
 pub mod trace;
+pub mod update_pca;

@@ -4,6 +4,7 @@ mod apply;
 mod eval;
 mod generate;
 mod inspect;
+mod plot_updates;
 mod stats;
 mod trace;
 mod train;
@@ -51,6 +52,9 @@ enum Command {
     /// Causal tracing: corrupt the subject, restore one hidden state at a time, and plot how much
     /// of the answer comes back (residual stream, MLP, attention) as an SVG
     Trace(trace::TraceArgs),
+    /// The principal components of trained editors' updates on edits of several tasks, one panel
+    /// per editor, as an SVG (InstructEdit's Fig. 4)
+    PlotUpdates(plot_updates::PlotUpdatesArgs),
 }
 
 /// Where the model comes from and how to hold it; shared by every subcommand that loads one.
@@ -268,6 +272,7 @@ pub fn main() -> ExitCode {
         Command::Stats(args) => stats::run(args),
         Command::Train(args) => train::run(*args),
         Command::Trace(args) => trace::run(args),
+        Command::PlotUpdates(args) => plot_updates::run(args),
     });
     match result {
         Ok(code) => code,
