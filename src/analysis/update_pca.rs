@@ -100,8 +100,8 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    /// Four rank-one "edits" `ΔW = e_i (t_i)ᵀ`-style whose flattened vectors are, in a 2 × 2
-    /// weight, (3, 0, 0, 0), (−3, 0, 0, 0), (0, 1, 0, 0), (0, −1, 0, 0): by hand the first component
+    /// Four rank-one edits of a 2 × 2 weight whose flattened changes are (3, 0, 0, 0),
+    /// (−3, 0, 0, 0), (0, 1, 0, 0) and (0, −1, 0, 0): by hand the first component
     /// is the first coordinate (variance 18 of 20, points at ±3), the second the second
     /// (variance 2, points at ±1).
     #[test]

@@ -179,10 +179,9 @@ fn request_from(args: &ApplyArgs) -> anyhow::Result<(EditRequest, Option<crate::
 pub fn run(args: ApplyArgs) -> anyhow::Result<ExitCode> {
     let (request, format) = request_from(&args)?;
     let data = args.request.as_deref().zip(format);
-    let instruction = match &args.editor {
-        Some(editor) => args.instruction.instruction(editor, data)?,
-        None => args.instruction.instruction("", data)?,
-    };
+    let instruction = args
+        .instruction
+        .instruction(args.editor.as_deref().unwrap_or(""), data)?;
     // InstructEdit edits, and is measured on, the prompts wrapped in its instruction.
     let request = match &instruction {
         Some((task, description)) => crate::data::instructions::Instructions::builtin()?

@@ -10,14 +10,14 @@ use clap::Args;
 use super::ModelArgs;
 use crate::analysis::scatter::{scatter_svg, ScatterPanel};
 use crate::analysis::update_pca::{gram, principal_components};
-use crate::data::instructions::{Instructions, Sentiment, Task};
+use crate::data::instructions::{Instructions, Task};
 use crate::data::{read_dataset, EditRequest};
 use crate::editors::hypernet::checkpoint::load;
 use crate::editors::hypernet::instructedit::InstructEdit;
 use crate::editors::hypernet::ke::Ke;
 use crate::editors::hypernet::mend::Mend;
-use crate::editors::hypernet::{gradient_factors, AnswerBatch, EditText, Hypernet};
-use crate::model::{LowRankChange, Model, WeightId};
+use crate::editors::hypernet::{trained_changes, EditText, Hypernet};
+use crate::model::{LowRankChange, Model};
 
 #[derive(Args, Debug)]
 pub struct PlotUpdatesArgs {
@@ -171,36 +171,18 @@ fn updates_of<H: Hypernet>(
     tick: &dyn Fn(),
 ) -> anyhow::Result<Vec<Vec<LowRankChange>>> {
     let mut editor: H = load(model, archive)?;
-    let knobs = editor.training();
-    let ids: Vec<WeightId> = editor.weights().iter().map(|w| w.id).collect();
+    let seed = editor.training().seed;
     let mut all = Vec::with_capacity(records.len());
     for (task, r) in records {
         let prompt = match instructions {
-            Some(inst) => {
-                let key = format!("{}\n{}", r.prompt, r.target_new);
-                let description = inst.training_description(*task, knobs.seed, &key);
-                inst.wrap(*task, description, &r.prompt, Sentiment::of(r))
-            }
+            Some(inst) => inst.wrap_for_training(*task, seed, r, &r.prompt),
             None => r.prompt.clone(),
         };
-        let batch = AnswerBatch::with_labels(
-            model,
-            &[(prompt.as_str(), r.target_new.as_str())],
-            knobs.bos_label,
-        )?;
-        let pass = gradient_factors(model, &batch, &ids, None)?;
         let text = EditText {
             prompt,
             ..EditText::of(r)
         };
-        let changes = editor
-            .updates(&[text], model, &pass, false)?
-            .into_iter()
-            .map(|c| LowRankChange {
-                left: c.left.detach(),
-                right: c.right.detach(),
-            })
-            .collect();
+        let changes = trained_changes(&mut editor, model, &[text])?;
         all.push(changes);
         tick();
     }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use clap::Args;
 
 use super::ModelArgs;
-use crate::data::instructions::{Instructions, Sentiment, Task};
+use crate::data::instructions::{Instructions, Task};
 use crate::data::python_random::PythonRandom;
 use crate::data::read_dataset;
 use crate::editors::hypernet::checkpoint::{BEST_FILE, LAST_FILE};
@@ -407,11 +407,8 @@ fn training_pairs(
     for (_, request) in &ds.cases {
         let pair = match (wrapping, task) {
             (Wrapping::Instructions { instructions, seed }, Some(task)) => {
-                let record = format!("{}\n{}", request.prompt, request.target_new);
-                let description = instructions.training_description(task, *seed, &record);
-                let sentiment = Sentiment::of(request);
                 TrainingPair::from_request(request, &|p: &str| {
-                    instructions.wrap(task, description, p, sentiment)
+                    instructions.wrap_for_training(task, *seed, request, p)
                 })
             }
             _ => TrainingPair::from_request(request, &|p: &str| p.to_string()),

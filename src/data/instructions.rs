@@ -179,6 +179,14 @@ impl Instructions {
         &pool[k]
     }
 
+    /// `text` (one of `r`'s edit prompts) wrapped as training wraps it: in the description
+    /// [`Instructions::training_description`] draws for the record `r`.
+    pub fn wrap_for_training(&self, task: Task, seed: u64, r: &EditRequest, text: &str) -> String {
+        let record = format!("{}\n{}", r.prompt, r.target_new);
+        let description = self.training_description(task, seed, &record);
+        self.wrap(task, description, text, Sentiment::of(r))
+    }
+
     /// The description of an evaluation run.
     ///
     /// # Errors

@@ -241,24 +241,34 @@ pub fn apply_trained<H: Hypernet>(
     model: &mut Model,
     requests: &[EditRequest],
 ) -> Result<Edit> {
-    let pairs: Vec<(&str, &str)> = requests
-        .iter()
-        .map(|r| (r.prompt.as_str(), r.target_new.as_str()))
-        .collect();
     let texts: Vec<EditText> = requests.iter().map(EditText::of).collect();
+    let updates = trained_changes(editor, model, &texts)?;
+    let weights = editor.weights().to_vec();
+    Ok(Edit::of_weights(install(model, &weights, &updates)?))
+}
+
+/// A trained editor's change to each edited weight for the edits `texts` (their prompts and new
+/// answers in one batch, pooled), detached from any graph: what test-time editing installs.
+pub fn trained_changes<H: Hypernet>(
+    editor: &mut H,
+    model: &Model,
+    texts: &[EditText],
+) -> Result<Vec<LowRankChange>> {
+    let pairs: Vec<(&str, &str)> = texts
+        .iter()
+        .map(|t| (t.prompt.as_str(), t.target.as_str()))
+        .collect();
     let batch = AnswerBatch::with_labels(model, &pairs, editor.training().bos_label)?;
     let ids: Vec<WeightId> = editor.weights().iter().map(|w| w.id).collect();
     let pass = gradient_factors(model, &batch, &ids, None)?;
-    let updates = editor
-        .updates(&texts, model, &pass, false)?
+    Ok(editor
+        .updates(texts, model, &pass, false)?
         .into_iter()
         .map(|u| LowRankChange {
             left: u.left.detach(),
             right: u.right.detach(),
         })
-        .collect::<Vec<_>>();
-    let weights = editor.weights().to_vec();
-    Ok(Edit::of_weights(install(model, &weights, &updates)?))
+        .collect())
 }
 
 /// Where an edited weight's input is read and the loss's gradient at its output is taken.
