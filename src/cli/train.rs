@@ -167,10 +167,17 @@ fn run_with<H: Hypernet>(args: TrainArgs) -> anyhow::Result<ExitCode> {
     } else {
         Wrapping::None
     };
+    if params.sentences_per_topic == Some(0) {
+        anyhow::bail!(
+            "{}: sentences_per_topic is 0: a ConvSent topic needs at least one sentence of each kind",
+            args.hparams.display()
+        );
+    }
+    let thinning = params.sentences_per_topic.map(|n| (n, params.seed));
     let mut records = Vec::new();
     let mut skipped = 0;
     for file in &args.data {
-        let (pairs, without) = training_pairs(file, &wrapping)?;
+        let (pairs, without) = training_pairs(file, &wrapping, thinning)?;
         records.extend(pairs);
         skipped += without;
     }
@@ -178,7 +185,7 @@ fn run_with<H: Hypernet>(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let (train_pairs, val_pairs) = match &args.val {
         Some(file) => {
             let path = &file.path;
-            let (val, without) = training_pairs(file, &wrapping)?;
+            let (val, without) = training_pairs(file, &wrapping, thinning)?;
             skipped += without;
             let trained: std::collections::HashSet<(&str, &str)> = records
                 .iter()
@@ -387,6 +394,7 @@ fn summary(metrics: &Metrics, suffix: &str) -> String {
 fn training_pairs(
     file: &TaggedFile,
     wrapping: &Wrapping,
+    thinning: Option<(usize, u64)>,
 ) -> anyhow::Result<(Vec<TrainingPair>, usize)> {
     let path: &Path = &file.path;
     let ds = read_dataset(path, None)?;
@@ -414,7 +422,10 @@ fn training_pairs(
             _ => TrainingPair::from_request(request, &|p: &str| p.to_string()),
         };
         match pair {
-            Ok(p) => pairs.push(p),
+            Ok(p) => pairs.push(match thinning {
+                Some((n, seed)) => p.thinned(n, seed),
+                None => p,
+            }),
             Err(_) => without += 1,
         }
     }

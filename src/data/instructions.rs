@@ -8,6 +8,7 @@ use std::fmt;
 
 use serde::Deserialize;
 
+use super::stable_hash::stable_hash;
 use super::EditRequest;
 
 /// The editing tasks InstructEdit's instructions describe, named as the records' `type` field
@@ -175,7 +176,7 @@ impl Instructions {
     /// where a resumed run starts.
     pub fn training_description(&self, task: Task, seed: u64, record: &str) -> &str {
         let pool = self.training_pool(task);
-        let k = (stable_hash(seed, task, record) % pool.len() as u64) as usize;
+        let k = (stable_hash(seed, &[task.name(), record]) % pool.len() as u64) as usize;
         &pool[k]
     }
 
@@ -265,23 +266,6 @@ impl<'a> Sentiment<'a> {
             topic: r.subject.as_deref().unwrap_or_default(),
         })
     }
-}
-
-/// FNV-1a over the seed, the task and the text: stable across platforms and releases, unlike
-/// the standard library's hasher.
-fn stable_hash(seed: u64, task: Task, text: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let bytes = seed
-        .to_le_bytes()
-        .into_iter()
-        .chain(task.name().bytes())
-        .chain([0u8])
-        .chain(text.bytes());
-    for b in bytes {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
 }
 
 #[cfg(test)]

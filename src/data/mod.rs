@@ -7,6 +7,7 @@ pub mod instructions;
 mod knowedit;
 pub mod python_random;
 mod sanitation;
+pub mod stable_hash;
 mod zsre;
 
 use std::collections::BTreeMap;

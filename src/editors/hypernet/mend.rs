@@ -110,6 +110,10 @@ pub struct MendParams {
     /// by default on the edit itself, as EasyEdit does.
     #[serde(default)]
     pub outer_edit_loss: bool,
+    /// kedit: train on at most this many of a ConvSent topic's sentences of each kind (wanted,
+    /// unwanted, locality), drawn per record; by default all of them, as EasyEdit does.
+    #[serde(default)]
+    pub sentences_per_topic: Option<usize>,
     // EasyEdit's bookkeeping, read and ignored.
     #[serde(default)]
     pub model_class: Option<String>,
@@ -422,6 +426,7 @@ impl Hypernet for Mend {
             grad_clip: p.grad_clip,
             bos_label: p.label_bos,
             outer_edit_loss: p.outer_edit_loss,
+            sentences_per_topic: p.sentences_per_topic,
         }
     }
 

@@ -11,6 +11,7 @@ use super::checkpoint::{self, CheckpointHeader};
 use super::{
     gradient_factors, kl_from_base, lowest_layer, AnswerBatch, EditText, Gradient, Hypernet,
 };
+use crate::data::python_random::PythonRandom;
 use crate::data::EditRequest;
 use crate::editors::optim::Adam;
 use crate::error::{Error, Result};
@@ -38,6 +39,9 @@ pub struct TrainingHparams {
     /// Score the edited model on the edit's rephrase (the MEND paper's `edit_outer`) rather than
     /// on the edit itself (EasyEdit's `edit_inner`); records without a rephrase use the edit.
     pub outer_edit_loss: bool,
+    /// At most this many of a ConvSent topic's sentences of each kind (wanted, unwanted,
+    /// locality), drawn per record ([`TrainingPair::thinned`]); `None` keeps all (EasyEdit).
+    pub sentences_per_topic: Option<usize>,
 }
 
 /// One answer the edited model is scored on.
@@ -120,6 +124,44 @@ impl TrainingPair {
             rephrase: r.rephrase_prompt.as_deref().map(wrap),
             locality: vec![(p.clone(), a.clone())],
         })
+    }
+}
+
+impl TrainingPair {
+    /// The pair with at most `n` wanted answers, `n` unwanted ones and `n` locality prompts, a
+    /// uniform draw keyed on `seed` and the edit alone (so the same record is thinned the same
+    /// way in every run and on resume), kept in their original order. A fact has one answer and
+    /// one locality prompt, so only ConvSent topics (20 sentences and 20 more for locality) are
+    /// thinned: each mean of the unlikelihood loss and of the locality KL is then estimated from
+    /// a sample of the topic's sentences, as a mini-batch estimates a loss over records.
+    pub fn thinned(mut self, n: usize, seed: u64) -> Self {
+        let key = [self.edit.prompt.as_str(), self.edit.target.as_str()];
+        let mut rng = PythonRandom::new(crate::data::stable_hash::stable_hash(seed, &key));
+        let mut keep_answer = vec![true; self.answers.len()];
+        for wanted in [true, false] {
+            let of_kind = (0..self.answers.len()).filter(|&i| self.answers[i].wanted == wanted);
+            keep_only(n, of_kind.collect(), &mut rng, &mut keep_answer);
+        }
+        let mut keep_locality = vec![true; self.locality.len()];
+        keep_only(
+            n,
+            (0..self.locality.len()).collect(),
+            &mut rng,
+            &mut keep_locality,
+        );
+        let mut kept = keep_answer.into_iter();
+        self.answers.retain(|_| kept.next().unwrap_or(true));
+        let mut kept = keep_locality.into_iter();
+        self.locality.retain(|_| kept.next().unwrap_or(true));
+        self
+    }
+}
+
+/// Clears `keep` for all but `n` of `candidates`, drawn uniformly.
+fn keep_only(n: usize, mut candidates: Vec<usize>, rng: &mut PythonRandom, keep: &mut [bool]) {
+    rng.shuffle(&mut candidates);
+    for &i in candidates.iter().skip(n) {
+        keep[i] = false;
     }
 }
 
@@ -610,5 +652,61 @@ mod tests {
             }
             assert_eq!(pair.edit.prompt, format!("[I] {}", request.prompt));
         }
+    }
+
+    /// Thinning keeps n sentences of each kind, a subset in file order that depends on the seed
+    /// and the record only; a fact's pair (one answer, one locality prompt) is left as it was.
+    #[test]
+    fn thinning_keeps_n_of_each_kind_in_order_and_the_same_for_the_same_record() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data");
+        let convsent = read_dataset(&dir.join("knowedit_convsent_test.json"), None).unwrap();
+        let pairs: Vec<TrainingPair> = convsent
+            .cases
+            .iter()
+            .take(3)
+            .map(|(_, r)| TrainingPair::from_request(r, &|p: &str| p.to_string()).unwrap())
+            .collect();
+        let is_subsequence = |small: &[String], big: &[String]| {
+            let mut rest = big.iter();
+            small.iter().all(|x| rest.any(|y| y == x))
+        };
+        let texts = |p: &TrainingPair, wanted: bool| -> Vec<String> {
+            p.answers
+                .iter()
+                .filter(|a| a.wanted == wanted)
+                .map(|a| a.answer.clone())
+                .collect()
+        };
+        let mut draws_differ = false;
+        for pair in &pairs {
+            let thin = pair.clone().thinned(3, 42);
+            for wanted in [true, false] {
+                let (all, kept) = (texts(pair, wanted), texts(&thin, wanted));
+                assert_eq!(kept.len(), all.len().min(3));
+                assert!(
+                    is_subsequence(&kept, &all),
+                    "{kept:?} not in order in {all:?}"
+                );
+            }
+            let locality = |p: &TrainingPair| -> Vec<String> {
+                p.locality.iter().map(|(q, a)| format!("{q}|{a}")).collect()
+            };
+            assert_eq!(thin.locality.len(), 3);
+            assert!(is_subsequence(&locality(&thin), &locality(pair)));
+            let again = pair.clone().thinned(3, 42);
+            assert_eq!(again.answers, thin.answers);
+            assert_eq!(again.locality, thin.locality);
+            draws_differ |= pair.clone().thinned(3, 7).answers != thin.answers;
+        }
+        assert!(draws_differ, "the seed changes no draw");
+
+        let facts = read_dataset(&dir.join("knowedit_wiki_counterfact_train.json"), None).unwrap();
+        let fact = facts
+            .cases
+            .iter()
+            .find_map(|(_, r)| TrainingPair::from_request(r, &|p: &str| p.to_string()).ok())
+            .unwrap();
+        let thin = fact.clone().thinned(1, 42);
+        assert_eq!((thin.answers, thin.locality), (fact.answers, fact.locality));
     }
 }
