@@ -43,6 +43,26 @@ pub fn gram(changes: &[Vec<LowRankChange>]) -> Result<Mat<f64>> {
     Ok(g)
 }
 
+/// The Gram matrix of the updates scaled to unit norm, `G_ab / √(G_aa G_bb)` (their cosines): the
+/// components then separate the updates' directions, not their sizes, which a few large updates
+/// would otherwise decide alone.
+///
+/// # Errors
+/// An update that changes nothing, which has no direction.
+pub fn cosines(gram: &Mat<f64>) -> Result<Mat<f64>> {
+    let n = gram.nrows();
+    let norms: Vec<f64> = (0..n).map(|i| gram[(i, i)].sqrt()).collect();
+    if let Some(i) = norms.iter().position(|&x| !(x > 0.0 && x.is_finite())) {
+        return Err(Error::Invalid(format!(
+            "edit {i}'s update has norm {}: it has no direction to compare",
+            norms[i]
+        )));
+    }
+    Ok(Mat::from_fn(n, n, |a, b| {
+        gram[(a, b)] / (norms[a] * norms[b])
+    }))
+}
+
 /// The projection of each point on the first `k` principal components, and each component's
 /// share of the variance, from the points' Gram matrix: the centred matrix `H G H` (`H = I −
 /// 11ᵀ/n`) has eigenvectors `u` and eigenvalues `λ`, and the coordinates are `u √λ`. The sign of a
@@ -132,5 +152,26 @@ mod tests {
         assert!(close(coords[0][1], 0.0));
         assert!(close(shares[0], 0.9) && close(shares[1], 0.1), "{shares:?}");
         assert!(principal_components(&Mat::zeros(1, 1), 2).is_err());
+    }
+
+    /// Cosines by hand: (3, 0, 0, 0) against (1, 1, 0, 0) is 3 / (3 √2); an update of zeros is
+    /// refused.
+    #[test]
+    fn cosines_scale_updates_to_unit_norm() {
+        let d = &Device::Cpu;
+        let edit = |l: [f64; 2], r: [f64; 2]| {
+            vec![LowRankChange {
+                left: Tensor::new(&[[l[0]], [l[1]]], d).unwrap(),
+                right: Tensor::new(&[r], d).unwrap(),
+            }]
+        };
+        let c =
+            cosines(&gram(&[edit([3.0, 0.0], [1.0, 0.0]), edit([1.0, 0.0], [1.0, 1.0])]).unwrap())
+                .unwrap();
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
+        assert!(close(c[(0, 0)], 1.0) && close(c[(1, 1)], 1.0));
+        assert!(close(c[(0, 1)], 1.0 / 2f64.sqrt()) && close(c[(1, 0)], c[(0, 1)]));
+        let zero = gram(&[edit([0.0, 0.0], [1.0, 0.0]), edit([1.0, 0.0], [1.0, 0.0])]).unwrap();
+        assert!(cosines(&zero).unwrap_err().to_string().contains("edit 0"));
     }
 }

@@ -9,7 +9,7 @@ use clap::Args;
 
 use super::ModelArgs;
 use crate::analysis::scatter::{scatter_svg, ScatterPanel};
-use crate::analysis::update_pca::{gram, principal_components};
+use crate::analysis::update_pca::{cosines, gram, principal_components};
 use crate::data::instructions::{Instructions, Task};
 use crate::data::{read_dataset, EditRequest};
 use crate::editors::hypernet::checkpoint::load;
@@ -37,6 +37,10 @@ pub struct PlotUpdatesArgs {
     /// Where to write the figure (SVG)
     #[arg(long)]
     out: PathBuf,
+    /// Scale every update to unit norm first (the components of the updates' cosines): the figure
+    /// then shows where updates point, not how large they are
+    #[arg(long)]
+    normalise: bool,
     /// Print each edit's coordinates as JSON lines on stdout
     #[arg(long)]
     json: bool,
@@ -108,7 +112,11 @@ pub fn run(args: PlotUpdatesArgs) -> anyhow::Result<ExitCode> {
             "KE" => updates_of::<Ke>(&model, archive, &records, None, &tick)?,
             _ => updates_of::<InstructEdit>(&model, archive, &records, Some(&instructions), &tick)?,
         };
-        let (coords, shares) = principal_components(&gram(&changes)?, 2)?;
+        let mut inner = gram(&changes)?;
+        if args.normalise {
+            inner = cosines(&inner)?;
+        }
+        let (coords, shares) = principal_components(&inner, 2)?;
         if args.json {
             for ((task, r), c) in records.iter().zip(&coords) {
                 let line = serde_json::json!({
