@@ -114,6 +114,13 @@ impl PythonRandom {
         }
     }
 
+    /// `random.random()`: a float in [0, 1) from 53 random bits (27 of one word, 26 of the next).
+    pub fn random(&mut self) -> f64 {
+        let a = f64::from(self.next_u32() >> 5);
+        let b = f64::from(self.next_u32() >> 6);
+        (a * 67_108_864.0 + b) / 9_007_199_254_740_992.0
+    }
+
     /// `random.shuffle(items)`: Fisher–Yates from the end.
     pub fn shuffle<T>(&mut self, items: &mut [T]) {
         for i in (1..items.len()).rev() {
@@ -157,5 +164,14 @@ mod tests {
         let mut items: Vec<usize> = (0..10).collect();
         rng.shuffle(&mut items);
         assert_eq!(items, [6, 8, 9, 7, 5, 3, 0, 4, 1, 2]);
+    }
+
+    // python3 -c "import random; random.seed(0); print([random.random() for _ in range(3)])"
+    #[test]
+    fn random_floats_match_cpython() {
+        let mut rng = PythonRandom::new(0);
+        let draws: Vec<f64> = (0..3).map(|_| rng.random()).collect();
+        assert_eq!(draws, [0.8444218515250481, 0.7579544029403025, 0.420571580830845]);
+        assert_eq!(PythonRandom::new(42).random(), 0.6394267984578837);
     }
 }
