@@ -171,7 +171,10 @@ mod tests {
     fn random_floats_match_cpython() {
         let mut rng = PythonRandom::new(0);
         let draws: Vec<f64> = (0..3).map(|_| rng.random()).collect();
-        assert_eq!(draws, [0.8444218515250481, 0.7579544029403025, 0.420571580830845]);
+        assert_eq!(
+            draws,
+            [0.8444218515250481, 0.7579544029403025, 0.420571580830845]
+        );
         assert_eq!(PythonRandom::new(42).random(), 0.6394267984578837);
     }
 }

@@ -7,6 +7,7 @@ mod ft;
 pub mod hparams;
 pub mod hypernet;
 mod memit;
+pub mod memory;
 pub mod optim;
 pub mod patch;
 pub mod rank_one;

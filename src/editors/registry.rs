@@ -18,6 +18,7 @@ pub enum EditorKind {
     /// MEND trained and applied with instructions.
     InstructEdit,
     Ke,
+    Grace,
 }
 
 /// Every name `--editor` takes, with the method it selects: the one list the CLI's help and the
@@ -32,6 +33,7 @@ pub const EDITORS: &[(&str, EditorKind)] = &[
     ("MEND", EditorKind::Mend),
     ("InstructEdit", EditorKind::InstructEdit),
     ("KE", EditorKind::Ke),
+    ("GRACE", EditorKind::Grace),
 ];
 
 /// The names `--editor` takes, comma-separated.
@@ -63,14 +65,19 @@ pub fn overlay_from_parts(
     parts: &crate::model::OverlayParts,
     device: &candle_core::Device,
 ) -> Result<std::sync::Arc<dyn crate::model::Overlay>> {
+    use super::memory::Codebook;
     use crate::model::LowRankAdapter;
     match kind {
+        Codebook::KIND => Ok(std::sync::Arc::new(Codebook::from_parts(parts, device)?)),
         LowRankAdapter::KIND => Ok(std::sync::Arc::new(LowRankAdapter::from_parts(
             parts, device,
         )?)),
         other => Err(Error::Unsupported {
             what: format!("overlay kind {other:?}"),
-            why: format!("this kedit rebuilds {}", [LowRankAdapter::KIND].join(", ")),
+            why: format!(
+                "this kedit rebuilds {}",
+                [LowRankAdapter::KIND, Codebook::KIND].join(", ")
+            ),
         }),
     }
 }
@@ -91,6 +98,7 @@ impl EditorKind {
             EditorKind::Mend => "MEND",
             EditorKind::InstructEdit => "InstructEdit",
             EditorKind::Ke => "KE",
+            EditorKind::Grace => "GRACE",
         }
     }
 }
@@ -156,6 +164,7 @@ pub fn build_editor_with_archive(
         EditorKind::Ke => Box::new(super::hypernet::ke::KeFromArchive::from_yaml(
             hparams, archive,
         )?),
+        EditorKind::Grace => Box::new(super::memory::Grace::from_yaml(hparams)?),
     })
 }
 
