@@ -300,3 +300,72 @@ fn a_codebook_of_ten_edits_reloads_to_the_same_logits() {
         );
     }
 }
+
+/// From the command line: an edit saved with `--save-edit` makes, in another process, the same
+/// edited model (the same post-edit scores and greedy continuation), and `kedit patch show` says
+/// what the file holds; a file that is not a patch is one line of error.
+#[test]
+fn a_saved_codebook_works_in_a_fresh_process_and_patch_show_describes_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("grace.safetensors");
+    let model = smollm2_path();
+    let model = model.to_str().unwrap();
+    let hparams = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/hparams/GRACE/smollm2-135m.yaml"
+    );
+    let common = [
+        "apply", "--model", model, "--prompt", P1, "--target", "English", "--json",
+    ];
+    let file_arg = file.to_str().unwrap();
+    let mut edit_args = common.to_vec();
+    edit_args.extend([
+        "--editor",
+        "GRACE",
+        "--hparams",
+        hparams,
+        "--save-edit",
+        file_arg,
+    ]);
+    let edited: serde_json::Value = serde_json::from_str(&ok(&kedit(&edit_args))).unwrap();
+    let mut load_args = common.to_vec();
+    load_args.extend(["--patch", file_arg]);
+    let loaded: serde_json::Value = serde_json::from_str(&ok(&kedit(&load_args))).unwrap();
+    assert_eq!(edited["post"]["rewrite_acc"], serde_json::json!([1.0]));
+    assert_eq!(loaded["pre"]["rewrite_acc"], edited["post"]["rewrite_acc"]);
+    assert_eq!(loaded["generation_before"], edited["generation_after"]);
+    assert_ne!(edited["generation_before"], edited["generation_after"]);
+
+    let text = ok(&kedit(&["patch", "show", file_arg]));
+    for needle in [
+        "GRACE",
+        "mlp_out.25",
+        "grace_codebook",
+        "1 entries",
+        "\"English\"",
+        "kedit 0.",
+    ] {
+        assert!(text.contains(needle), "{needle:?} not in:\n{text}");
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&kedit(&["patch", "show", file_arg, "--json"]))).unwrap();
+    assert_eq!(json["header"]["method"], "GRACE");
+    assert_eq!(json["header"]["overlays"][0]["kind"], "grace_codebook");
+    let shapes: Vec<&serde_json::Value> = json["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| &t["shape"])
+        .collect();
+    assert!(
+        shapes.contains(&&serde_json::json!([1, 1536])),
+        "{shapes:?}"
+    );
+
+    let junk = tmp.path().join("junk.safetensors");
+    std::fs::write(&junk, b"not a patch").unwrap();
+    assert_one_line_error(
+        &kedit_with_backtraces(&["patch", "show", junk.to_str().unwrap()]),
+        &["junk.safetensors", "not a kedit patch"],
+    );
+}

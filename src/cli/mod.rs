@@ -4,6 +4,7 @@ mod apply;
 mod eval;
 mod generate;
 mod inspect;
+mod patch;
 mod plot_updates;
 mod stats;
 mod trace;
@@ -55,6 +56,8 @@ enum Command {
     /// The principal components of trained editors' updates on edits of several tasks, one panel
     /// per editor, as an SVG (InstructEdit's Fig. 4)
     PlotUpdates(plot_updates::PlotUpdatesArgs),
+    /// Inspect edits saved as files: `kedit patch show FILE`
+    Patch(patch::PatchArgs),
 }
 
 /// Where the model comes from and how to hold it; shared by every subcommand that loads one.
@@ -273,6 +276,7 @@ pub fn main() -> ExitCode {
         Command::Train(args) => train::run(*args),
         Command::Trace(args) => trace::run(args),
         Command::PlotUpdates(args) => plot_updates::run(args),
+        Command::Patch(args) => patch::run(args),
     });
     match result {
         Ok(code) => code,
@@ -280,8 +284,19 @@ pub fn main() -> ExitCode {
             if is_broken_pipe(&err) {
                 return ExitCode::SUCCESS;
             }
-            // One line, whatever a dependency put in its message, so scripts can grep it.
-            let message = format!("{err:#}");
+            // One line, whatever a dependency put in its message, so scripts can grep it. A cause
+            // whose text its parent already ends with (an I/O error under the file it concerns)
+            // is said once.
+            let mut message = String::new();
+            for cause in err.chain() {
+                let text = cause.to_string();
+                if !message.ends_with(&text) {
+                    if !message.is_empty() {
+                        message.push_str(": ");
+                    }
+                    message.push_str(&text);
+                }
+            }
             let message: Vec<&str> = message
                 .lines()
                 .map(str::trim)

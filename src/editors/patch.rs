@@ -149,6 +149,50 @@ pub fn save(
     crate::files::write_safetensors(path, &tensors, metadata)
 }
 
+/// What a patch file holds, read without a model: its header and every tensor's name, dtype and
+/// shape (for `kedit patch show`).
+#[derive(Debug, Clone, Serialize)]
+pub struct PatchSummary {
+    /// `None` for a file written before patches had headers.
+    pub header: Option<PatchHeader>,
+    pub tensors: Vec<TensorSummary>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TensorSummary {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<usize>,
+}
+
+/// Reads a patch's header and tensor list.
+///
+/// # Errors
+/// A file that is not safetensors, or whose kedit header does not parse.
+pub fn summary(path: &Path) -> Result<PatchSummary> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let not_a_patch = |why: String| Error::file(path, format!("not a kedit patch: {why}"));
+    let (_, meta) =
+        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| not_a_patch(e.to_string()))?;
+    let header: Option<PatchHeader> = meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(HEADER_KEY))
+        .map(|json| serde_json::from_str(json).map_err(|e| not_a_patch(e.to_string())))
+        .transpose()?;
+    let mut tensors: Vec<TensorSummary> = meta
+        .tensors()
+        .into_iter()
+        .map(|(name, info)| TensorSummary {
+            name,
+            dtype: format!("{:?}", info.dtype).to_lowercase(),
+            shape: info.shape.clone(),
+        })
+        .collect();
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(PatchSummary { header, tensors })
+}
+
 impl Patch {
     /// Reads a patch for `model`: its weights, overlays (rebuilt by `build_overlay`) and state.
     ///
