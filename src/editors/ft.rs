@@ -273,8 +273,9 @@ struct Chunk {
 }
 
 /// The tokens a loss runs on and what it scores, tokenised once per edit.
-struct LossInputs {
-    batch: TokenBatch,
+/// A batch and the loss an editor trains on it.
+pub(crate) struct LossInputs {
+    pub(crate) batch: TokenBatch,
     /// `(row, column)` of every position whose next-token distribution is scored.
     positions: Vec<(usize, usize)>,
     objective: Scored,
@@ -288,7 +289,7 @@ enum Scored {
 }
 
 impl LossInputs {
-    fn loss(&self, model: &Model, hooks: &HookSpec) -> Result<Tensor> {
+    pub(crate) fn loss(&self, model: &Model, hooks: &HookSpec) -> Result<Tensor> {
         let logits = model
             .forward_at(&self.batch, hooks, &self.positions)?
             .logits;
@@ -347,7 +348,7 @@ fn prompt_last_inputs(model: &Model, requests: &[EditRequest]) -> Result<LossInp
 
 /// FT-M: teacher-forced cross-entropy on the target tokens of `prompt + " " + target`, averaged per
 /// request, then over requests. The target starts after as many tokens as the prompt alone has.
-fn target_new_inputs(model: &Model, requests: &[EditRequest]) -> Result<LossInputs> {
+pub(crate) fn target_new_inputs(model: &Model, requests: &[EditRequest]) -> Result<LossInputs> {
     let mut sequences = Vec::with_capacity(requests.len());
     let mut positions = Vec::new();
     let mut labels = Vec::new();

@@ -19,6 +19,7 @@ pub enum EditorKind {
     InstructEdit,
     Ke,
     Grace,
+    CaliNet,
 }
 
 /// Every name `--editor` takes, with the method it selects: the one list the CLI's help and the
@@ -34,6 +35,7 @@ pub const EDITORS: &[(&str, EditorKind)] = &[
     ("InstructEdit", EditorKind::InstructEdit),
     ("KE", EditorKind::Ke),
     ("GRACE", EditorKind::Grace),
+    ("CaliNet", EditorKind::CaliNet),
 ];
 
 /// The names `--editor` takes, comma-separated.
@@ -65,10 +67,13 @@ pub fn overlay_from_parts(
     parts: &crate::model::OverlayParts,
     device: &candle_core::Device,
 ) -> Result<std::sync::Arc<dyn crate::model::Overlay>> {
-    use super::memory::Codebook;
+    use super::memory::{CalibrationFfn, Codebook};
     use crate::model::LowRankAdapter;
     match kind {
         Codebook::KIND => Ok(std::sync::Arc::new(Codebook::from_parts(parts, device)?)),
+        CalibrationFfn::KIND => Ok(std::sync::Arc::new(CalibrationFfn::from_parts(
+            parts, device,
+        )?)),
         LowRankAdapter::KIND => Ok(std::sync::Arc::new(LowRankAdapter::from_parts(
             parts, device,
         )?)),
@@ -76,7 +81,7 @@ pub fn overlay_from_parts(
             what: format!("overlay kind {other:?}"),
             why: format!(
                 "this kedit rebuilds {}",
-                [LowRankAdapter::KIND, Codebook::KIND].join(", ")
+                [LowRankAdapter::KIND, Codebook::KIND, CalibrationFfn::KIND].join(", ")
             ),
         }),
     }
@@ -99,6 +104,7 @@ impl EditorKind {
             EditorKind::InstructEdit => "InstructEdit",
             EditorKind::Ke => "KE",
             EditorKind::Grace => "GRACE",
+            EditorKind::CaliNet => "CaliNet",
         }
     }
 }
@@ -165,6 +171,7 @@ pub fn build_editor_with_archive(
             hparams, archive,
         )?),
         EditorKind::Grace => Box::new(super::memory::Grace::from_yaml(hparams)?),
+        EditorKind::CaliNet => Box::new(super::memory::CaliNet::from_yaml(hparams)?),
     })
 }
 

@@ -1,0 +1,463 @@
+//! CaliNet (Dong et al., Findings of EMNLP 2022; SPEC-editors §15, decoder-only port of §15.4):
+//! calibration neurons, a small FFN beside the MLP of chosen layers whose output is added to the
+//! MLP's, trained on the facts to fix with the base model frozen. The FFN has the host MLP's
+//! form: `W_o · gelu(W_i x)` for GPT-2, `W_o · (silu(W_g x) ⊙ W_u x)` for LLaMA, on the MLP's
+//! normalised input `x`.
+//!
+//! Every `apply` trains all its facts together, on new neurons (`ex_size` per layer) appended to
+//! those of earlier calls, which stay frozen: retraining the same neurons for the next batch
+//! would overwrite what they learnt for the previous one (the README's CaliNet section measures
+//! both). `W_o` of new neurons starts at zero, so an edit starts from the unedited model; `W_i`
+//! (and `W_g`) start as PyTorch's `nn.Linear` does, uniform in ±1/√d.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Tensor, Var};
+use serde::Deserialize;
+
+use super::super::ft::target_new_inputs;
+use crate::data::python_random::PythonRandom;
+use crate::data::EditRequest;
+use crate::editors::hparams::{float, read_yaml};
+use crate::editors::optim::Adam;
+use crate::editors::{Change, Edit, EditCtx, EditReport, Editor, OverlayChange};
+use crate::error::{Error, Result};
+use crate::model::{Activation, HookSpec, Model, Overlay, OverlayInput, OverlayParts, Site};
+
+/// CaliNet's hyperparameters (SPEC §15.4's field names).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaliNetParams {
+    pub alg_name: String,
+    #[serde(default)]
+    pub model_name: Option<String>,
+    #[serde(default)]
+    pub device: Option<serde_yaml::Value>,
+    /// The layers whose MLP gets calibration neurons.
+    pub kb_layer: Vec<usize>,
+    /// New neurons per layer and `apply` call.
+    pub ex_size: usize,
+    #[serde(deserialize_with = "float")]
+    pub lr: f64,
+    /// `adam` (kedit implements Adam; the original's Adafactor is refused rather than replaced).
+    #[serde(default)]
+    pub optimizer: Option<String>,
+    /// Full-batch optimisation steps per `apply`.
+    pub num_steps: usize,
+    /// Facts per `apply` call (the evaluation's `--batch-size` is capped at it).
+    #[serde(default = "one")]
+    pub batch_size: usize,
+    #[serde(default)]
+    pub max_length: Option<usize>,
+    /// kedit: stop once the loss is below this (0 runs every step).
+    #[serde(default, deserialize_with = "float")]
+    pub loss_floor: f64,
+    /// kedit: `true` retrains the existing neurons instead of adding new ones (for the
+    /// measurement that decided against it).
+    #[serde(default)]
+    pub retrain_neurons: bool,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// Calibration neurons at one layer's MLP output.
+#[derive(Debug, Clone)]
+pub struct CalibrationFfn {
+    pub activation: Activation,
+    /// `[n, d_model]`: the input projection (LLaMA: the up projection).
+    pub w_in: Tensor,
+    /// `[n, d_model]`: LLaMA's gate projection.
+    pub w_gate: Option<Tensor>,
+    /// `[d_model, n]`.
+    pub w_out: Tensor,
+}
+
+impl CalibrationFfn {
+    pub const KIND: &'static str = "calibration_ffn";
+
+    pub fn neurons(&self) -> usize {
+        self.w_in.dims()[0]
+    }
+
+    /// The calibration output for normalised MLP inputs `x: [m, d]`.
+    fn delta(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let x = x.to_dtype(self.w_in.dtype())?;
+        let up = x.matmul(&self.w_in.t()?)?;
+        let act = match (&self.activation, &self.w_gate) {
+            (Activation::Silu, Some(gate)) => {
+                crate::model::ops::swiglu(&x.matmul(&gate.t()?)?, &up)?
+            }
+            (Activation::GeluTanh, _) => up.gelu()?,
+            (Activation::GeluErf, _) => up.gelu_erf()?,
+            (Activation::Silu, None) => {
+                candle_core::bail!("a gated calibration FFN has no gate projection")
+            }
+        };
+        act.matmul(&self.w_out.t()?)
+    }
+
+    pub fn from_parts(parts: &OverlayParts, device: &candle_core::Device) -> Result<Self> {
+        let bad = |why: String| Error::Invalid(format!("{}: {why}", Self::KIND));
+        let activation = match parts.header.get("activation").and_then(|a| a.as_str()) {
+            Some("silu") => Activation::Silu,
+            Some("gelu_tanh") => Activation::GeluTanh,
+            Some("gelu_erf") => Activation::GeluErf,
+            other => return Err(bad(format!("activation {other:?}"))),
+        };
+        let tensor = |name: &str| -> Result<Option<Tensor>> {
+            parts
+                .tensors
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, t)| Ok(t.to_device(device)?.to_dtype(DType::F32)?))
+                .transpose()
+        };
+        let w_in = tensor("w_in")?.ok_or_else(|| bad("no tensor w_in".into()))?;
+        let w_out = tensor("w_out")?.ok_or_else(|| bad("no tensor w_out".into()))?;
+        let w_gate = tensor("w_gate")?;
+        let (n, d) = w_in.dims2()?;
+        let gate_ok = match (&activation, &w_gate) {
+            (Activation::Silu, Some(g)) => g.dims2()? == (n, d),
+            (Activation::Silu, None) => false,
+            (_, gate) => gate.is_none(),
+        };
+        if w_out.dims2()? != (d, n) || !gate_ok {
+            return Err(bad(format!(
+                "shapes w_in {:?}, w_out {:?}, w_gate {:?} do not fit a {activation:?} FFN",
+                w_in.dims(),
+                w_out.dims(),
+                w_gate.as_ref().map(Tensor::dims)
+            )));
+        }
+        Ok(CalibrationFfn {
+            activation,
+            w_in,
+            w_gate,
+            w_out,
+        })
+    }
+}
+
+impl Overlay for CalibrationFfn {
+    fn forward(&self, input: &OverlayInput<'_>, output: &Tensor) -> candle_core::Result<Tensor> {
+        let x = input.mlp_in.ok_or_else(|| {
+            candle_core::Error::Msg("calibration neurons sit after the MLP's input".into())
+        })?;
+        let (b, s, d) = x.dims3()?;
+        let delta = self.delta(&x.reshape((b * s, d))?)?;
+        output + delta.reshape(output.dims())?.to_dtype(output.dtype())?
+    }
+
+    fn kind(&self) -> &'static str {
+        Self::KIND
+    }
+
+    fn parts(&self) -> Result<OverlayParts> {
+        let activation = match self.activation {
+            Activation::Silu => "silu",
+            Activation::GeluTanh => "gelu_tanh",
+            Activation::GeluErf => "gelu_erf",
+        };
+        let mut tensors = vec![
+            ("w_in".to_string(), self.w_in.clone()),
+            ("w_out".to_string(), self.w_out.clone()),
+        ];
+        if let Some(g) = &self.w_gate {
+            tensors.push(("w_gate".to_string(), g.clone()));
+        }
+        Ok(OverlayParts {
+            header: serde_json::json!({ "activation": activation, "neurons": self.neurons() }),
+            tensors,
+        })
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+/// How one `apply` ended.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct CaliNetReport {
+    pub facts: usize,
+    pub steps: usize,
+    pub final_loss: f64,
+    /// Neurons per calibrated layer after the edit.
+    pub neurons: usize,
+}
+
+impl EditReport for CaliNetReport {
+    fn lines(&self) -> Vec<String> {
+        vec![format!(
+            "calibration: {} facts, {} steps, final loss {:.4}; {} neurons per layer",
+            self.facts, self.steps, self.final_loss, self.neurons
+        )]
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({ "calibration": self })
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+pub struct CaliNet {
+    params: CaliNetParams,
+}
+
+/// One layer's neurons during training: the frozen ones of earlier calls and the new ones.
+struct Trainable {
+    site: Site,
+    frozen: Option<CalibrationFfn>,
+    w_in: Var,
+    w_gate: Option<Var>,
+    w_out: Var,
+}
+
+impl Trainable {
+    fn ffn(&self, activation: Activation, detach: bool) -> Result<CalibrationFfn> {
+        let take = |v: &Var| {
+            if detach {
+                v.as_tensor().detach()
+            } else {
+                v.as_tensor().clone()
+            }
+        };
+        let (w_in, w_gate, w_out) = (
+            take(&self.w_in),
+            self.w_gate.as_ref().map(take),
+            take(&self.w_out),
+        );
+        Ok(match &self.frozen {
+            None => CalibrationFfn {
+                activation,
+                w_in,
+                w_gate,
+                w_out,
+            },
+            Some(old) => CalibrationFfn {
+                activation,
+                w_in: Tensor::cat(&[&old.w_in, &w_in], 0)?,
+                w_gate: match (&old.w_gate, &w_gate) {
+                    (Some(a), Some(b)) => Some(Tensor::cat(&[a, b], 0)?),
+                    _ => None,
+                },
+                w_out: Tensor::cat(&[&old.w_out, &w_out], 1)?,
+            },
+        })
+    }
+
+    fn vars(&self) -> Vec<Var> {
+        let mut vars = vec![self.w_in.clone(), self.w_out.clone()];
+        vars.extend(self.w_gate.clone());
+        vars
+    }
+}
+
+impl CaliNet {
+    pub fn new(params: CaliNetParams) -> Result<Self> {
+        let bad = |field: &str, why: &str| Err(Error::Invalid(format!("CaliNet {field}: {why}")));
+        if params.kb_layer.is_empty() {
+            return bad("kb_layer", "is empty; name the layers to calibrate");
+        }
+        if params.ex_size == 0 {
+            return bad("ex_size", "must be at least 1");
+        }
+        if !(params.lr > 0.0 && params.lr.is_finite()) {
+            return bad("lr", "must be positive");
+        }
+        if params.num_steps == 0 {
+            return bad("num_steps", "must be at least 1");
+        }
+        if params.batch_size == 0 {
+            return bad("batch_size", "must be at least 1");
+        }
+        if let Some(opt) = params.optimizer.as_deref() {
+            if !opt.eq_ignore_ascii_case("adam") {
+                return bad(
+                    "optimizer",
+                    "kedit trains calibration neurons with adam (the original's adafactor is not implemented)",
+                );
+            }
+        }
+        Ok(CaliNet { params })
+    }
+
+    pub fn from_yaml(path: &Path) -> Result<Self> {
+        Self::new(read_yaml(path)?).map_err(|e| Error::file(path, e.to_string()))
+    }
+
+    /// New neurons for `layer`: `W_i` (and `W_g`) uniform in ±1/√d (seeded), `W_o` zero.
+    fn fresh(
+        &self,
+        model: &Model,
+        site: Site,
+        frozen: Option<CalibrationFfn>,
+        seed: u64,
+    ) -> Result<Trainable> {
+        let spec = model.spec();
+        let (n, d) = (self.params.ex_size, spec.d_model);
+        let bound = 1.0 / (d as f64).sqrt();
+        let mut rng = PythonRandom::new(seed);
+        let mut uniform = || -> Result<Var> {
+            let draws: Vec<f32> = (0..n * d)
+                .map(|_| ((2.0 * rng.random() - 1.0) * bound) as f32)
+                .collect();
+            Ok(Var::from_tensor(&Tensor::from_vec(
+                draws,
+                (n, d),
+                model.device(),
+            )?)?)
+        };
+        let w_in = uniform()?;
+        let w_gate = match spec.activation {
+            Activation::Silu => Some(uniform()?),
+            _ => None,
+        };
+        Ok(Trainable {
+            site,
+            frozen,
+            w_in,
+            w_gate,
+            w_out: Var::zeros((d, n), DType::F32, model.device())?,
+        })
+    }
+}
+
+impl Editor for CaliNet {
+    fn name(&self) -> &'static str {
+        "CaliNet"
+    }
+
+    fn max_batch(&self) -> usize {
+        self.params.batch_size
+    }
+
+    fn apply(
+        &mut self,
+        model: &mut Model,
+        requests: &[EditRequest],
+        ctx: &EditCtx,
+    ) -> Result<Edit> {
+        for &l in &self.params.kb_layer {
+            model
+                .check_layer(l)
+                .map_err(|e| Error::Invalid(format!("CaliNet kb_layer: {e}")))?;
+        }
+        let activation = model.spec().activation;
+        let key = requests
+            .iter()
+            .map(|r| format!("{}\n{}", r.prompt, r.target_new))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let mut layers = Vec::with_capacity(self.params.kb_layer.len());
+        for (i, &l) in self.params.kb_layer.iter().enumerate() {
+            let site = Site::MlpOut(l);
+            let before = model.overlay(site).cloned();
+            let frozen = match &before {
+                None => None,
+                Some(o) => Some(
+                    o.as_any()
+                        .downcast_ref::<CalibrationFfn>()
+                        .cloned()
+                        .ok_or_else(|| {
+                            Error::Invalid(format!(
+                                "CaliNet: a {} overlay already sits at {site}",
+                                o.kind()
+                            ))
+                        })?,
+                ),
+            };
+            let seed = crate::data::stable_hash::stable_hash(ctx.seed, &[&key, &i.to_string()]);
+            let trainable = match (&frozen, self.params.retrain_neurons) {
+                (Some(old), true) => Trainable {
+                    site,
+                    frozen: None,
+                    w_in: Var::from_tensor(&old.w_in)?,
+                    w_gate: old.w_gate.as_ref().map(Var::from_tensor).transpose()?,
+                    w_out: Var::from_tensor(&old.w_out)?,
+                },
+                _ => self.fresh(model, site, frozen, seed)?,
+            };
+            layers.push((before, trainable));
+        }
+        let inputs = target_new_inputs(model, requests)?;
+        let lowest = self.params.kb_layer.iter().copied().min().unwrap_or(0);
+        // The layers below the lowest calibrated one do not change: run them once.
+        let below = match lowest {
+            0 => None,
+            l => {
+                let hooks = HookSpec::new()
+                    .capture(Site::ResidPost(l - 1))
+                    .stop_after(l - 1);
+                let out = model.forward(&inputs.batch, &hooks)?;
+                Some((l - 1, out.capture(Site::ResidPost(l - 1))?.clone()))
+            }
+        };
+        let vars: Vec<Var> = layers.iter().flat_map(|(_, t)| t.vars()).collect();
+        let mut opt = Adam::new(vars, self.params.lr, 0.0)?;
+        let trained = (|| {
+            let mut steps = 0;
+            let mut last = f64::NAN;
+            for step in 0..self.params.num_steps {
+                for (_, t) in &layers {
+                    model.set_overlay(t.site, Some(Arc::new(t.ffn(activation, false)?)))?;
+                }
+                let mut hooks = HookSpec::new();
+                if let Some((l, resid)) = &below {
+                    hooks = hooks.resume_after(*l, resid.clone());
+                }
+                let loss = inputs.loss(model, &hooks)?;
+                last = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                if !last.is_finite() {
+                    return Err(Error::Invalid(format!(
+                        "CaliNet: the loss is {last} at step {step}; lower lr ({})",
+                        self.params.lr
+                    )));
+                }
+                steps = step + 1;
+                if last < self.params.loss_floor {
+                    break;
+                }
+                opt.backward_step(&loss)?;
+            }
+            Ok((steps, last))
+        })();
+        let mut changes = Vec::with_capacity(layers.len());
+        let mut neurons = 0;
+        for (before, t) in &layers {
+            match &trained {
+                Ok(_) => {
+                    let ffn = t.ffn(activation, true)?;
+                    neurons = ffn.neurons();
+                    let after: Arc<dyn Overlay> = Arc::new(ffn);
+                    model.set_overlay(t.site, Some(after.clone()))?;
+                    changes.push(Change::Overlay(OverlayChange {
+                        site: t.site,
+                        before: before.clone(),
+                        after: Some(after),
+                    }));
+                }
+                Err(_) => {
+                    model.set_overlay(t.site, before.clone())?;
+                }
+            }
+        }
+        let (steps, final_loss) = trained?;
+        Ok(Edit {
+            changes,
+            report: Some(Box::new(CaliNetReport {
+                facts: requests.len(),
+                steps,
+                final_loss,
+                neurons,
+            })),
+            ..Edit::default()
+        })
+    }
+}

@@ -1,0 +1,243 @@
+//! CaliNet on SmolLM2: calibration neurons make the target the argmax and leave unrelated
+//! prompts' argmax and the base weights alone; later calls add neurons and freeze the earlier
+//! ones; the neurons save and reload bit for bit; their gradient matches finite differences.
+
+mod common;
+
+use std::sync::Arc;
+
+use candle_core::{DType, Tensor, Var};
+use common::*;
+use kedit::data::EditRequest;
+use kedit::editors::memory::{CaliNet, CaliNetParams, CalibrationFfn};
+use kedit::editors::registry::overlay_from_parts;
+use kedit::editors::{patch, EditCtx, Editor, Patch};
+use kedit::model::{HookSpec, Model, Site, TokenBatch};
+
+fn params() -> CaliNetParams {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("hparams/CaliNet/smollm2-135m.yaml");
+    serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn request(prompt: &str, target: &str) -> EditRequest {
+    EditRequest {
+        prompt: prompt.into(),
+        target_new: target.into(),
+        ..EditRequest::default()
+    }
+}
+
+fn next_token(model: &Model, prompt: &str) -> u32 {
+    let ids = model.encode_with_special_tokens(prompt).unwrap();
+    let logits = logits_alone(model, &ids);
+    logits
+        .get(ids.len() - 1)
+        .unwrap()
+        .argmax(0)
+        .unwrap()
+        .to_scalar::<u32>()
+        .unwrap()
+}
+
+fn first_token(model: &Model, target: &str) -> u32 {
+    model.encode(&format!(" {target}")).unwrap()[0]
+}
+
+fn ffn(model: &Model, layer: usize) -> CalibrationFfn {
+    model
+        .overlay_as::<CalibrationFfn>(Site::MlpOut(layer))
+        .cloned()
+        .expect("calibration neurons")
+}
+
+const UNRELATED: [&str; 4] = [
+    "Michel Rocard is a native speaker of",
+    "The capital of Japan is",
+    "Apple A5 was created by",
+    "The Eiffel Tower is located in",
+];
+
+#[test]
+fn calls_make_their_targets_the_argmax_on_new_neurons_leaving_unrelated_answers_and_weights() {
+    let mut model = smollm2();
+    let fingerprint = model.fingerprint().unwrap();
+    let layer = params().kb_layer[0];
+    let before: Vec<u32> = UNRELATED.iter().map(|p| next_token(&model, p)).collect();
+    let mut calinet = CaliNet::new(params()).unwrap();
+    let ctx = EditCtx::default();
+    let (p1, p2) = (
+        "The mother tongue of Danielle Darrieux is",
+        "Ferrari F40, developed by",
+    );
+    assert_ne!(next_token(&model, p1), first_token(&model, "English"));
+    let first = calinet
+        .apply(&mut model, &[request(p1, "English")], &ctx)
+        .unwrap();
+    assert_eq!(next_token(&model, p1), first_token(&model, "English"));
+    let after_first = ffn(&model, layer);
+    let after: Vec<u32> = UNRELATED.iter().map(|p| next_token(&model, p)).collect();
+    assert_eq!(before, after, "an unrelated prompt's answer changed");
+    assert_eq!(after_first.neurons(), params().ex_size);
+
+    calinet
+        .apply(&mut model, &[request(p2, "Microsoft")], &ctx)
+        .unwrap();
+    assert_eq!(next_token(&model, p2), first_token(&model, "Microsoft"));
+    assert_eq!(next_token(&model, p1), first_token(&model, "English"));
+    let both = ffn(&model, layer);
+    assert_eq!(both.neurons(), 2 * params().ex_size);
+    let n = params().ex_size;
+    let rows = |t: &Tensor, dim: usize| t.narrow(dim, 0, n).unwrap().flatten_all().unwrap();
+    assert_eq!(
+        rows(&both.w_in, 0).to_vec1::<f32>().unwrap(),
+        rows(&after_first.w_in, 0).to_vec1::<f32>().unwrap(),
+        "the first call's neurons were retrained"
+    );
+    assert_eq!(
+        rows(&both.w_out, 1).to_vec1::<f32>().unwrap(),
+        rows(&after_first.w_out, 1).to_vec1::<f32>().unwrap()
+    );
+    assert_eq!(
+        model.fingerprint().unwrap(),
+        fingerprint,
+        "base weights changed"
+    );
+    assert!(!both.w_out.track_op());
+
+    // Saved and made on a fresh model: the same logits, bit for bit.
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("calinet.safetensors");
+    let whole = kedit::editors::Edit {
+        changes: vec![kedit::editors::Change::Overlay(
+            kedit::editors::OverlayChange {
+                site: Site::MlpOut(layer),
+                before: None,
+                after: model.overlay(Site::MlpOut(layer)).cloned(),
+            },
+        )],
+        ..Default::default()
+    };
+    patch::save(&file, &model, "CaliNet", &fingerprint, &whole, None).unwrap();
+    let mut fresh = smollm2();
+    Patch::load(&fresh, &file, &overlay_from_parts)
+        .unwrap()
+        .edit
+        .reapply(&mut fresh)
+        .unwrap();
+    for p in [p1, p2, UNRELATED[1]] {
+        let ids = model.encode_with_special_tokens(p).unwrap();
+        assert_eq!(
+            max_abs_diff(&logits_alone(&model, &ids), &logits_alone(&fresh, &ids)),
+            0.0,
+            "{p}"
+        );
+    }
+    // Undoing the first call (the overlay before it was none) removes the neurons.
+    first.undo(&mut model).unwrap();
+    assert!(model.overlay(Site::MlpOut(layer)).is_none());
+}
+
+/// The derivative of the target's NLL in one entry of `W_o` and of `W_g`, through the
+/// calibration FFN and the layers above it, against central differences.
+#[test]
+fn the_calibration_gradient_matches_finite_differences() {
+    let mut model = smollm2();
+    let layer = params().kb_layer[0];
+    let spec = model.spec().clone();
+    let n = 4;
+    let device = model.device().clone();
+    let seeded = |rows: usize, cols: usize, phase: f64| {
+        Tensor::arange(0f32, (rows * cols) as f32, &device)
+            .unwrap()
+            .reshape((rows, cols))
+            .unwrap()
+            .affine(0.37, phase)
+            .unwrap()
+            .sin()
+            .unwrap()
+            .affine(0.05, 0.0)
+            .unwrap()
+    };
+    let w_in = seeded(n, spec.d_model, 0.0);
+    let w_gate = seeded(n, spec.d_model, 1.0);
+    let w_out = Var::from_tensor(&seeded(spec.d_model, n, 2.0)).unwrap();
+    let gate = Var::from_tensor(&w_gate).unwrap();
+    let prompt = model
+        .encode_with_special_tokens("The mother tongue of Danielle Darrieux is")
+        .unwrap();
+    let target = model.encode(" English").unwrap()[0];
+    let batch = TokenBatch::new(std::slice::from_ref(&prompt), 0, model.device()).unwrap();
+    let at = [(0, prompt.len() - 1)];
+    let nll = |model: &mut Model, gate: Tensor, out: Tensor| -> Tensor {
+        let ffn = CalibrationFfn {
+            activation: spec.activation,
+            w_in: w_in.clone(),
+            w_gate: Some(gate),
+            w_out: out,
+        };
+        model
+            .set_overlay(Site::MlpOut(layer), Some(Arc::new(ffn)))
+            .unwrap();
+        let logits = model
+            .forward_at(&batch, &HookSpec::new(), &at)
+            .unwrap()
+            .logits;
+        Model::log_probs(&logits)
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .get(target as usize)
+            .unwrap()
+            .neg()
+            .unwrap()
+    };
+    let loss = nll(
+        &mut model,
+        gate.as_tensor().clone(),
+        w_out.as_tensor().clone(),
+    );
+    let grads = loss.backward().unwrap();
+    let analytic = |v: &Var, r: usize, c: usize| -> f64 {
+        let g = grads.get(v.as_tensor()).unwrap();
+        f64::from(
+            g.get(r)
+                .unwrap()
+                .get(c)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+        )
+    };
+    let h = 1e-2;
+    let bumped = |t: &Tensor, r: usize, c: usize, by: f64| -> Tensor {
+        let mut rows = t.to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap();
+        rows[r][c] += by;
+        Tensor::new(rows, &device)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+    };
+    let value = |t: Tensor| f64::from(t.to_scalar::<f32>().unwrap());
+    for (r, c) in [(3, 1), (100, 2)] {
+        let plus = value(nll(&mut model, w_gate.clone(), bumped(&w_out, r, c, h)));
+        let minus = value(nll(&mut model, w_gate.clone(), bumped(&w_out, r, c, -h)));
+        let numeric = (plus - minus) / (2.0 * h);
+        let exact = analytic(&w_out, r, c);
+        assert!(
+            (numeric - exact).abs() <= 2e-2 * exact.abs().max(1e-1),
+            "W_o[{r},{c}]: {exact} vs {numeric}"
+        );
+    }
+    let out = w_out.as_tensor().detach();
+    for (r, c) in [(1, 7), (2, 300)] {
+        let plus = value(nll(&mut model, bumped(&w_gate, r, c, h), out.clone()));
+        let minus = value(nll(&mut model, bumped(&w_gate, r, c, -h), out.clone()));
+        let numeric = (plus - minus) / (2.0 * h);
+        let exact = analytic(&gate, r, c);
+        assert!(
+            (numeric - exact).abs() <= 2e-2 * exact.abs().max(1e-1),
+            "W_g[{r},{c}]: {exact} vs {numeric}"
+        );
+    }
+}
