@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use super::codebook::{Codebook, Entry, KeyInput, QueryTokens, Replacement};
 use crate::data::python_random::PythonRandom;
 use crate::data::EditRequest;
+use super::super::ft::target_new_inputs;
 use crate::editors::hparams::{float, read_yaml};
 use crate::editors::optim::Adam;
 use crate::editors::{Change, Edit, EditCtx, EditReport, Editor, OverlayChange};
@@ -358,6 +359,7 @@ impl Grace {
         entry: usize,
         layer: usize,
         prepared: &Prepared,
+        request: &EditRequest,
     ) -> Result<(Tensor, usize, f64)> {
         let ids = &prepared.ids;
         let s = ids.len();
@@ -372,10 +374,8 @@ impl Grace {
                 book.entries[entry].radius
             )));
         }
-        let t = prepared.query_position;
-        let scored: Vec<(usize, usize)> = (t..s - 1).map(|p| (0, p)).collect();
-        let labels = Tensor::new(&ids[t + 1..], model.device())?.unsqueeze(1)?;
-        let batch = TokenBatch::new(std::slice::from_ref(ids), 0, model.device())?;
+        // The target tokens' mean NLL, as FT-M scores `prompt + " " + target`.
+        let inputs = target_new_inputs(model, std::slice::from_ref(request))?;
         let d_value = book.values.dim(1)?;
         let delta = Var::zeros(d_value, DType::F32, model.device())?;
         let mut opt = Adam::new(vec![delta.clone()], self.params.edit_lr, 0.0)?;
@@ -393,14 +393,8 @@ impl Grace {
                     delta: delta.as_tensor().to_dtype(model.dtype())?,
                 },
             );
-            let out = model.forward_at(&batch, &hooks, &scored)?;
-            let log_probs = Model::log_probs(&out.logits)?;
-            let loss = log_probs
-                .gather(&labels, 1)?
-                .to_dtype(DType::F32)?
-                .mean_all()?
-                .neg()?;
-            loss_value = f64::from(loss.to_scalar::<f32>()?);
+            let loss = inputs.loss(model, &hooks)?;
+            loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if !loss_value.is_finite() {
                 return Err(Error::Invalid(format!(
                     "GRACE: the value loss is {loss_value} at step {step}; lower edit_lr ({})",
@@ -447,7 +441,7 @@ impl Grace {
         let site = book.site(layer);
         let placed: Arc<dyn Overlay> = Arc::new(book.clone());
         let before = model.set_overlay(site, Some(placed))?;
-        let trained = self.train_value(model, &book, entry, layer, &prepared);
+        let trained = self.train_value(model, &book, entry, layer, &prepared, r);
         model.set_overlay(site, before)?;
         let (value, steps, final_loss) = trained?;
         book.values = replace_row(&book.values, entry, &value)?;
