@@ -93,6 +93,20 @@ pub fn write_safetensors<V: safetensors::View>(
     })
 }
 
+/// This process's resident memory and its peak so far, in KiB (`VmRSS`, `VmHWM` of
+/// `/proc/self/status`); `None` where the file does not exist.
+pub fn process_memory_kb() -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse::<u64>().ok())
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

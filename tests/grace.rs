@@ -369,3 +369,61 @@ fn a_saved_codebook_works_in_a_fresh_process_and_patch_show_describes_it() {
         &["junk.safetensors", "not a kedit patch"],
     );
 }
+
+/// Lifelong editing from the command line: `--sequential end --eval-at 2,4` measures the cases
+/// edited so far after the 2nd and the 4th edit; GRACE keeps every target (the first two
+/// measured twice, with two more entries in the book between); a checkpoint list that is not
+/// increasing, or one without --sequential, is refused in one line.
+#[test]
+fn eval_at_writes_one_summary_per_checkpoint_of_a_sequential_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("seq.jsonl");
+    let model = smollm2_path();
+    let data = fixture("data/counterfact_easyedit_edit.json");
+    let hparams = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/hparams/GRACE/smollm2-135m.yaml"
+    );
+    let base = [
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--editor",
+        "GRACE",
+        "--hparams",
+        hparams,
+        "--data",
+        data.to_str().unwrap(),
+        "--limit",
+        "4",
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ];
+    let mut args = base.to_vec();
+    args.extend(["--sequential", "end", "--eval-at", "2,4"]);
+    ok(&kedit(&args));
+    let log = std::fs::read_to_string(tmp.path().join("seq.jsonl.lifelong.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{log}");
+    for (line, edits) in lines.iter().zip([2, 4]) {
+        assert_eq!(line["edits"], edits);
+        assert_eq!(line["cases"], edits);
+        assert_eq!(line["editor"], "GRACE");
+        assert_eq!(line["post"]["rewrite_acc"], 100.0, "{line}");
+        assert!(line["peak_rss_kb"].as_u64().unwrap() > 0);
+    }
+
+    for bad in [
+        vec!["--eval-at", "4,2", "--sequential", "end"],
+        vec!["--eval-at", "2"],
+    ] {
+        let mut args = base.to_vec();
+        args.extend(bad);
+        std::fs::remove_file(&out).ok();
+        assert_one_line_error(&kedit_with_backtraces(&args), &["--eval-at"]);
+    }
+}

@@ -54,6 +54,11 @@ pub struct EvalArgs {
     /// today) or every case after the last edit (`end`, the published lifelong protocol)
     #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "each")]
     sequential: Option<SequentialArg>,
+    /// With --sequential: after these numbers of edits (comma-separated, ascending), measure every
+    /// case edited so far and append the summary, seconds per edit and memory to
+    /// OUT.lifelong.jsonl (lifelong editing's curves; `kedit plot-lifelong` draws them)
+    #[arg(long, value_delimiter = ',', requires = "out")]
+    eval_at: Vec<usize>,
     /// Scoring of reliability, generalization and portability: teacher-forced token accuracy
     /// (EasyEdit's default), perplexity of the target (`ppl`), or greedy generation compared with
     /// the answer (`gen-em`, EasyEdit's GRACE protocol)
@@ -123,6 +128,35 @@ struct Sink {
     out: ResultsSink,
     results: Vec<CaseResult>,
     bar: Option<indicatif::ProgressBar>,
+    lifelong: Option<LifelongLog>,
+}
+
+/// `--eval-at`'s file: one JSON line per checkpoint, appended and flushed as it is measured.
+struct LifelongLog {
+    path: PathBuf,
+    file: std::fs::File,
+    editor: String,
+    started: std::time::Instant,
+}
+
+impl LifelongLog {
+    fn line(&mut self, edits: usize, results: &[CaseResult]) -> crate::Result<()> {
+        let summary = summarize(results);
+        let memory = crate::files::process_memory_kb();
+        let line = serde_json::json!({
+            "editor": self.editor,
+            "edits": edits,
+            "cases": summary.cases,
+            "post": summary.post,
+            "seconds_per_edit": summary.edit_seconds,
+            "elapsed_seconds": self.started.elapsed().as_secs_f64(),
+            "rss_kb": memory.map(|m| m.0),
+            "peak_rss_kb": memory.map(|m| m.1),
+        });
+        writeln!(self.file, "{line}")
+            .and_then(|()| self.file.flush())
+            .map_err(|e| crate::Error::io(&self.path, e))
+    }
 }
 
 impl Observer for Sink {
@@ -134,6 +168,13 @@ impl Observer for Sink {
 
     fn progress(&mut self, stage: &'static str, done: usize, total: usize) {
         show_progress(self.bar.as_ref(), stage, done, total);
+    }
+
+    fn checkpoint(&mut self, edits: usize, results: Vec<CaseResult>) -> crate::Result<()> {
+        match &mut self.lifelong {
+            Some(log) => log.line(edits, &results),
+            None => Ok(()),
+        }
     }
 }
 
@@ -241,6 +282,17 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
+    if !args.eval_at.is_empty() {
+        if args.sequential.is_none() {
+            bail!("--eval-at measures edits that accumulate: add --sequential (each or end)");
+        }
+        if args.eval_at[0] == 0 || args.eval_at.windows(2).any(|w| w[0] >= w[1]) {
+            bail!(
+                "--eval-at {:?}: expected increasing edit counts from 1, e.g. 10,100,1000",
+                args.eval_at
+            );
+        }
+    }
     let dataset = read_dataset(&args.data, args.format)?;
     let instruction = args
         .instruction
@@ -343,10 +395,12 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     };
     let done: BTreeSet<usize> = previous.iter().map(|r| r.case_id).collect();
     let bar = progress_bar(&args, cases.len());
+    let (lifelong, checkpoints) = lifelong_log(&args, editor.name())?;
     let mut sink = Sink {
         out,
         results: previous,
         bar,
+        lifelong,
     };
     let opts = RunOptions {
         batch_size: args.batch_size,
@@ -361,6 +415,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
             },
             chat_template,
         },
+        checkpoints,
     };
     run_cases(
         &mut model,
@@ -394,4 +449,51 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--eval-at`'s log and the checkpoints still to measure (a resumed run skips those its log
+/// already holds).
+fn lifelong_log(
+    args: &EvalArgs,
+    editor: &str,
+) -> anyhow::Result<(Option<LifelongLog>, Vec<usize>)> {
+    let Some(out) = args.out.as_ref().filter(|_| !args.eval_at.is_empty()) else {
+        return Ok((None, Vec::new()));
+    };
+    let mut path = out.clone().into_os_string();
+    path.push(".lifelong.jsonl");
+    let path = PathBuf::from(path);
+    let mut written = BTreeSet::new();
+    if args.resume && path.exists() {
+        let text = std::fs::read_to_string(&path).map_err(|e| crate::Error::io(&path, e))?;
+        for (i, line) in text.lines().enumerate() {
+            let value: serde_json::Value = serde_json::from_str(line)
+                .map_err(|e| crate::Error::file(&path, format!("line {}: {e}", i + 1)))?;
+            if let Some(edits) = value.get("edits").and_then(serde_json::Value::as_u64) {
+                written.insert(edits as usize);
+            }
+        }
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(args.resume)
+        .write(true)
+        .truncate(!args.resume)
+        .open(&path)
+        .map_err(|e| crate::Error::io(&path, e))?;
+    let todo = args
+        .eval_at
+        .iter()
+        .copied()
+        .filter(|k| !written.contains(k))
+        .collect();
+    Ok((
+        Some(LifelongLog {
+            path,
+            file,
+            editor: editor.to_string(),
+            started: std::time::Instant::now(),
+        }),
+        todo,
+    ))
 }

@@ -78,6 +78,7 @@ fn measure(
 }
 
 /// What the unedited model gives for a case, kept until its post-edit evaluation.
+#[derive(Clone)]
 pub struct Before {
     metrics: PhaseMetrics,
     sentiment: Option<SentimentBaseline>,

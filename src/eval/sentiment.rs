@@ -31,6 +31,7 @@ pub enum SentimentProtocol {
 
 /// What the unedited model said on a probe, kept from before the edit for
 /// [`SentimentProtocol::Corrected`].
+#[derive(Clone)]
 pub struct SentimentBaseline {
     inner_log_probs: Vec<f64>,
     outer_log_probs: Tensor,

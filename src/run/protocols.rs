@@ -41,6 +41,9 @@ pub struct RunOptions {
     pub batch_size: usize,
     pub protocol: Protocol,
     pub measure: MeasureOptions,
+    /// Sequential protocols: after this many edits (ascending), every case edited so far is
+    /// measured again and handed to [`Observer::checkpoint`] (lifelong editing's curves).
+    pub checkpoints: Vec<usize>,
 }
 
 impl Default for RunOptions {
@@ -50,6 +53,7 @@ impl Default for RunOptions {
             batch_size: 1,
             protocol: Protocol::default(),
             measure: MeasureOptions::default(),
+            checkpoints: Vec::new(),
         }
     }
 }
@@ -60,6 +64,11 @@ pub trait Observer {
     fn case_done(&mut self, result: CaseResult) -> Result<()>;
     /// Progress in `stage` ("pre", "edit"): `done` of `total`.
     fn progress(&mut self, _stage: &'static str, _done: usize, _total: usize) {}
+    /// After `edits` edits of a sequential run, the post-edit results of every case edited so
+    /// far (those measured before the edits: not the cases a resumed run skips).
+    fn checkpoint(&mut self, _edits: usize, _results: Vec<CaseResult>) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Runs `editor` over `cases` (`(record index, request)`), skipping the record indices in `done`
@@ -127,12 +136,16 @@ pub fn run_cases(
                 observer.progress("pre", pre.len(), total);
             }
             let mut pending = Vec::new();
+            let mut checkpoints = opts.checkpoints.iter().copied().peekable();
+            let mut times = Vec::with_capacity(total);
             for (n, chunk) in cases.chunks(batch).enumerate() {
                 let requests: Vec<EditRequest> = chunk.iter().map(|(_, r)| r.clone()).collect();
                 let (_, seconds) = timed_apply(model, editor, &requests, ctx)?;
+                times.extend(std::iter::repeat_n(seconds, chunk.len()));
+                let edited = n * batch + chunk.len();
                 let mut measured_now = Vec::new();
                 for (k, (case_id, request)) in chunk.iter().enumerate() {
-                    let Some(before) = pre[n * batch + k].take() else {
+                    let Some(before) = pre[n * batch + k].clone() else {
                         continue;
                     };
                     measured_now.push((*case_id, request, before, seconds));
@@ -144,7 +157,26 @@ pub fn run_cases(
                 } else {
                     pending.extend(measured_now);
                 }
-                observer.progress("edit", ((n + 1) * batch).min(total), total);
+                let mut due = false;
+                while checkpoints.next_if(|&c| c <= edited).is_some() {
+                    due = true;
+                }
+                if due {
+                    let so_far: Vec<_> = cases[..edited]
+                        .iter()
+                        .zip(&pre)
+                        .zip(&times)
+                        .filter_map(|(((case_id, request), before), &seconds)| {
+                            Some((*case_id, request, before.clone()?, seconds))
+                        })
+                        .collect();
+                    let mut results = Vec::with_capacity(so_far.len());
+                    for window_cases in so_far.chunks(window) {
+                        results.extend(measure_after_many(model, window_cases.to_vec(), measure)?);
+                    }
+                    observer.checkpoint(edited, results)?;
+                }
+                observer.progress("edit", edited, total);
             }
             // After the last edit the model no longer changes: every case's post-edit metrics
             // share passes, a window at a time, each window's results streamed as it is done.

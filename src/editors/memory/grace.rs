@@ -22,10 +22,10 @@ use std::sync::Arc;
 use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
+use super::super::ft::target_new_inputs;
 use super::codebook::{Codebook, Entry, KeyInput, QueryTokens, Replacement};
 use crate::data::python_random::PythonRandom;
 use crate::data::EditRequest;
-use super::super::ft::target_new_inputs;
 use crate::editors::hparams::{float, read_yaml};
 use crate::editors::optim::Adam;
 use crate::editors::{Change, Edit, EditCtx, EditReport, Editor, OverlayChange};
