@@ -1,6 +1,7 @@
 //! Analyses: where a model keeps a fact (causal tracing), and how a trained editor's updates
 //! differ between tasks (the principal components of its updates, as a scatter figure).
 
+pub mod lines;
 pub mod scatter;
 pub mod svg;
 pub mod trace;

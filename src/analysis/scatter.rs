@@ -5,7 +5,7 @@
 use std::fmt::Write;
 
 /// Okabe–Ito colours, distinguishable with the common colour-vision deficiencies.
-const COLOURS: [&str; 6] = [
+pub(crate) const COLOURS: [&str; 6] = [
     "#E69F00", "#0072B2", "#009E73", "#CC79A7", "#D55E00", "#56B4E9",
 ];
 const PANEL: f64 = 320.0;
@@ -21,7 +21,7 @@ pub struct ScatterPanel {
     pub points: Vec<(f64, f64, usize)>,
 }
 
-fn esc(s: &str) -> String {
+pub(crate) fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")

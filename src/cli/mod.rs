@@ -5,6 +5,7 @@ mod eval;
 mod generate;
 mod inspect;
 mod patch;
+mod plot_lifelong;
 mod plot_updates;
 mod stats;
 mod trace;
@@ -56,6 +57,9 @@ enum Command {
     /// The principal components of trained editors' updates on edits of several tasks, one panel
     /// per editor, as an SVG (InstructEdit's Fig. 4)
     PlotUpdates(plot_updates::PlotUpdatesArgs),
+    /// Lifelong editing's curves: reliability, generalization and locality against the number of
+    /// edits, from `kedit eval --eval-at` logs, one line per run, as an SVG and a table
+    PlotLifelong(plot_lifelong::PlotLifelongArgs),
     /// Inspect edits saved as files: `kedit patch show FILE`
     Patch(patch::PatchArgs),
 }
@@ -277,6 +281,7 @@ pub fn main() -> ExitCode {
         Command::Trace(args) => trace::run(args),
         Command::PlotUpdates(args) => plot_updates::run(args),
         Command::Patch(args) => patch::run(args),
+        Command::PlotLifelong(args) => plot_lifelong::run(args),
     });
     match result {
         Ok(code) => code,
