@@ -241,3 +241,79 @@ fn the_calibration_gradient_matches_finite_differences() {
         );
     }
 }
+
+/// GPT-2's forms: GRACE on `c_fc` (keys the MLP's input, values its activation) and CaliNet's
+/// GELU neurons both make the target the argmax of the tiny GPT-2; layers and projections the
+/// model does not have are refused naming the field.
+#[test]
+fn both_memory_editors_edit_gpt2_and_refuse_what_the_model_lacks() {
+    use kedit::editors::memory::{Grace, GraceParams};
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let grace_file = std::fs::read_to_string(root.join("hparams/GRACE/gpt2-xl.yaml")).unwrap();
+    let grace_params = |inner: &str| -> GraceParams {
+        let mut p: GraceParams = serde_yaml::from_str(&grace_file).unwrap();
+        p.inner_params = vec![inner.to_string()];
+        p.n_iter = 40;
+        p
+    };
+    let calinet_params = |layer: usize| -> CaliNetParams {
+        let text = std::fs::read_to_string(root.join("hparams/CaliNet/gpt2-xl.yaml")).unwrap();
+        let mut p: CaliNetParams = serde_yaml::from_str(&text).unwrap();
+        p.kb_layer = vec![layer];
+        p.num_steps = 100;
+        p
+    };
+    let ctx = EditCtx::default();
+    let prompt = "The capital of France is";
+    for (name, mut editor) in [
+        (
+            "GRACE",
+            Box::new(Grace::new(grace_params("transformer.h[1].mlp.c_fc.weight")).unwrap())
+                as Box<dyn Editor>,
+        ),
+        (
+            "CaliNet",
+            Box::new(CaliNet::new(calinet_params(1)).unwrap()),
+        ),
+    ] {
+        let mut model = tiny_gpt2();
+        let target = first_token(&model, "Rome");
+        assert_ne!(next_token(&model, prompt), target);
+        let edit = editor
+            .apply(&mut model, &[request(prompt, "Rome")], &ctx)
+            .unwrap();
+        assert_eq!(next_token(&model, prompt), target, "{name}");
+        editor.undo(&mut model, &edit).unwrap();
+        assert_ne!(next_token(&model, prompt), target, "{name}: undo");
+    }
+
+    let mut model = tiny_gpt2();
+    let refused = |editor: &mut dyn Editor, model: &mut Model| {
+        editor
+            .apply(model, &[request(prompt, "Rome")], &ctx)
+            .unwrap_err()
+            .to_string()
+    };
+    let err = refused(
+        &mut Grace::new(grace_params("transformer.h[1].attn.c_attn.weight")).unwrap(),
+        &mut model,
+    );
+    assert!(
+        err.contains("inner_params") && err.contains("not an MLP"),
+        "{err}"
+    );
+    let err = refused(
+        &mut Grace::new(grace_params("transformer.h[7].mlp.c_fc.weight")).unwrap(),
+        &mut model,
+    );
+    assert!(err.contains("not a weight of this model"), "{err}");
+    let err = refused(&mut CaliNet::new(calinet_params(7)).unwrap(), &mut model);
+    assert!(
+        err.contains("kb_layer") && err.contains("out of range"),
+        "{err}"
+    );
+    assert!(
+        model.overlays().next().is_none(),
+        "a refused edit left an overlay"
+    );
+}

@@ -48,6 +48,7 @@ pub struct CaliNetParams {
     /// Facts per `apply` call (the evaluation's `--batch-size` is capped at it).
     #[serde(default = "one")]
     pub batch_size: usize,
+    /// Refused: kedit never truncates a fact.
     #[serde(default)]
     pub max_length: Option<usize>,
     /// kedit: stop once the loss is below this (0 runs every step).
@@ -276,6 +277,12 @@ impl CaliNet {
         }
         if params.batch_size == 0 {
             return bad("batch_size", "must be at least 1");
+        }
+        if params.max_length.is_some() {
+            return bad(
+                "max_length",
+                "kedit trains on whole prompts and never truncates; remove it",
+            );
         }
         if let Some(opt) = params.optimizer.as_deref() {
             if !opt.eq_ignore_ascii_case("adam") {
