@@ -66,7 +66,7 @@ fn bench(c: &mut Criterion) {
     };
     assert_eq!(book.keys.dtype(), DType::F32);
     model
-        .set_overlay(Site::MlpOut(25), Some(Arc::new(book)))
+        .set_overlay(Site::MlpOut(28), Some(Arc::new(book)))
         .unwrap();
     group.bench_function("forward_8_prompts_with_1000_entry_codebook", |b| {
         b.iter(|| forward(&model))

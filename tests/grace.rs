@@ -13,7 +13,7 @@ use kedit::editors::registry::overlay_from_parts;
 use kedit::editors::{patch, Change, Edit, EditCtx, Editor, OverlayChange, Patch};
 use kedit::model::{HookSpec, Model, Site, TokenBatch};
 
-const LAYER: usize = 25;
+const LAYER: usize = 28;
 
 fn params() -> GraceParams {
     let path =
@@ -339,7 +339,7 @@ fn a_saved_codebook_works_in_a_fresh_process_and_patch_show_describes_it() {
     let text = ok(&kedit(&["patch", "show", file_arg]));
     for needle in [
         "GRACE",
-        "mlp_out.25",
+        "mlp_out.28",
         "grace_codebook",
         "1 entries",
         "\"English\"",
