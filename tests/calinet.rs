@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor, Var};
 use common::*;
-use kedit::data::EditRequest;
 use kedit::editors::memory::{CaliNet, CaliNetParams, CalibrationFfn};
 use kedit::editors::registry::overlay_from_parts;
 use kedit::editors::{patch, EditCtx, Editor, Patch};
@@ -18,30 +17,6 @@ fn params() -> CaliNetParams {
     let path =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("hparams/CaliNet/smollm2-135m.yaml");
     serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-fn request(prompt: &str, target: &str) -> EditRequest {
-    EditRequest {
-        prompt: prompt.into(),
-        target_new: target.into(),
-        ..EditRequest::default()
-    }
-}
-
-fn next_token(model: &Model, prompt: &str) -> u32 {
-    let ids = model.encode_with_special_tokens(prompt).unwrap();
-    let logits = logits_alone(model, &ids);
-    logits
-        .get(ids.len() - 1)
-        .unwrap()
-        .argmax(0)
-        .unwrap()
-        .to_scalar::<u32>()
-        .unwrap()
-}
-
-fn first_token(model: &Model, target: &str) -> u32 {
-    model.encode(&format!(" {target}")).unwrap()[0]
 }
 
 fn ffn(model: &Model, layer: usize) -> CalibrationFfn {

@@ -7,7 +7,6 @@ mod common;
 
 use candle_core::Tensor;
 use common::*;
-use kedit::data::EditRequest;
 use kedit::editors::memory::{Codebook, Grace, GraceParams, GraceReport};
 use kedit::editors::registry::overlay_from_parts;
 use kedit::editors::{patch, Change, Edit, EditCtx, Editor, OverlayChange, Patch};
@@ -25,25 +24,6 @@ fn params() -> GraceParams {
         format!("model.layers.{LAYER}.mlp.down_proj.weight")
     );
     params
-}
-
-fn request(prompt: &str, target: &str) -> EditRequest {
-    EditRequest {
-        prompt: prompt.into(),
-        target_new: target.into(),
-        ..EditRequest::default()
-    }
-}
-
-fn next_token(model: &Model, prompt: &str) -> u32 {
-    let ids = model.encode_with_special_tokens(prompt).unwrap();
-    let logits = logits_alone(model, &ids);
-    let last = logits.get(ids.len() - 1).unwrap();
-    last.argmax(0).unwrap().to_scalar::<u32>().unwrap()
-}
-
-fn first_token(model: &Model, target: &str) -> u32 {
-    model.encode(&format!(" {target}")).unwrap()[0]
 }
 
 /// The down projection's input at a prompt's last token: the key GRACE stores, computed here

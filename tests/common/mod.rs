@@ -206,3 +206,25 @@ pub fn zsre_pairs(
         })
         .collect()
 }
+
+/// An edit request of a prompt and a new answer only.
+pub fn request(prompt: &str, target: &str) -> kedit::data::EditRequest {
+    kedit::data::EditRequest {
+        prompt: prompt.into(),
+        target_new: target.into(),
+        ..Default::default()
+    }
+}
+
+/// The model's argmax next token after `prompt`.
+pub fn next_token(model: &Model, prompt: &str) -> u32 {
+    let ids = model.encode_with_special_tokens(prompt).unwrap();
+    let logits = logits_alone(model, &ids);
+    let last = logits.get(ids.len() - 1).unwrap();
+    last.argmax(0).unwrap().to_scalar::<u32>().unwrap()
+}
+
+/// The first token of `" " + target`, the answer an edit should make the argmax.
+pub fn first_token(model: &Model, target: &str) -> u32 {
+    model.encode(&format!(" {target}")).unwrap()[0]
+}
