@@ -9,22 +9,10 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use kedit::model::{HookSpec, ModelSpec, TokenBatch};
+use kedit::model::{HookSpec, TokenBatch};
 
 const BATCH: usize = 8;
 const TOKENS: usize = 32;
-
-/// Multiply-add FLOPs of one forward over `tokens` tokens: every matrix once per token, plus
-/// attention scores and mixing over the causal prefix.
-fn forward_flops(spec: &ModelSpec, seq: usize, tokens: usize) -> f64 {
-    let d = spec.d_model as f64;
-    let q = (spec.n_heads * spec.head_dim) as f64;
-    let kv = (spec.n_kv_heads * spec.head_dim) as f64;
-    let per_layer = d * q + 2.0 * d * kv + q * d + 3.0 * d * spec.d_mlp as f64;
-    let matrices = spec.n_layers as f64 * per_layer + spec.vocab_size as f64 * d;
-    let attention = spec.n_layers as f64 * 2.0 * q * (seq as f64 + 1.0) / 2.0;
-    2.0 * tokens as f64 * (matrices + attention)
-}
 
 fn bench(c: &mut Criterion) {
     let model = common::smollm2_f32();
@@ -46,7 +34,7 @@ fn bench(c: &mut Criterion) {
     });
 
     // The same FLOPs as one GEMM shaped like the model's: [tokens, d_model] x [d_model, n].
-    let flops = forward_flops(model.spec(), TOKENS, BATCH * TOKENS);
+    let flops = model.spec().forward_flops(TOKENS, BATCH * TOKENS);
     let (m, k) = (BATCH * TOKENS, model.spec().d_model);
     let n = (flops / (2.0 * m as f64 * k as f64)).round() as usize;
     let a = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();

@@ -275,6 +275,22 @@ impl ModelSpec {
         }
     }
 
+    /// Multiply-add FLOPs (counted as 2 each) of one forward pass over `tokens` tokens in
+    /// sequences of `seq`: every weight matrix once per token, the head included, plus attention's
+    /// scores and mixing over the causal prefix (on average (seq + 1) / 2 positions).
+    pub fn forward_flops(&self, seq: usize, tokens: usize) -> f64 {
+        let (d, m) = (self.d_model as f64, self.d_mlp as f64);
+        let q = (self.n_heads * self.head_dim) as f64;
+        let kv = (self.n_kv_heads * self.head_dim) as f64;
+        let per_layer = match self.arch {
+            Arch::Gpt2 => 3.0 * d * d + d * d + 2.0 * d * m,
+            Arch::Llama => d * q + 2.0 * d * kv + q * d + 3.0 * d * m,
+        };
+        let matrices = self.n_layers as f64 * per_layer + self.vocab_size as f64 * d;
+        let attention = self.n_layers as f64 * 2.0 * q * (seq as f64 + 1.0) / 2.0;
+        2.0 * tokens as f64 * (matrices + attention)
+    }
+
     /// The dtype `auto` resolves to: f32 when the weights fit comfortably in memory, else bf16.
     pub fn auto_dtype(&self, available_bytes: Option<u64>) -> DType {
         let f32_bytes = self.n_params() as u64 * 4;

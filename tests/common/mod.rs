@@ -31,9 +31,19 @@ pub fn smollm2_path() -> PathBuf {
     path
 }
 
+/// The device the suite's models load on: CPU, or `KEDIT_TEST_DEVICE=cuda` (a build with
+/// `--features cuda`) to run the same tests on a GPU.
+pub fn test_device() -> Device {
+    match std::env::var("KEDIT_TEST_DEVICE").as_deref() {
+        Err(_) | Ok("") | Ok("cpu") => Device::Cpu,
+        Ok("cuda") => Device::new_cuda(0).expect("KEDIT_TEST_DEVICE=cuda: no CUDA device"),
+        Ok(other) => panic!("KEDIT_TEST_DEVICE={other}: expected cpu or cuda"),
+    }
+}
+
 pub fn load_as(source: &Path, dtype: DType) -> Model {
     let opts = LoadOptions {
-        device: Device::Cpu,
+        device: test_device(),
         dtype: DTypeChoice::Exact(dtype),
         ..LoadOptions::default()
     };
@@ -118,6 +128,17 @@ pub fn rel_l2(a: &[f32], b: &[f32]) -> f32 {
         .sqrt();
     let den: f32 = b.iter().map(|y| y * y).sum::<f32>().sqrt();
     num / den
+}
+
+/// The result lines with the (timing-dependent) `time` field removed.
+pub fn results_without_time(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().remove("time");
+            v
+        })
+        .collect()
 }
 
 /// Runs the `kedit` binary.
