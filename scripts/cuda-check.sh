@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# The GPU check: kedit built with `--features cuda` (scripts/install-cuda-toolkit.sh, then
+# `cargo build --release --features cuda` and `cargo test --release --features cuda --no-run`),
+# run on a machine with an NVIDIA GPU and no Rust toolchain:
+#   1. test binaries with KEDIT_TEST_DEVICE=cuda, so their models load on the GPU;
+#   2. random-weight SmolLM2- and GPT2-XL-shaped checkpoints (scripts/make-shaped-checkpoint.py):
+#      forward throughput beside a product at the MLP's width (`kedit inspect --throughput`),
+#      key statistics and ROME edits (`kedit eval`), each under /usr/bin/time where it exists.
+# usage: scripts/cuda-check.sh BINDIR OUTDIR [DEVICE]
+#   BINDIR  holds `kedit` and, under tests/, test binaries
+#   DEVICE  cuda (default) or cpu, to rehearse the script on a machine without a GPU
+#   SHAPES  which shaped models to build (default "smollm2-135m gpt2-xl")
+#   SAMPLES WikiText-2 articles for ROME's statistics (default 1000), CASES ROME edits (default 5)
+set -uo pipefail
+bin=$(cd "$1" && pwd)
+out=$(mkdir -p "$2" && cd "$2" && pwd)
+device=${3:-cuda}
+shapes=${SHAPES:-"smollm2-135m gpt2-xl"}
+samples=${SAMPLES:-1000}
+cases=${CASES:-5}
+repo=$(cd "$(dirname "$0")/.." && pwd)
+work=${WORK:-/tmp/kedit-cuda-check}
+mkdir -p "$work"
+log() { echo "== $(date +%T) $*" | tee -a "$out/summary.txt"; }
+timed() { # timed NAME CMD...: stdout+stderr to OUT/NAME.log, peak RSS and wall time appended
+  local name=$1; shift
+  local start=$(date +%s%N)
+  if [ -x /usr/bin/time ]; then
+    /usr/bin/time -v "$@" >"$out/$name.log" 2>&1
+  else
+    "$@" >"$out/$name.log" 2>&1
+  fi
+  local rc=$?
+  local ms=$((($(date +%s%N) - start) / 1000000))
+  local rss=$(grep -o 'Maximum resident set size (kbytes): [0-9]*' "$out/$name.log" | grep -o '[0-9]*$')
+  log "$name: rc=$rc wall=${ms}ms peak_rss_kb=${rss:-?}"
+  return $rc
+}
+
+if [ "$device" = cuda ]; then
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$out/summary.txt"
+  # cuBLAS, cuRAND and NVRTC of CUDA 13: from the toolkit where installed, else from the Python
+  # wheels PyTorch brought.
+  for d in /usr/local/cuda/lib64 $(python3 -c 'import nvidia, os; [print(os.path.join(p, "cu13", "lib")) for p in nvidia.__path__]' 2>/dev/null); do
+    [ -e "$d/libcublas.so.13" ] && export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  done
+  if [ -z "${LD_LIBRARY_PATH:-}" ]; then
+    d=$(find /opt /usr -name libcublas.so.13 2>/dev/null | head -1)
+    [ -n "$d" ] && export LD_LIBRARY_PATH=$(dirname "$d")
+  fi
+  log "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+fi
+
+# 1. the tests, on the GPU. They find their fixtures and the kedit binary where they were built
+# (CARGO_MANIFEST_DIR, CARGO_BIN_EXE_kedit): BUILT_AT names that folder, linked to this checkout.
+export KEDIT_TEST_DEVICE=$device
+if [ -n "${BUILT_AT:-}" ] && [ ! -e "$BUILT_AT" ]; then
+  mkdir -p "$(dirname "$BUILT_AT")" && ln -s "$repo" "$BUILT_AT"
+fi
+mkdir -p "$repo/target/release" && cp "$bin/kedit" "$repo/target/release/kedit"
+for t in "$bin"/tests/*; do
+  [ -x "$t" ] || continue
+  name=$(basename "$t")
+  (cd "$repo" && timeout 300 "$t" --test-threads 2 >"$out/test-$name.log" 2>&1)
+  log "test $name: rc=$? $(grep -E '^test result' "$out/test-$name.log" | tail -1)"
+done
+
+# 2. shaped checkpoints
+for shape in $shapes; do
+  model="$work/$shape"
+  [ -d "$model" ] || timed "make-$shape" python3 "$repo/scripts/make-shaped-checkpoint.py" --arch "$shape" --out "$model"
+  du -sb "$model" | tee -a "$out/summary.txt"
+  timed "inspect-$shape" "$bin/kedit" inspect --model "$model" --device "$device" --throughput --batch 8 --tokens 128 --repeats 5
+  grep -E '^ +(forward|product|dtype|device) ' "$out/inspect-$shape.log" | tee -a "$out/summary.txt"
+  timed "generate-$shape" "$bin/kedit" generate --model "$model" --device "$device" --prompt "The capital of France is" --max-new-tokens 32
+  case $shape in
+    gpt2-xl) hp="$repo/hparams/ROME/gpt2-xl.yaml" ;;
+    *) hp="$repo/hparams/ROME/smollm2-135m.yaml" ;;
+  esac
+  layer=$(grep -E '^layers:' "$hp" | grep -oE '[0-9]+' | head -1)
+  # statistics over a few WikiText-2 articles rather than 100,000: what is timed is the edit
+  sed -E "s/^mom2_n_samples:.*/mom2_n_samples: $samples/" "$hp" >"$work/rome-$shape.yaml"
+  timed "stats-$shape" "$bin/kedit" stats --model "$model" --device "$device" --layers "$layer" --samples "$samples" --stats-dir "$work/stats" -q
+  timed "rome-$shape" "$bin/kedit" eval --model "$model" --device "$device" --editor ROME --hparams "$work/rome-$shape.yaml" \
+    --data "$repo/tests/fixtures/data/counterfact_easyedit_edit.json" --limit "$cases" --stats-dir "$work/stats" --out "$work/rome-$shape.jsonl"
+  grep -iE 'edit|reliab' "$out/rome-$shape.log" | tail -4 | tee -a "$out/summary.txt"
+done
+log done
