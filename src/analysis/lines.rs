@@ -3,7 +3,8 @@
 
 use std::fmt::Write;
 
-use super::scatter::{esc, COLOURS};
+use super::esc;
+use super::scatter::COLOURS;
 
 const PANEL_W: f64 = 300.0;
 const PANEL_H: f64 = 220.0;

@@ -6,3 +6,11 @@ pub mod scatter;
 pub mod svg;
 pub mod trace;
 pub mod update_pca;
+
+/// Escapes text for SVG and HTML.
+pub(crate) fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}

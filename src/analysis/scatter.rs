@@ -4,6 +4,8 @@
 
 use std::fmt::Write;
 
+use super::esc;
+
 /// Okabe–Ito colours, distinguishable with the common colour-vision deficiencies.
 pub(crate) const COLOURS: [&str; 6] = [
     "#E69F00", "#0072B2", "#009E73", "#CC79A7", "#D55E00", "#56B4E9",
@@ -19,13 +21,6 @@ pub struct ScatterPanel {
     pub x_label: String,
     pub y_label: String,
     pub points: Vec<(f64, f64, usize)>,
-}
-
-pub(crate) fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
 }
 
 /// The figure: panels left to right, each scaled to its own points, with a legend of `groups`.

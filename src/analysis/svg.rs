@@ -3,6 +3,7 @@
 
 use std::fmt::Write;
 
+use super::esc;
 use super::trace::Trace;
 
 const CELL_W: f64 = 14.0;
@@ -11,14 +12,6 @@ const LABEL_W: f64 = 120.0;
 const TOP: f64 = 56.0;
 const BAR_W: f64 = 12.0;
 const PANEL_GAP: f64 = 70.0;
-
-/// Escapes text for SVG.
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
 
 /// `t ∈ [0, 1]` from white to `rgb`.
 fn shade(rgb: (u8, u8, u8), t: f64) -> String {
