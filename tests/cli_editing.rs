@@ -34,17 +34,6 @@ fn eval_args(hparams: &std::path::Path, limit: &str, extra: &[&str]) -> Vec<Stri
     args
 }
 
-/// The result lines with the (timing-dependent) `time` field removed.
-fn results_without_time(text: &str) -> Vec<serde_json::Value> {
-    text.lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v.as_object_mut().unwrap().remove("time");
-            v
-        })
-        .collect()
-}
-
 #[test]
 fn an_interrupted_eval_resumes_to_the_same_file() {
     let tmp = tempfile::tempdir().unwrap();

@@ -15,6 +15,7 @@ use crate::eval::Scoring;
 use crate::report::jsonl::{file_sha256, ResultsSink, RunRecord};
 use crate::report::summary::summarize;
 use crate::run::sanitation::{self, SanitationObserver, SanitationOptions};
+use crate::run::shard::Shard;
 use crate::run::{run_cases, Observer, Protocol, RunOptions};
 
 #[derive(Args, Debug)]
@@ -47,6 +48,16 @@ pub struct EvalArgs {
     /// Skip the first N records
     #[arg(long, default_value_t = 0)]
     offset: usize,
+    /// Evaluate one shard of the selected cases: `i/n` keeps those whose case id is i modulo n,
+    /// and --out's file becomes OUT.shard-i-of-n.jsonl (`kedit report` merges the shards).
+    /// Default: from SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT, or JOB_COMPLETION_INDEX with
+    /// --shards
+    #[arg(long)]
+    shard: Option<String>,
+    /// The number of shards of a Kubernetes Indexed Job (its `completions`); the index comes
+    /// from JOB_COMPLETION_INDEX
+    #[arg(long)]
+    shards: Option<usize>,
     /// Requests per edit call (batch editing)
     #[arg(long, default_value_t = 1)]
     batch_size: usize,
@@ -278,7 +289,7 @@ struct Run<'a> {
     hparams: &'a Path,
 }
 
-pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
+pub fn run(mut args: EvalArgs) -> anyhow::Result<ExitCode> {
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
@@ -292,6 +303,18 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
                 args.eval_at
             );
         }
+    }
+    let shard = match &args.shard {
+        Some(spec) => Some(Shard::parse(spec)?),
+        None => Shard::from_env(|k| std::env::var(k).ok(), args.shards)?,
+    };
+    if shard.is_some() && args.sequential.is_some() {
+        bail!(
+            "--shard with --sequential: sequential edits accumulate over all cases in one process"
+        );
+    }
+    if let (Some(shard), Some(out)) = (shard, &args.out) {
+        args.out = Some(shard.file_name(out));
     }
     let dataset = read_dataset(&args.data, args.format)?;
     let instruction = args
@@ -311,6 +334,14 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         .skip_while(|(i, _)| *i < args.offset)
         .take(args.limit.unwrap_or(usize::MAX))
         .collect();
+    let selected = cases.len();
+    let cases: Vec<_> = match shard {
+        Some(shard) => cases
+            .into_iter()
+            .filter(|(i, _)| shard.contains(*i))
+            .collect(),
+        None => cases,
+    };
     // InstructEdit's instruction goes around the edit, rephrase and portability prompts before
     // anything is measured, so pre-edit scores see the same inputs (as EasyEdit's test script).
     let cases: Vec<_> = match &instruction {
@@ -366,10 +397,16 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         chat_template,
         convsent_corrected: args.convsent_corrected,
         instruction: instruction.map(|(task, description)| format!("{task}: {description}")),
+        shard: shard.map(|s| s.to_string()),
+        cases: Some(cases.len()),
+        selected_cases: shard.map(|_| selected),
         kedit_version: env!("CARGO_PKG_VERSION").into(),
     };
     let ctx = args.stores.ctx(args.seed);
     if let Some(locality) = &shared_locality {
+        if shard.is_some() {
+            bail!("--shard: KnowEdit's Sanitation protocol scores one shared locality set and is not sharded");
+        }
         let run = Run {
             model: &mut model,
             editor: editor.as_mut(),

@@ -7,6 +7,7 @@ mod inspect;
 mod patch;
 mod plot_lifelong;
 mod plot_updates;
+mod report;
 mod stats;
 mod trace;
 mod train;
@@ -62,6 +63,9 @@ enum Command {
     PlotLifelong(plot_lifelong::PlotLifelongArgs),
     /// Inspect edits saved as files: `kedit patch show FILE`
     Patch(patch::PatchArgs),
+    /// One run's summary from its results files, merging the shards of `eval --shard` (refusing
+    /// duplicates, gaps and mixed runs), as a table, JSON or an HTML page
+    Report(report::ReportArgs),
 }
 
 /// Where the model comes from and how to hold it; shared by every subcommand that loads one.
@@ -282,6 +286,7 @@ pub fn main() -> ExitCode {
         Command::PlotUpdates(args) => plot_updates::run(args),
         Command::Patch(args) => patch::run(args),
         Command::PlotLifelong(args) => plot_lifelong::run(args),
+        Command::Report(args) => report::run(args),
     });
     match result {
         Ok(code) => code,

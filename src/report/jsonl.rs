@@ -34,6 +34,16 @@ pub struct RunRecord {
     /// InstructEdit's task and description, the same for every case.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instruction: Option<String>,
+    /// `i/n` when the file holds one shard of a sharded run (`kedit eval --shard`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<String>,
+    /// How many cases the run was given (after --offset, --limit and --shard): a file holding
+    /// fewer results is incomplete. Not compared on resume, so a run can be extended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cases: Option<usize>,
+    /// For a shard: how many cases all shards together were given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selected_cases: Option<usize>,
     /// Informational: which kedit wrote the file (not compared).
     pub kedit_version: String,
 }
@@ -41,17 +51,33 @@ pub struct RunRecord {
 impl RunRecord {
     /// The first field in which `self` (the file's) and `now` (this run's) differ, as a message.
     pub fn difference(&self, now: &RunRecord) -> Option<String> {
+        self.first_difference(now, &["kedit_version", "cases", "selected_cases"])
+            .map(|(k, was, is)| format!("{k} was {was}, this run has {is}"))
+    }
+
+    /// The same between the shards of one run (they differ only in which shard and how many
+    /// cases), as a message naming `self`'s value first.
+    pub fn shard_difference(&self, other: &RunRecord) -> Option<String> {
+        self.first_difference(other, &["kedit_version", "cases", "shard"])
+            .map(|(k, mine, theirs)| format!("{k} {theirs} against {mine}"))
+    }
+
+    fn first_difference(
+        &self,
+        now: &RunRecord,
+        ignored: &[&str],
+    ) -> Option<(String, serde_json::Value, serde_json::Value)> {
         let (Ok(serde_json::Value::Object(was)), Ok(serde_json::Value::Object(is))) =
             (serde_json::to_value(self), serde_json::to_value(now))
         else {
-            return Some("the run records cannot be compared".into());
+            return Some(("record".into(), "unreadable".into(), "unreadable".into()));
         };
-        was.iter()
-            .filter(|(k, _)| k.as_str() != "kedit_version")
+        was.into_iter()
+            .filter(|(k, _)| !ignored.contains(&k.as_str()))
             .find(|(k, v)| is.get(k.as_str()) != Some(v))
             .map(|(k, v)| {
                 let now = is.get(k.as_str()).cloned().unwrap_or_default();
-                format!("{k} was {v}, this run has {now}")
+                (k, v, now)
             })
     }
 }
@@ -132,6 +158,13 @@ impl ResultsSink {
                         format!("cannot --resume: it was written by another run ({diff})"),
                     ));
                 }
+                // A run resumed with another --limit: the record says how many cases it now has.
+                if was.cases != record.cases && record.cases.is_some() {
+                    let text = serde_json::to_string_pretty(&record).map_err(|e| {
+                        Error::Invalid(format!("cannot serialise the run record: {e}"))
+                    })?;
+                    crate::files::write_atomically(&sidecar, text.as_bytes())?;
+                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => warnings.push(format!(
                 "warning: {} has no run record ({}); its settings cannot be checked against this run's",
@@ -197,6 +230,18 @@ fn start_file(path: &Path, record: &RunRecord) -> Result<File> {
 
 /// Reads the cases of a results file and truncates it after the last whole line.
 fn read_results(path: &Path) -> Result<Vec<CaseResult>> {
+    let (results, good_bytes) = read_complete_lines(path)?;
+    let file = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    file.set_len(good_bytes).map_err(|e| Error::io(path, e))?;
+    Ok(results)
+}
+
+/// The results of every complete line, and the bytes they take; a partial last line (an
+/// interrupted write) is left out and the file is not changed.
+pub fn read_complete_lines(path: &Path) -> Result<(Vec<CaseResult>, u64)> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let mut results = Vec::new();
     let mut good_bytes = 0u64;
@@ -220,12 +265,7 @@ fn read_results(path: &Path) -> Result<Vec<CaseResult>> {
         results.push(result);
         good_bytes += read as u64;
     }
-    let file = OpenOptions::new()
-        .write(true)
-        .open(path)
-        .map_err(|e| Error::io(path, e))?;
-    file.set_len(good_bytes).map_err(|e| Error::io(path, e))?;
-    Ok(results)
+    Ok((results, good_bytes))
 }
 
 #[cfg(test)]
@@ -246,6 +286,9 @@ mod tests {
             chat_template: false,
             convsent_corrected: false,
             instruction: None,
+            shard: None,
+            cases: None,
+            selected_cases: None,
             kedit_version: "0.1.0".into(),
         }
     }

@@ -4,6 +4,7 @@
 
 pub mod protocols;
 pub mod sanitation;
+pub mod shard;
 pub mod train;
 
 pub use protocols::{run_cases, Observer, Protocol, RunOptions};
