@@ -245,3 +245,20 @@ fn threads_change_the_split_not_the_result() {
     let out = kedit(&["inspect", "--threads", "0", "-m", tiny.to_str().unwrap()]);
     assert_one_line_error(&out, &["--threads 0"]);
 }
+
+#[test]
+fn a_model_larger_than_memory_is_refused_before_loading() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The tiny GPT-2's files under a config of 200 layers of width 16,384 (~650B parameters):
+    // the plan is checked before any weight is read, so the missing tensors never matter.
+    let model = tiny_copy(tmp.path(), |folder| {
+        let path = folder.join("config.json");
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        config["n_embd"] = 16384.into();
+        config["n_layer"] = 200.into();
+        std::fs::write(&path, config.to_string()).unwrap();
+    });
+    let out = kedit_with_backtraces(&["inspect", "--model", &model, "--dtype", "f32"]);
+    assert_one_line_error(&out, &[&model, "GiB in f32", "of memory is available"]);
+}

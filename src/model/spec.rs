@@ -291,6 +291,28 @@ impl ModelSpec {
         2.0 * tokens as f64 * (matrices + attention)
     }
 
+    /// Refuses weights that alone would not fit in `available_bytes`: a clear error before
+    /// loading, rather than a machine that swaps or a process the OOM killer ends halfway.
+    pub fn check_fits(&self, dtype: DType, available_bytes: u64) -> crate::Result<()> {
+        let need = self.n_params() as u64 * dtype.size_in_bytes() as u64;
+        if need > available_bytes {
+            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+            return Err(crate::Error::Invalid(format!(
+                "the model's {:.2}B weights take {:.1} GiB in {} but only {:.1} GiB of memory is \
+                 available{}",
+                self.n_params() as f64 / 1e9,
+                gib(need),
+                format!("{dtype:?}").to_lowercase(),
+                gib(available_bytes),
+                match dtype {
+                    DType::F32 => "; --dtype bf16 halves it",
+                    _ => "",
+                }
+            )));
+        }
+        Ok(())
+    }
+
     /// The dtype `auto` resolves to: f32 when the weights fit comfortably in memory, else bf16.
     pub fn auto_dtype(&self, available_bytes: Option<u64>) -> DType {
         let f32_bytes = self.n_params() as u64 * 4;
@@ -350,5 +372,23 @@ mod tests {
         assert_eq!(spec.auto_dtype(Some(4 * f32_bytes)), DType::F32);
         assert_eq!(spec.auto_dtype(Some(f32_bytes)), DType::BF16);
         assert_eq!(spec.auto_dtype(None), DType::F32);
+    }
+
+    #[test]
+    fn weights_that_exceed_available_memory_are_refused_before_loading() {
+        let spec =
+            ModelSpec::from_hf_config(&llama_json(r#""rope_theta":1.0"#), Path::new("c")).unwrap();
+        let params = spec.n_params() as u64;
+        assert!(spec.check_fits(DType::F32, 4 * params).is_ok());
+        let err = spec
+            .check_fits(DType::F32, 4 * params - 1)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("in f32") && err.contains("--dtype bf16"),
+            "{err}"
+        );
+        assert!(spec.check_fits(DType::BF16, 2 * params).is_ok());
+        assert!(spec.check_fits(DType::BF16, 2 * params - 1).is_err());
     }
 }

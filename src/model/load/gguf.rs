@@ -30,7 +30,7 @@ pub(super) fn load_gguf(path: &Path, source: &str, opts: &LoadOptions) -> Result
             other => other,
         })?,
     };
-    let dtype = opts.resolve_dtype(&spec);
+    let dtype = opts.resolve_dtype(&spec).map_err(|e| bad(e.to_string()))?;
     // The blocks serve only the CPU's f32 kernels.
     let keep_blocks = dtype == DType::F32 && opts.device.is_cpu() && kernels::available();
     let mut blocks = HashMap::new();

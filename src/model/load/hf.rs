@@ -43,7 +43,9 @@ pub(super) fn load_folder(
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let dtype = opts.resolve_dtype(&spec);
+    let dtype = opts
+        .resolve_dtype(&spec)
+        .map_err(|e| Error::file(folder, e.to_string()))?;
     let weights = assemble(&spec, Format::Hf, dtype, &opts.device, |name| {
         // GPT-2 checkpoints name their tensors with or without the `transformer.` prefix.
         for candidate in [name.to_string(), format!("transformer.{name}")] {

@@ -69,13 +69,19 @@ impl Default for LoadOptions {
 }
 
 impl LoadOptions {
-    pub(crate) fn resolve_dtype(&self, spec: &super::ModelSpec) -> DType {
-        match self.dtype {
+    /// The dtype to hold the weights in, after checking that they fit in the memory available
+    /// now (on the CPU; a GPU's free memory is not visible through candle).
+    pub(crate) fn resolve_dtype(&self, spec: &super::ModelSpec) -> Result<DType> {
+        let dtype = match self.dtype {
             DTypeChoice::Exact(d) => d,
             DTypeChoice::Auto if self.device.is_cpu() => spec.auto_dtype(available_memory()),
-            // A GPU's free memory is not visible through candle; 8 GiB of f32 weights is a safe bound.
+            // 8 GiB of f32 weights is a safe bound for a GPU whose free memory is unknown.
             DTypeChoice::Auto => spec.auto_dtype(Some(16 << 30)),
+        };
+        if let (true, Some(available)) = (self.device.is_cpu(), available_memory()) {
+            spec.check_fits(dtype, available)?;
         }
+        Ok(dtype)
     }
 }
 
