@@ -35,7 +35,7 @@ fn summary_svg(summary: &Summary) -> String {
         .into_iter()
         .filter(|m| metric(&summary.pre, m).is_some() || metric(&summary.post, m).is_some())
         .collect();
-    let (w, h, left, top, plot_h) = (120.0 * shown.len() as f64 + 80.0, 260.0, 50.0, 30.0, 180.0);
+    let (w, h, left, top, plot_h) = (120.0 * shown.len() as f64 + 80.0, 270.0, 50.0, 44.0, 180.0);
     let mut s = format!(
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#
     );
