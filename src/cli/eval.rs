@@ -321,6 +321,9 @@ pub fn run(mut args: EvalArgs) -> anyhow::Result<ExitCode> {
         .instruction
         .instruction(&args.editor, Some((&args.data, dataset.format)))?;
     let shared_locality = dataset.shared_locality;
+    if shard.is_some() && shared_locality.is_some() {
+        bail!("--shard: KnowEdit's Sanitation protocol scores one shared locality set and is not sharded");
+    }
     let cases: Vec<_> = dataset
         .cases
         .into_iter()
@@ -404,9 +407,6 @@ pub fn run(mut args: EvalArgs) -> anyhow::Result<ExitCode> {
     };
     let ctx = args.stores.ctx(args.seed);
     if let Some(locality) = &shared_locality {
-        if shard.is_some() {
-            bail!("--shard: KnowEdit's Sanitation protocol scores one shared locality set and is not sharded");
-        }
         let run = Run {
             model: &mut model,
             editor: editor.as_mut(),

@@ -297,12 +297,12 @@ impl ModelSpec {
         let need = self.n_params() as u64 * dtype.size_in_bytes() as u64;
         if need > available_bytes {
             let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+            let name = format!("{dtype:?}").to_lowercase();
             return Err(crate::Error::Invalid(format!(
-                "the model's {:.2}B weights take {:.1} GiB in {} but only {:.1} GiB of memory is \
-                 available{}",
+                "the model's {:.2}B weights take {:.1} GiB in {name} but only {:.1} GiB of memory \
+                 is available{}",
                 self.n_params() as f64 / 1e9,
                 gib(need),
-                format!("{dtype:?}").to_lowercase(),
                 gib(available_bytes),
                 match dtype {
                     DType::F32 => "; --dtype bf16 halves it",

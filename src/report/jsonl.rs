@@ -160,10 +160,7 @@ impl ResultsSink {
                 }
                 // A run resumed with another --limit: the record says how many cases it now has.
                 if was.cases != record.cases && record.cases.is_some() {
-                    let text = serde_json::to_string_pretty(&record).map_err(|e| {
-                        Error::Invalid(format!("cannot serialise the run record: {e}"))
-                    })?;
-                    crate::files::write_atomically(&sidecar, text.as_bytes())?;
+                    write_record(&sidecar, &record)?;
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => warnings.push(format!(
@@ -217,15 +214,19 @@ impl ResultsSink {
 
 /// Creates the results file and writes its record beside it (through a temporary file).
 fn start_file(path: &Path, record: &RunRecord) -> Result<File> {
-    let sidecar = record_path(path);
-    let text = serde_json::to_string_pretty(record)
-        .map_err(|e| Error::Invalid(format!("cannot serialise the run record: {e}")))?;
-    crate::files::write_atomically(&sidecar, text.as_bytes())?;
+    write_record(&record_path(path), record)?;
     OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
         .map_err(|e| Error::io(path, e))
+}
+
+/// Writes a run record (through a temporary file, so a reader never sees half of it).
+fn write_record(sidecar: &Path, record: &RunRecord) -> Result<()> {
+    let text = serde_json::to_string_pretty(record)
+        .map_err(|e| Error::Invalid(format!("cannot serialise the run record: {e}")))?;
+    crate::files::write_atomically(sidecar, text.as_bytes())
 }
 
 /// Reads the cases of a results file and truncates it after the last whole line.

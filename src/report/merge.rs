@@ -42,8 +42,7 @@ fn read_part(path: &Path) -> Result<Part> {
 }
 
 fn parse_shard(path: &Path, spec: &str) -> Result<(usize, usize)> {
-    spec.split_once('/')
-        .and_then(|(i, n)| Some((i.parse().ok()?, n.parse().ok()?)))
+    crate::run::shard::Shard::numbers(spec)
         .ok_or_else(|| Error::file(path, format!("run record's shard `{spec}` is not i/n")))
 }
 

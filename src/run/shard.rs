@@ -32,15 +32,15 @@ impl Shard {
 
     /// `i/n`, as `--shard` takes it.
     pub fn parse(spec: &str) -> anyhow::Result<Shard> {
-        let (i, n) = spec
-            .split_once('/')
+        let (i, n) = Shard::numbers(spec)
             .with_context(|| format!("--shard {spec}: expected i/n, e.g. 0/4"))?;
-        let number = |s: &str| {
-            s.trim()
-                .parse::<usize>()
-                .map_err(|_| anyhow::anyhow!("--shard {spec}: expected i/n, e.g. 0/4"))
-        };
-        Shard::new(number(i)?, number(n)?).map_err(|e| anyhow::anyhow!("--shard {spec}: {e}"))
+        Shard::new(i, n).map_err(|e| anyhow::anyhow!("--shard {spec}: {e}"))
+    }
+
+    /// The two numbers of `i/n`, unchecked; `None` when `spec` is not of that form.
+    pub fn numbers(spec: &str) -> Option<(usize, usize)> {
+        let (i, n) = spec.split_once('/')?;
+        Some((i.trim().parse().ok()?, n.trim().parse().ok()?))
     }
 
     /// The shard a scheduler assigned to this process: a Slurm array task
