@@ -203,5 +203,19 @@ fn timed_apply(
 ) -> Result<(Edit, f64)> {
     let start = Instant::now();
     let edit = editor.apply(model, requests, ctx)?;
+    return_freed_heap_pages();
     Ok((edit, start.elapsed().as_secs_f64()))
+}
+
+/// Hands the pages an edit freed back to the system. glibc raises its mmap threshold after the
+/// first large free, so the solvers' ~19 MB temporaries then come from the heap, which fragments
+/// and never shrinks: MEMIT's resident memory grew 1.1 → 1.6 GB over 30 sequential edits on
+/// SmolLM2 (3.4 GB at 100) and stayed at 0.77 GB with this call, with no slower edits. Pinning
+/// the threshold instead (`mallopt`) kept memory flat too but cost ~2% of forward speed.
+fn return_freed_heap_pages() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory that no allocation refers to.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
