@@ -2,6 +2,7 @@
 
 mod apply;
 mod eval;
+mod export;
 mod generate;
 mod inspect;
 mod patch;
@@ -66,6 +67,9 @@ enum Command {
     /// One run's summary from its results files, merging the shards of `eval --shard` (refusing
     /// duplicates, gaps and mixed runs), as a table, JSON or an HTML page
     Report(report::ReportArgs),
+    /// Write the model with patches applied as a Hugging Face folder (sharded safetensors,
+    /// config.json, tokenizer) that transformers and kedit load
+    Export(export::ExportArgs),
 }
 
 /// Where the model comes from and how to hold it; shared by every subcommand that loads one.
@@ -287,6 +291,7 @@ pub fn main() -> ExitCode {
         Command::Patch(args) => patch::run(args),
         Command::PlotLifelong(args) => plot_lifelong::run(args),
         Command::Report(args) => report::run(args),
+        Command::Export(args) => export::run(args),
     });
     match result {
         Ok(code) => code,

@@ -7,6 +7,7 @@
 
 pub mod blas;
 pub mod chat;
+mod export;
 mod fused_attention;
 mod fused_grad;
 mod generate;
@@ -30,10 +31,11 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor, TensorId};
 use tokenizers::Tokenizer;
 
+pub use export::{export_hf, Exported};
 use generate::Past;
 pub use generate::{Generation, KvCache, PrefixCache, Sampling, StepTopK};
 pub use hooks::{HookSpec, Intervention, Site};
-pub use overlay::{LowRankAdapter, Overlay, OverlayInput, OverlayParts};
+pub use overlay::{LowRankAdapter, Overlay, OverlayInput, OverlayParts, WeightForm};
 use packed::PackedRows;
 pub use spec::{Activation, Arch, ModelSpec};
 pub use template::{module_template, ModuleTemplate};
@@ -389,6 +391,11 @@ impl Model {
     /// Every installed overlay, by site.
     pub fn overlays(&self) -> impl Iterator<Item = (Site, &Arc<dyn Overlay>)> {
         self.overlays.iter().map(|(site, o)| (*site, o))
+    }
+
+    /// The changes [`Model::set_low_rank_change`] keeps beside their weights.
+    pub fn low_rank_changes(&self) -> impl Iterator<Item = (WeightId, &LowRankChange)> {
+        self.low_rank.iter().map(|(id, c)| (*id, c))
     }
 
     /// Installs an overlay at `site` (or removes it with `None`) and returns the one it displaced,

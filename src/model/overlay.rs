@@ -7,6 +7,8 @@ use std::any::Any;
 
 use candle_core::{Device, Tensor};
 
+use super::{Activation, Module, Site, WeightId};
+
 /// What an overlay can read: the activations of its layer computed before its site.
 #[derive(Debug)]
 pub struct OverlayInput<'a> {
@@ -45,6 +47,34 @@ pub trait Overlay: Send + Sync {
 
     /// For the owning editor to reach its concrete type (see `Model::overlay_as`).
     fn as_any(&self) -> &dyn Any;
+
+    /// The overlay at `site` expressed as the model's own weights, for writing the edited model
+    /// in a format that has no place for overlays (`kedit export`); `Err(why)` where no weights
+    /// of the architecture compute what it does.
+    fn as_weights(&self, site: Site) -> std::result::Result<WeightForm, String> {
+        Err(format!(
+            "a {} overlay at {site} has no form as the model's weights",
+            self.kind()
+        ))
+    }
+}
+
+/// An overlay as weights of the model itself (see [`Overlay::as_weights`]).
+#[derive(Debug, Clone)]
+pub enum WeightForm {
+    /// `W ← W + delta` for weight `id` (`[out, in]`).
+    Added { id: WeightId, delta: Tensor },
+    /// Neurons beside layer `layer`'s MLP neurons, with its activation: rows `up: [n, d_model]`
+    /// of the up projection (and `gate` of LLaMA's gate projection), columns `down: [d_model, n]`
+    /// of the down projection. Appended to the MLP they compute the same sum, since an MLP's
+    /// output is a sum over its neurons.
+    Neurons {
+        layer: usize,
+        activation: Activation,
+        up: Tensor,
+        gate: Option<Tensor>,
+        down: Tensor,
+    },
 }
 
 /// A low-rank adapter on the MLP's down projection, kept beside the weight instead of merged
@@ -113,6 +143,23 @@ impl Overlay for LowRankAdapter {
         Ok(OverlayParts {
             header: serde_json::json!({ "scale": self.scale }),
             tensors: vec![("a".into(), self.a.clone()), ("b".into(), self.b.clone())],
+        })
+    }
+
+    fn as_weights(&self, site: Site) -> std::result::Result<WeightForm, String> {
+        let Site::MlpOut(layer) = site else {
+            return Err(format!(
+                "a low-rank adapter at {site} (not at an MLP's output)"
+            ));
+        };
+        let delta = self
+            .b
+            .matmul(&self.a)
+            .and_then(|d| d * self.scale)
+            .map_err(|e| e.to_string())?;
+        Ok(WeightForm::Added {
+            id: WeightId::layer(layer, Module::MlpDown),
+            delta,
         })
     }
 

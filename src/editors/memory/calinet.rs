@@ -23,7 +23,9 @@ use crate::editors::hparams::{float, read_yaml};
 use crate::editors::optim::Adam;
 use crate::editors::{Change, Edit, EditCtx, EditReport, Editor, OverlayChange};
 use crate::error::{Error, Result};
-use crate::model::{Activation, HookSpec, Model, Overlay, OverlayInput, OverlayParts, Site};
+use crate::model::{
+    Activation, HookSpec, Model, Overlay, OverlayInput, OverlayParts, Site, WeightForm,
+};
 
 /// CaliNet's hyperparameters (SPEC §15.4's field names).
 #[derive(Debug, Clone, Deserialize)]
@@ -177,6 +179,21 @@ impl Overlay for CalibrationFfn {
 
     fn as_any(&self) -> &dyn std::any::Any {
         self
+    }
+
+    fn as_weights(&self, site: Site) -> std::result::Result<WeightForm, String> {
+        let Site::MlpOut(layer) = site else {
+            return Err(format!(
+                "calibration neurons at {site} (not at an MLP's output)"
+            ));
+        };
+        Ok(WeightForm::Neurons {
+            layer,
+            activation: self.activation,
+            up: self.w_in.clone(),
+            gate: self.w_gate.clone(),
+            down: self.w_out.clone(),
+        })
     }
 }
 

@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::model::{Overlay, OverlayInput, OverlayParts, Site};
+use crate::model::{Overlay, OverlayInput, OverlayParts, Site, WeightForm};
 
 /// Which input of the layer the keys are read from: the input of the projection the codebook
 /// wraps.
@@ -311,6 +311,15 @@ impl Overlay for Codebook {
 
     fn as_any(&self) -> &dyn Any {
         self
+    }
+
+    fn as_weights(&self, site: Site) -> std::result::Result<WeightForm, String> {
+        Err(format!(
+            "GRACE's codebook at {site} ({} entries) replaces the layer's output only for inputs \
+             within an entry's radius, which no weights of a transformers architecture compute; \
+             run the edited model with kedit and --patch instead",
+            self.entries.len()
+        ))
     }
 }
 

@@ -1,0 +1,299 @@
+//! `kedit export`: an edited model written as a Hugging Face folder loads back with the edited
+//! model's logits, calibration neurons fold into wider MLPs, and what cannot be exported (GRACE's
+//! codebook, an existing folder) is refused with nothing written.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Tensor};
+use common::*;
+use kedit::editors::memory::{CaliNet, CaliNetParams, CalibrationFfn, Grace, GraceParams};
+use kedit::editors::{patch, Change, Edit, EditCtx, Editor, WeightChange};
+use kedit::model::{export_hf, Activation, Model, Module, Site, WeightId};
+
+const PROMPT: &str = "The capital of France is";
+
+fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// A deterministic `[rows, cols]` matrix of small values.
+fn pattern(rows: usize, cols: usize, scale: f64, phase: f64, model: &Model) -> Tensor {
+    Tensor::arange(0f32, (rows * cols) as f32, model.device())
+        .unwrap()
+        .reshape((rows, cols))
+        .unwrap()
+        .affine(0.37, phase)
+        .unwrap()
+        .sin()
+        .unwrap()
+        .affine(scale, 0.0)
+        .unwrap()
+}
+
+#[test]
+fn a_weight_edit_exported_by_the_cli_loads_back_bit_for_bit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut model = tiny_gpt2();
+    let ids = model.encode(PROMPT).unwrap();
+    let plain = logits_alone(&model, &ids);
+    let base = model.fingerprint().unwrap();
+    // Two kinds of weight: a Conv1D matrix GPT-2 stores transposed, and a bias.
+    let mut changes = Vec::new();
+    for id in [
+        WeightId::layer(1, Module::MlpDown),
+        WeightId::layer(0, Module::MlpUp).bias(),
+    ] {
+        let before = model.weight(id).unwrap();
+        let after = (&before * 1.25).unwrap();
+        model.replace_weight(id, after.clone()).unwrap();
+        changes.push(Change::Weight(WeightChange { id, before, after }));
+    }
+    let edit = Edit {
+        changes,
+        ..Edit::default()
+    };
+    let edited = logits_alone(&model, &ids);
+    assert!(
+        max_abs_diff(&plain, &edited) > 1e-3,
+        "the edit changed nothing"
+    );
+    let file = tmp.path().join("edit.safetensors");
+    patch::save(&file, &model, "test", &base, &edit, None).unwrap();
+
+    let out = tmp.path().join("exported");
+    let source = fixture("tiny-gpt2");
+    let stdout = ok(&kedit(&[
+        "export",
+        "--model",
+        source.to_str().unwrap(),
+        "--dtype",
+        "f32",
+        "--patch",
+        file.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    assert!(stdout.contains("wrote"), "{stdout}");
+    let exported = load_as(&out, DType::F32);
+    assert_eq!(max_abs_diff(&edited, &logits_alone(&exported, &ids)), 0.0);
+
+    // The config is the source's, the tokenizer files are copied as they are, and the export
+    // says what it was made from.
+    let mut config = read_json(&out.join("config.json"));
+    assert_eq!(config["torch_dtype"], "float32");
+    config.as_object_mut().unwrap().remove("torch_dtype");
+    let mut original = read_json(&source.join("config.json"));
+    original.as_object_mut().unwrap().remove("torch_dtype");
+    assert_eq!(config, original);
+    assert_eq!(
+        std::fs::read(out.join("tokenizer.json")).unwrap(),
+        std::fs::read(source.join("tokenizer.json")).unwrap()
+    );
+    let provenance = read_json(&out.join("kedit-export.json"));
+    assert_eq!(provenance["patches"][0]["method"], "test");
+    assert_eq!(provenance["source_fingerprint"], base.as_str());
+
+    // A second export onto the same folder is refused, and the folder is left as it was.
+    let before: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let again = kedit_with_backtraces(&[
+        "export",
+        "--model",
+        source.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_one_line_error(&again, &["exported", "already exists"]);
+    let after: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(before, after);
+    assert_eq!(
+        max_abs_diff(&edited, &logits_alone(&load_as(&out, DType::F32), &ids)),
+        0.0
+    );
+}
+
+#[test]
+fn calinet_neurons_fold_into_a_wider_gpt2_mlp_and_grace_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut params: CaliNetParams = serde_yaml::from_str(
+        &std::fs::read_to_string(root.join("hparams/CaliNet/gpt2-xl.yaml")).unwrap(),
+    )
+    .unwrap();
+    params.kb_layer = vec![1];
+    params.num_steps = 100;
+    let mut model = tiny_gpt2();
+    let ids = model.encode(PROMPT).unwrap();
+    let plain = logits_alone(&model, &ids);
+    let target = first_token(&model, "Rome");
+    let mut calinet = CaliNet::new(params).unwrap();
+    calinet
+        .apply(&mut model, &[request(PROMPT, "Rome")], &EditCtx::default())
+        .unwrap();
+    let neurons = model
+        .overlay_as::<CalibrationFfn>(Site::MlpOut(1))
+        .unwrap()
+        .neurons();
+    let edited = logits_alone(&model, &ids);
+    assert_eq!(next_token(&model, PROMPT), target);
+
+    let out = tmp.path().join("calinet");
+    let written = export_hf(&model, &out, DType::F32, 1 << 30, &serde_json::json!({})).unwrap();
+    assert_eq!(written.added_mlp_neurons, neurons);
+    let exported = load_as(&out, DType::F32);
+    let spec = exported.spec();
+    assert_eq!(spec.d_mlp, model.spec().d_mlp + neurons);
+    assert!(exported.overlays().next().is_none());
+    let folded = logits_alone(&exported, &ids);
+    assert!(max_abs_diff(&plain, &folded) > 1e-2);
+    assert!(
+        max_abs_diff(&edited, &folded) < 1e-4,
+        "{}",
+        max_abs_diff(&edited, &folded)
+    );
+    assert_eq!(next_token(&exported, PROMPT), target);
+    // Layer 0 had no neurons: its padding is zero.
+    let padded = exported
+        .weight(WeightId::layer(0, Module::MlpUp))
+        .unwrap()
+        .narrow(0, model.spec().d_mlp, neurons)
+        .unwrap();
+    assert_eq!(
+        padded
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap(),
+        0.0
+    );
+
+    // GRACE's codebook has no weights to become: refused, naming it, with nothing written.
+    let mut grace_params: GraceParams = serde_yaml::from_str(
+        &std::fs::read_to_string(root.join("hparams/GRACE/gpt2-xl.yaml")).unwrap(),
+    )
+    .unwrap();
+    grace_params.inner_params = vec!["transformer.h[1].mlp.c_fc.weight".into()];
+    grace_params.n_iter = 40;
+    let mut model = tiny_gpt2();
+    Grace::new(grace_params)
+        .unwrap()
+        .apply(&mut model, &[request(PROMPT, "Rome")], &EditCtx::default())
+        .unwrap();
+    let refused = tmp.path().join("grace");
+    let err = export_hf(
+        &model,
+        &refused,
+        DType::F32,
+        1 << 30,
+        &serde_json::json!({}),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("GRACE") && err.contains("--patch"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(!left.iter().any(|n| n.contains("grace")), "{left:?}");
+}
+
+/// SmolLM2 from its GGUF: the export is sharded, carries a tokenizer and config transformers
+/// reads, and loads back with the logits of the dense in-process model; gated calibration
+/// neurons fold into `gate_proj`/`up_proj` rows and `down_proj` columns.
+#[test]
+fn a_gguf_llama_exports_sharded_and_its_gated_neurons_fold() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut model = smollm2();
+    model.discard_packed_weights().unwrap();
+    let ids = model.encode(PROMPT).unwrap();
+    let plain = logits_alone(&model, &ids);
+
+    let out = tmp.path().join("plain");
+    let written = export_hf(
+        &model,
+        &out,
+        DType::F32,
+        200_000_000,
+        &serde_json::json!({}),
+    )
+    .unwrap();
+    assert!(
+        written
+            .files
+            .iter()
+            .filter(|f| f.ends_with(".safetensors"))
+            .count()
+            >= 3
+    );
+    let index = read_json(&out.join("model.safetensors.index.json"));
+    assert_eq!(
+        index["weight_map"].as_object().unwrap().len(),
+        written.tensors
+    );
+    let config = read_json(&out.join("config.json"));
+    let reference = read_json(&fixture("smollm2/config.json"));
+    for field in [
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "vocab_size",
+        "tie_word_embeddings",
+        "rms_norm_eps",
+    ] {
+        match (config[field].as_f64(), reference[field].as_f64()) {
+            (Some(ours), Some(theirs)) => assert_eq!(ours, theirs, "{field}"),
+            _ => assert_eq!(config[field], reference[field], "{field}"),
+        }
+    }
+    // transformers 5 nests the rotary base under rope_parameters and still reads it at the top.
+    assert_eq!(
+        config["rope_theta"].as_f64(),
+        reference["rope_parameters"]["rope_theta"].as_f64()
+    );
+    let exported = load_as(&out, DType::F32);
+    assert_eq!(max_abs_diff(&plain, &logits_alone(&exported, &ids)), 0.0);
+    let text = "Danielle Darrieux's mother tongue is French.";
+    assert_eq!(exported.encode(text).unwrap(), model.encode(text).unwrap());
+    assert_eq!(exported.chat_template(), model.chat_template());
+    drop(exported);
+
+    let (n, d) = (6, model.spec().d_model);
+    let neurons = CalibrationFfn {
+        activation: Activation::Silu,
+        w_in: pattern(n, d, 0.5, 0.1, &model),
+        w_gate: Some(pattern(n, d, 0.5, 0.7, &model)),
+        w_out: pattern(d, n, 2.0, 0.3, &model),
+    };
+    model
+        .set_overlay(Site::MlpOut(3), Some(Arc::new(neurons)))
+        .unwrap();
+    let edited = logits_alone(&model, &ids);
+    assert!(
+        max_abs_diff(&plain, &edited) > 1e-2,
+        "the neurons changed nothing"
+    );
+    let out = tmp.path().join("calibrated");
+    export_hf(&model, &out, DType::F32, 1 << 30, &serde_json::json!({})).unwrap();
+    assert_eq!(
+        read_json(&out.join("config.json"))["intermediate_size"],
+        model.spec().d_mlp + n
+    );
+    let folded = logits_alone(&load_as(&out, DType::F32), &ids);
+    assert!(
+        relative_gap(&edited, &folded) < 1e-5,
+        "{}",
+        relative_gap(&edited, &folded)
+    );
+}
