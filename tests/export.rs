@@ -11,7 +11,7 @@ use candle_core::{DType, Tensor};
 use common::*;
 use kedit::editors::memory::{CaliNet, CaliNetParams, CalibrationFfn, Grace, GraceParams};
 use kedit::editors::{patch, Change, Edit, EditCtx, Editor, WeightChange};
-use kedit::model::{export_hf, Activation, Model, Module, Site, WeightId};
+use kedit::model::{export_gguf, export_hf, Activation, Model, Module, Site, WeightId};
 
 const PROMPT: &str = "The capital of France is";
 
@@ -109,6 +109,16 @@ fn a_weight_edit_exported_by_the_cli_loads_back_bit_for_bit() {
         out.to_str().unwrap(),
     ]);
     assert_one_line_error(&again, &["exported", "already exists"]);
+    // GGUF carries its tokenizer over from a GGUF source; a folder has none to give.
+    let refused = kedit_with_backtraces(&[
+        "export",
+        "--model",
+        source.to_str().unwrap(),
+        "--gguf",
+        tmp.path().join("tiny.gguf").to_str().unwrap(),
+    ]);
+    assert_one_line_error(&refused, &["GGUF", "convert_hf_to_gguf"]);
+    assert!(!tmp.path().join("tiny.gguf").exists());
     let after: Vec<_> = std::fs::read_dir(&out)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -268,6 +278,45 @@ fn a_gguf_llama_exports_sharded_and_its_gated_neurons_fold() {
     assert_eq!(exported.encode(text).unwrap(), model.encode(text).unwrap());
     assert_eq!(exported.chat_template(), model.chat_template());
     drop(exported);
+
+    // The same as GGUF: f32 reads back bit for bit (query and key rows go back into llama.cpp's
+    // rotary order, which the loader undoes); f16 holds every weight rounded to f16.
+    let gguf = tmp.path().join("plain.gguf");
+    export_gguf(&model, &gguf, DType::F32, &serde_json::json!({})).unwrap();
+    let reread = load_as(&gguf, DType::F32);
+    assert_eq!(max_abs_diff(&plain, &logits_alone(&reread, &ids)), 0.0);
+    assert_eq!(reread.encode(text).unwrap(), model.encode(text).unwrap());
+    assert_eq!(reread.chat_template(), model.chat_template());
+    drop(reread);
+    let half = tmp.path().join("half.gguf");
+    export_gguf(&model, &half, DType::F16, &serde_json::json!({})).unwrap();
+    let reread = load_as(&half, DType::F32);
+    for id in [
+        WeightId::layer(4, Module::AttnQ),
+        WeightId::layer(4, Module::AttnK),
+        WeightId::layer(4, Module::MlpDown),
+    ] {
+        let rounded = model
+            .weight(id)
+            .unwrap()
+            .to_dtype(DType::F16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        assert_eq!(
+            max_abs_diff(&rounded, &reread.weight(id).unwrap()),
+            0.0,
+            "{id}"
+        );
+    }
+    drop(reread);
+    let err = export_gguf(&model, &half, DType::F16, &serde_json::json!({}))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("half.gguf") && err.contains("already exists"),
+        "{err}"
+    );
 
     let (n, d) = (6, model.spec().d_model);
     let neurons = CalibrationFfn {

@@ -21,8 +21,12 @@ pub struct ExportArgs {
     patch: Vec<PathBuf>,
     /// The folder to create: safetensors in the model's dtype (--dtype), config.json and the
     /// tokenizer. It must not exist.
+    #[arg(long, required_unless_present = "gguf", conflicts_with = "gguf")]
+    out: Option<PathBuf>,
+    /// Write one GGUF file instead (f32, f16 or bf16 as --dtype; from a GGUF source, whose
+    /// tokenizer and metadata it carries over). It must not exist.
     #[arg(long)]
-    out: PathBuf,
+    gguf: Option<PathBuf>,
     /// The largest safetensors file in GB (10⁹ bytes, as transformers' max_shard_size); larger
     /// models are sharded with a model.safetensors.index.json
     #[arg(long, default_value_t = 5.0)]
@@ -39,10 +43,19 @@ pub fn run(args: ExportArgs) -> anyhow::Result<ExitCode> {
             args.max_shard_gb
         );
     }
-    if args.out.exists() {
+    let target = match (&args.out, &args.gguf) {
+        (Some(p), _) | (None, Some(p)) => p.clone(),
+        (None, None) => anyhow::bail!("give --out FOLDER or --gguf FILE"),
+    };
+    if target.exists() {
         anyhow::bail!(
-            "{}: already exists; kedit export writes a new folder and never overwrites one",
-            args.out.display()
+            "{}: already exists; kedit export writes a new {} and never overwrites one",
+            target.display(),
+            if args.gguf.is_some() {
+                "file"
+            } else {
+                "folder"
+            }
         );
     }
     let mut model = args.model.load()?;
@@ -67,13 +80,11 @@ pub fn run(args: ExportArgs) -> anyhow::Result<ExitCode> {
         "patches": patches,
     });
     let max_shard_bytes = (args.max_shard_gb * 1e9) as usize;
-    let exported = crate::model::export_hf(
-        &model,
-        &args.out,
-        model.dtype(),
-        max_shard_bytes,
-        &provenance,
-    )?;
+    let exported = if args.gguf.is_some() {
+        crate::model::export_gguf(&model, &target, model.dtype(), &provenance)?
+    } else {
+        crate::model::export_hf(&model, &target, model.dtype(), max_shard_bytes, &provenance)?
+    };
     let mut out = std::io::stdout().lock();
     if args.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&exported)?)?;
@@ -81,7 +92,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<ExitCode> {
         writeln!(
             out,
             "wrote {}: {} tensors, {:.2} GB of {:?} weights in {}",
-            exported.folder.display(),
+            exported.path.display(),
             exported.tensors,
             exported.bytes as f64 / 1e9,
             model.dtype(),

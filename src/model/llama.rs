@@ -126,6 +126,18 @@ pub(super) fn unpermute_rotary_rows(w: &Tensor, heads: usize) -> Result<Tensor> 
         .reshape(dims)
 }
 
+/// The inverse of [`unpermute_rotary_rows`]: llama.cpp's row order, for writing GGUF.
+pub(super) fn permute_rotary_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
+    let dims = w.dims().to_vec();
+    let rows = dims[0];
+    let head_dim = rows / heads;
+    let rest: usize = dims[1..].iter().product();
+    w.reshape((heads, 2, head_dim / 2, rest))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)
+}
+
 /// Which heads count a GGUF Q or K tensor was permuted with, if any.
 pub(super) fn gguf_rotary_heads(id: WeightId, spec: &ModelSpec) -> Option<usize> {
     match id.module {

@@ -189,6 +189,11 @@ pub(crate) fn assemble(
     Ok(weights)
 }
 
+/// A weight's tensor name in a GGUF file (`blk.5.ffn_down.weight`).
+pub(crate) fn gguf_name(spec: &super::ModelSpec, id: super::WeightId) -> Option<String> {
+    checkpoint_name(spec, id, Format::Gguf)
+}
+
 fn checkpoint_name(spec: &super::ModelSpec, id: super::WeightId, format: Format) -> Option<String> {
     match spec.arch {
         super::Arch::Gpt2 => super::gpt2::checkpoint_name(id, format),

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
 
+mod gguf;
+
 use super::load::Format;
 use super::{Activation, Arch, Model, Module, WeightForm, WeightId};
 use crate::error::{Error, Result};
@@ -14,7 +16,8 @@ use crate::error::{Error, Result};
 /// What [`export_hf`] wrote.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Exported {
-    pub folder: PathBuf,
+    /// The folder (or GGUF file) written.
+    pub path: PathBuf,
     pub files: Vec<String>,
     pub tensors: usize,
     pub bytes: usize,
@@ -85,8 +88,41 @@ pub fn export_hf(
     )?;
     exported.files.push("kedit-export.json".into());
     std::fs::rename(&partial, out).map_err(|e| Error::io(out, e))?;
-    exported.folder = out.to_path_buf();
+    exported.path = out.to_path_buf();
     Ok(exported)
+}
+
+/// Writes `model` as it is now (weights, overlays folded in) to the new GGUF file `out` in
+/// `dtype` (f32, f16 or bf16), with the metadata of the GGUF it was loaded from and `provenance`
+/// under `kedit.export`. The file appears whole or not at all.
+///
+/// # Errors
+/// As [`export_hf`], and a model not loaded from a GGUF file (its tokenizer metadata would have
+/// to be made up).
+pub fn export_gguf(
+    model: &Model,
+    out: &Path,
+    dtype: DType,
+    provenance: &serde_json::Value,
+) -> Result<Exported> {
+    if out.exists() {
+        return Err(Error::file(
+            out,
+            "already exists; kedit export writes a new file and never overwrites one",
+        ));
+    }
+    let (weights, added) = folded_weights(model)?;
+    let bytes = gguf::write_gguf(model, &weights, added, dtype, out, provenance)?;
+    Ok(Exported {
+        path: out.to_path_buf(),
+        files: vec![out
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()],
+        tensors: weights.len(),
+        bytes,
+        added_mlp_neurons: added,
+    })
 }
 
 fn pretty(value: &serde_json::Value) -> Result<String> {
@@ -304,7 +340,7 @@ fn write_shards(
         files.push("model.safetensors.index.json".into());
     }
     Ok(Exported {
-        folder: folder.to_path_buf(),
+        path: folder.to_path_buf(),
         files,
         tensors: weights.len(),
         bytes: total,

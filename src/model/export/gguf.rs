@@ -1,0 +1,217 @@
+//! Writing the edited model as a GGUF file (llama.cpp's format) in f32, f16 or bf16, with the
+//! source GGUF's metadata (tokenizer, chat template, architecture) carried over. One tensor is
+//! converted at a time, so a 7B model is written without a second copy of it in memory.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::{DType, Tensor};
+
+use super::super::{Arch, Model, WeightId};
+use crate::error::{Error, Result};
+
+/// GGUF's default alignment of tensor data (bytes), which this writer uses.
+const ALIGNMENT: usize = 32;
+
+/// Writes the weights (already folded, see `folded_weights`) with `model`'s GGUF metadata to the
+/// new file `out`, atomically.
+pub(super) fn write_gguf(
+    model: &Model,
+    weights: &BTreeMap<WeightId, Tensor>,
+    added_mlp_neurons: usize,
+    dtype: DType,
+    out: &Path,
+    provenance: &serde_json::Value,
+) -> Result<usize> {
+    let source = match model.origin().kind {
+        "gguf" => model.origin().files.first().cloned(),
+        _ => None,
+    }
+    .ok_or_else(|| Error::Unsupported {
+        what: "writing GGUF from a Hugging Face model".into(),
+        why: "kedit carries a GGUF's tokenizer and metadata over from a GGUF source; export the folder with --out and convert it with llama.cpp's convert_hf_to_gguf.py".into(),
+    })?;
+    let mut file = std::fs::File::open(&source).map_err(|e| Error::io(&source, e))?;
+    let content = Content::read(&mut file).map_err(|e| {
+        Error::file(
+            &source,
+            format!("reading GGUF metadata: {}", Error::from(e)),
+        )
+    })?;
+    let (ggml_type, file_type) = match dtype {
+        DType::F32 => (0u32, 0u32),
+        DType::F16 => (1, 1),
+        DType::BF16 => (30, 32),
+        other => {
+            return Err(Error::Invalid(format!(
+                "GGUF export writes f32, f16 or bf16, not {other:?}"
+            )))
+        }
+    };
+    let arch_name = match content.metadata.get("general.architecture") {
+        Some(Value::String(s)) => s.clone(),
+        _ => return Err(Error::file(&source, "no general.architecture")),
+    };
+    let mut metadata: BTreeMap<String, Value> = content
+        .metadata
+        .iter()
+        .filter(|(k, _)| {
+            !matches!(
+                k.as_str(),
+                "general.alignment" | "general.quantization_version"
+            )
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    metadata.insert("general.file_type".into(), Value::U32(file_type));
+    if added_mlp_neurons > 0 {
+        let width = model.spec().d_mlp + added_mlp_neurons;
+        metadata.insert(
+            format!("{arch_name}.feed_forward_length"),
+            Value::U32(width as u32),
+        );
+    }
+    metadata.insert("kedit.export".into(), Value::String(provenance.to_string()));
+
+    let spec = model.spec();
+    let mut tensors = Vec::with_capacity(weights.len());
+    let mut offset = 0usize;
+    for (&id, w) in weights {
+        let name = super::super::load::gguf_name(spec, id)
+            .ok_or_else(|| Error::UnknownWeight(id.to_string()))?;
+        let bytes = w.elem_count() * dtype.size_in_bytes();
+        tensors.push((name, id, offset));
+        offset += bytes.next_multiple_of(ALIGNMENT);
+    }
+    let mut header = Vec::new();
+    put_u32(&mut header, 0x4655_4747); // "GGUF"
+    put_u32(&mut header, 3);
+    put_u64(&mut header, tensors.len() as u64);
+    put_u64(&mut header, metadata.len() as u64);
+    for (key, value) in &metadata {
+        put_string(&mut header, key);
+        put_value(&mut header, value, true);
+    }
+    for (name, id, offset) in &tensors {
+        let dims = weights[id].dims();
+        put_string(&mut header, name);
+        put_u32(&mut header, dims.len() as u32);
+        // GGUF lists dimensions innermost first.
+        for &d in dims.iter().rev() {
+            put_u64(&mut header, d as u64);
+        }
+        put_u32(&mut header, ggml_type);
+        put_u64(&mut header, *offset as u64);
+    }
+    header.resize(header.len().next_multiple_of(ALIGNMENT), 0);
+    let arch = spec.arch;
+    crate::files::write_atomically_with(out, |w| {
+        w.write_all(&header)?;
+        for (_, id, _) in &tensors {
+            let bytes = tensor_bytes(spec, arch, *id, &weights[id], dtype)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            let padded = bytes.len().next_multiple_of(ALIGNMENT);
+            w.write_all(&bytes)?;
+            w.write_all(&vec![0u8; padded - bytes.len()])?;
+        }
+        Ok(())
+    })?;
+    Ok(header.len() + offset)
+}
+
+/// A weight's bytes as GGUF stores it: LLaMA's query and key rows in llama.cpp's rotary order
+/// (the loader undoes it), little-endian in `dtype`.
+fn tensor_bytes(
+    spec: &super::super::ModelSpec,
+    arch: Arch,
+    id: WeightId,
+    w: &Tensor,
+    dtype: DType,
+) -> Result<Vec<u8>> {
+    let mut w = w.to_device(&candle_core::Device::Cpu)?;
+    if arch == Arch::Llama {
+        if let Some(heads) = super::super::llama::gguf_rotary_heads(id, spec) {
+            w = super::super::llama::permute_rotary_rows(&w, heads)?;
+        }
+    }
+    let flat = w.to_dtype(dtype)?.flatten_all()?;
+    Ok(match dtype {
+        DType::F16 => flat
+            .to_vec1::<half::f16>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::BF16 => flat
+            .to_vec1::<half::bf16>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        _ => flat
+            .to_vec1::<f32>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+    })
+}
+
+fn put_u32(out: &mut Vec<u8>, v: u32) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put_u64(out: &mut Vec<u8>, v: u64) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put_string(out: &mut Vec<u8>, s: &str) {
+    put_u64(out, s.len() as u64);
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// GGUF's type tag of a metadata value.
+fn type_tag(v: &Value) -> u32 {
+    match v {
+        Value::U8(_) => 0,
+        Value::I8(_) => 1,
+        Value::U16(_) => 2,
+        Value::I16(_) => 3,
+        Value::U32(_) => 4,
+        Value::I32(_) => 5,
+        Value::F32(_) => 6,
+        Value::Bool(_) => 7,
+        Value::String(_) => 8,
+        Value::Array(_) => 9,
+        Value::U64(_) => 10,
+        Value::I64(_) => 11,
+        Value::F64(_) => 12,
+    }
+}
+
+/// A metadata value (with its type tag when `tagged`; an array's elements share one tag).
+fn put_value(out: &mut Vec<u8>, v: &Value, tagged: bool) {
+    if tagged {
+        put_u32(out, type_tag(v));
+    }
+    match v {
+        Value::U8(x) => out.push(*x),
+        Value::I8(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::U16(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::I16(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::U32(x) => put_u32(out, *x),
+        Value::I32(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::U64(x) => put_u64(out, *x),
+        Value::I64(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::F32(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::F64(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::Bool(x) => out.push(u8::from(*x)),
+        Value::String(s) => put_string(out, s),
+        Value::Array(items) => {
+            // An empty array's element type is not recorded anywhere; u32 reads back as empty.
+            put_u32(out, items.first().map_or(4, type_tag));
+            put_u64(out, items.len() as u64);
+            for item in items {
+                put_value(out, item, false);
+            }
+        }
+    }
+}
