@@ -34,7 +34,8 @@ pub(super) fn load_gguf(path: &Path, source: &str, opts: &LoadOptions) -> Result
     // The blocks serve only the CPU's f32 kernels.
     let keep_blocks = dtype == DType::F32 && opts.device.is_cpu() && kernels::available();
     let mut blocks = HashMap::new();
-    let weights = assemble(&spec, Format::Gguf, dtype, &opts.device, |name| {
+    // GGUF stores every matrix `[out, in]`: nothing is asked transposed.
+    let weights = assemble(&spec, Format::Gguf, dtype, &opts.device, |name, _| {
         if !content.tensor_infos.contains_key(name) {
             return Ok(None);
         }

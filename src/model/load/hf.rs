@@ -46,17 +46,18 @@ pub(super) fn load_folder(
     let dtype = opts
         .resolve_dtype(&spec)
         .map_err(|e| Error::file(folder, e.to_string()))?;
-    let weights = assemble(&spec, Format::Hf, dtype, &opts.device, |name| {
+    let weights = assemble(&spec, Format::Hf, dtype, &opts.device, |name, transpose| {
         // GPT-2 checkpoints name their tensors with or without the `transformer.` prefix.
         for candidate in [name.to_string(), format!("transformer.{name}")] {
             for ((view, path), map) in views.iter().zip(&files).zip(&maps) {
                 if let Ok(t) = view.get(&candidate) {
-                    let tensor = t.load(&Device::Cpu).map_err(|e| {
-                        Error::file(
-                            path,
-                            format!("tensor `{candidate}` cannot be read: {}", Error::from(e)),
-                        )
-                    })?;
+                    let unreadable = |e: Error| {
+                        Error::file(path, format!("tensor `{candidate}` cannot be read: {e}"))
+                    };
+                    let tensor = match transposed_view(&t, transpose) {
+                        Some(read) => read.map_err(unreadable)?,
+                        None => t.load(&Device::Cpu).map_err(|e| unreadable(e.into()))?,
+                    };
                     release_pages(map, t.data());
                     return Ok(Some(to_float(tensor)?));
                 }
@@ -79,6 +80,58 @@ pub(super) fn load_folder(
     })?;
     model.set_chat_template(chat_template(&folder.join("tokenizer_config.json"))?);
     Ok(model)
+}
+
+/// A 2-D float tensor stored `[in, out]`, read straight into its `[out, in]` transpose: one
+/// buffer instead of a copy and then a transposed copy (GPT2-XL: 4 of every layer's 6 matrices).
+/// `None` when no transpose is wanted or the layout is not one this reads (the caller loads it
+/// as it is).
+fn transposed_view(
+    view: &safetensors::tensor::TensorView<'_>,
+    transpose: bool,
+) -> Option<Result<candle_core::Tensor>> {
+    use safetensors::Dtype as St;
+    let &[rows, cols] = view.shape() else {
+        return None;
+    };
+    if !transpose {
+        return None;
+    }
+    let data = view.data();
+    if data.len() * 8 != rows * cols * view.dtype().bitsize() {
+        return Some(Err(Error::Invalid(format!(
+            "{} bytes for a {rows}x{cols} {:?} tensor",
+            data.len(),
+            view.dtype()
+        ))));
+    }
+    let word = |k: usize, n: usize| &data[k * n..k * n + n];
+    let shape = (cols, rows);
+    let built = match view.dtype() {
+        St::F32 => candle_core::Tensor::from_vec(
+            super::transposed(rows, cols, |k| {
+                f32::from_le_bytes(word(k, 4).try_into().unwrap_or_default())
+            }),
+            shape,
+            &Device::Cpu,
+        ),
+        St::F16 => candle_core::Tensor::from_vec(
+            super::transposed(rows, cols, |k| {
+                half::f16::from_le_bytes(word(k, 2).try_into().unwrap_or_default())
+            }),
+            shape,
+            &Device::Cpu,
+        ),
+        St::BF16 => candle_core::Tensor::from_vec(
+            super::transposed(rows, cols, |k| {
+                half::bf16::from_le_bytes(word(k, 2).try_into().unwrap_or_default())
+            }),
+            shape,
+            &Device::Cpu,
+        ),
+        _ => return None,
+    };
+    Some(built.map_err(Error::from))
 }
 
 fn to_float(t: candle_core::Tensor) -> Result<candle_core::Tensor> {

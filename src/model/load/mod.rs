@@ -144,14 +144,15 @@ fn available_memory() -> Option<u64> {
 }
 
 /// Reads every weight the architecture needs (plus the optional ones present) through `fetch`,
-/// which returns a checkpoint tensor by name, and brings each into `[out, in]` orientation, the
-/// requested dtype and device.
+/// which returns a checkpoint tensor by name (transposed when its second argument says the
+/// checkpoint stores it `[in, out]`, as GPT-2's Conv1D weights are), and brings each into
+/// `[out, in]` orientation, the requested dtype and device.
 pub(crate) fn assemble(
     spec: &super::ModelSpec,
     format: Format,
     dtype: DType,
     device: &Device,
-    mut fetch: impl FnMut(&str) -> Result<Option<candle_core::Tensor>>,
+    mut fetch: impl FnMut(&str, bool) -> Result<Option<candle_core::Tensor>>,
 ) -> Result<std::collections::BTreeMap<super::WeightId, candle_core::Tensor>> {
     use super::{gpt2, llama, Arch};
     let required = super::required_weights(spec);
@@ -167,7 +168,8 @@ pub(crate) fn assemble(
     for (id, is_required) in wanted {
         let name = checkpoint_name(spec, id, format)
             .ok_or_else(|| Error::UnknownWeight(id.to_string()))?;
-        let Some(mut w) = fetch(&name)? else {
+        let transposed = spec.arch == Arch::Gpt2 && gpt2::stored_transposed(id, format);
+        let Some(mut w) = fetch(&name, transposed)? else {
             if is_required {
                 return Err(Error::Invalid(format!(
                     "checkpoint has no tensor `{name}` ({id})"
@@ -175,14 +177,10 @@ pub(crate) fn assemble(
             }
             continue;
         };
-        match spec.arch {
-            Arch::Gpt2 if gpt2::stored_transposed(id, format) => w = w.t()?.contiguous()?,
-            Arch::Llama if format == Format::Gguf => {
-                if let Some(heads) = llama::gguf_rotary_heads(id, spec) {
-                    w = llama::unpermute_rotary_rows(&w, heads)?;
-                }
+        if spec.arch == Arch::Llama && format == Format::Gguf {
+            if let Some(heads) = llama::gguf_rotary_heads(id, spec) {
+                w = llama::unpermute_rotary_rows(&w, heads)?;
             }
-            _ => {}
         }
         weights.insert(id, w.to_dtype(dtype)?.to_device(device)?);
     }
@@ -192,6 +190,36 @@ pub(crate) fn assemble(
 /// A weight's tensor name in a GGUF file (`blk.5.ffn_down.weight`).
 pub(crate) fn gguf_name(spec: &super::ModelSpec, id: super::WeightId) -> Option<String> {
     checkpoint_name(spec, id, Format::Gguf)
+}
+
+/// `[rows, cols]` elements, row-major, that `read(k)` gives by index, as their transpose
+/// `[cols, rows]`: written in blocks (a plain strided copy misses the cache on every element) over
+/// the kernels' threads, and into the one buffer that becomes the weight.
+pub(crate) fn transposed<T: Copy + Default + Send + Sync>(
+    rows: usize,
+    cols: usize,
+    read: impl Fn(usize) -> T + Sync,
+) -> Vec<T> {
+    const BLOCK: usize = 64;
+    let mut out = vec![T::default(); rows * cols];
+    if rows == 0 || cols == 0 {
+        return out;
+    }
+    // Each task writes BLOCK output rows (input columns).
+    super::parallel::for_each_chunk_mut(&mut out, BLOCK * rows, |task, chunk| {
+        let first_col = task * BLOCK;
+        let n_cols = chunk.len() / rows;
+        for row_block in (0..rows).step_by(BLOCK) {
+            let row_end = (row_block + BLOCK).min(rows);
+            for c in 0..n_cols {
+                let col = first_col + c;
+                for r in row_block..row_end {
+                    chunk[c * rows + r] = read(r * cols + col);
+                }
+            }
+        }
+    });
+    out
 }
 
 fn checkpoint_name(spec: &super::ModelSpec, id: super::WeightId, format: Format) -> Option<String> {
@@ -223,6 +251,24 @@ fn gguf_row_order(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_blocked_transpose_moves_every_element_to_its_mirror() {
+        // Sizes across and off the 64-element blocks, and degenerate ones.
+        for (rows, cols) in [(70, 130), (1, 200), (200, 1), (64, 64), (0, 5)] {
+            let out = transposed(rows, cols, |k| k as u32);
+            assert_eq!(out.len(), rows * cols);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(
+                        out[c * rows + r],
+                        (r * cols + c) as u32,
+                        "{rows}x{cols} ({r}, {c})"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn hub_ids_are_told_apart_from_paths() {
