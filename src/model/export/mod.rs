@@ -75,19 +75,34 @@ pub fn export_hf(
     }
     std::fs::create_dir(&partial).map_err(|e| Error::io(&partial, e))?;
 
-    let mut exported = write_shards(model, &weights, dtype, max_shard_bytes, &partial)?;
-    exported.added_mlp_neurons = added;
-    let config = config_json(model, dtype, added)?;
-    let config_path = partial.join("config.json");
-    crate::files::write_atomically(&config_path, pretty(&config)?.as_bytes())?;
-    exported.files.push("config.json".into());
-    exported.files.extend(write_tokenizer(model, &partial)?);
-    crate::files::write_atomically(
-        &partial.join("kedit-export.json"),
-        pretty(provenance)?.as_bytes(),
-    )?;
-    exported.files.push("kedit-export.json".into());
-    std::fs::rename(&partial, out).map_err(|e| Error::io(out, e))?;
+    let fill = || -> Result<Exported> {
+        let mut exported = write_shards(model, &weights, dtype, max_shard_bytes, &partial)?;
+        exported.added_mlp_neurons = added;
+        let config = config_json(model, dtype, added)?;
+        let config_path = partial.join("config.json");
+        crate::files::write_atomically(&config_path, pretty(&config)?.as_bytes())?;
+        exported.files.push("config.json".into());
+        exported.files.extend(write_tokenizer(model, &partial)?);
+        crate::files::write_atomically(
+            &partial.join("kedit-export.json"),
+            pretty(provenance)?.as_bytes(),
+        )?;
+        exported.files.push("kedit-export.json".into());
+        // Checked again: a folder made at `out` during the write (even an empty one, which a
+        // rename would replace) is left alone.
+        if out.exists() {
+            return Err(Error::file(
+                out,
+                "appeared while the export was being written; kedit export never overwrites a folder",
+            ));
+        }
+        std::fs::rename(&partial, out).map_err(|e| Error::io(out, e))?;
+        Ok(exported)
+    };
+    // A failed write (a full disk, say) leaves nothing behind.
+    let mut exported = fill().inspect_err(|_| {
+        let _ = std::fs::remove_dir_all(&partial);
+    })?;
     exported.path = out.to_path_buf();
     Ok(exported)
 }
