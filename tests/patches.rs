@@ -366,3 +366,116 @@ fn an_eval_that_fails_before_its_first_case_leaves_no_results_file() {
     assert!(!out_file.exists(), "an empty results file was left behind");
     assert!(!kedit::report::jsonl::record_path(&out_file).exists());
 }
+
+/// A lifelong run stopped after 2 of 4 edits and resumed in a new process ends where the run
+/// made in one go ends: the same weights and the same results and checkpoint figures. The
+/// resumed process takes the first two edits and AlphaEdit's key memory from
+/// OUT.edits.safetensors (so edits 3 and 4 are held to the first two's keys) instead of making
+/// them again. A new run refuses to replace a saved run's edits; an unreadable one is named.
+#[test]
+fn a_sequential_run_stopped_and_resumed_ends_as_one_made_in_one_go() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hparams = tiny_alphaedit_hparams(tmp.path());
+    let stats = tmp.path().join("stats");
+    let tiny = fixture("tiny-gpt2");
+    let data = fixture("data/counterfact_easyedit_edit.json");
+    let run = |out: &std::path::Path, extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "-m",
+            tiny.to_str().unwrap(),
+            "--editor",
+            "AlphaEdit",
+            "--hparams",
+            hparams.to_str().unwrap(),
+            "--stats-dir",
+            stats.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--limit",
+            "4",
+            "--sequential",
+            "end",
+            "--eval-at",
+            "2,4",
+            "--threads",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        kedit_with_backtraces(&args)
+    };
+    let with = |out: &std::path::Path, suffix: &str| {
+        let mut p = out.as_os_str().to_owned();
+        p.push(suffix);
+        std::path::PathBuf::from(p)
+    };
+    let figures = |out: &std::path::Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(with(out, ".lifelong.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                serde_json::json!([v["edits"], v["cases"], v["post"]])
+            })
+            .collect()
+    };
+
+    let whole = tmp.path().join("whole.jsonl");
+    ok(&run(&whole, &["--quiet"]));
+
+    let parts = tmp.path().join("parts.jsonl");
+    let stopped = run(&parts, &["--stop-after-edits", "2"]);
+    let stderr = String::from_utf8_lossy(&stopped.stderr).to_string();
+    ok(&stopped);
+    assert!(stderr.contains("stopped after 2 of 4 edits"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(&parts).unwrap(), "");
+    assert_eq!(figures(&parts).len(), 1, "the checkpoint at 2 edits");
+    // The run record is written with the saved edits: a resume with other settings is refused.
+    assert_one_line_error(
+        &run(&parts, &["--resume", "--quiet", "--seed", "7"]),
+        &["parts.jsonl", "another run"],
+    );
+    let resumed = run(&parts, &["--resume"]);
+    let stderr = String::from_utf8_lossy(&resumed.stderr).to_string();
+    ok(&resumed);
+    assert!(stderr.contains("2 edits taken up from"), "{stderr}");
+
+    let read = |p: &std::path::Path| {
+        let mut lines = results_without_time(&std::fs::read_to_string(p).unwrap());
+        lines.sort_by_key(|v| v["case_id"].as_u64());
+        lines
+    };
+    assert_eq!(read(&whole).len(), 4);
+    assert_eq!(read(&whole), read(&parts));
+    assert_eq!(figures(&whole), figures(&parts));
+
+    let down = WeightId::layer(1, Module::MlpDown);
+    let final_weight = |out: &std::path::Path| {
+        patched(&[&with(out, ".edits.safetensors")])
+            .weight(down)
+            .unwrap()
+    };
+    let unedited = tiny_gpt2().weight(down).unwrap();
+    let scale = max_abs_diff(&final_weight(&whole), &unedited);
+    assert!(scale > 0.0, "the run changed nothing");
+    let gap = max_abs_diff(&final_weight(&whole), &final_weight(&parts));
+    assert!(gap <= 1e-5 * scale, "differ by {gap} (edit scale {scale})");
+
+    // A new run does not replace the saved edits of another; a damaged file is named.
+    std::fs::remove_file(&whole).unwrap();
+    let saved = with(&whole, ".edits.safetensors");
+    assert_one_line_error(
+        &run(&whole, &["--quiet"]),
+        &["whole.jsonl.edits.safetensors", "--resume"],
+    );
+    assert!(!whole.exists(), "a results file was started");
+    assert!(saved.exists());
+    std::fs::write(&parts, "").unwrap();
+    std::fs::write(with(&parts, ".edits.safetensors"), b"half a file").unwrap();
+    assert_one_line_error(
+        &run(&parts, &["--resume", "--quiet"]),
+        &["parts.jsonl.edits.safetensors", "not a kedit patch"],
+    );
+}

@@ -226,6 +226,11 @@ pub fn run(args: ApplyArgs) -> anyhow::Result<ExitCode> {
         _ => None,
     };
 
+    // Statistics and templates belong to the unedited model: taken before the patches change it,
+    // as the process that made them took them.
+    if let (Some(editor), false) = (editor.as_mut(), args.patch.is_empty()) {
+        editor.prepare(&model, &ctx)?;
+    }
     // Patches first, each checked against the model the previous one left.
     let mut patched = Edit::default();
     // The last patch's editor state, with the method that saved it.

@@ -16,7 +16,7 @@ use crate::report::jsonl::{file_sha256, ResultsSink, RunRecord};
 use crate::report::summary::summarize;
 use crate::run::sanitation::{self, SanitationObserver, SanitationOptions};
 use crate::run::shard::Shard;
-use crate::run::{run_cases, Observer, Protocol, RunOptions};
+use crate::run::{run_cases, Checkpointing, Observer, Protocol, RunEnd, RunOptions};
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
@@ -70,6 +70,15 @@ pub struct EvalArgs {
     /// OUT.lifelong.jsonl (lifelong editing's curves; `kedit plot-lifelong` draws them)
     #[arg(long, value_delimiter = ',', requires = "out")]
     eval_at: Vec<usize>,
+    /// With --sequential and --out: save the edits so far to OUT.edits.safetensors after every N
+    /// edits (and at each --eval-at point and at the end), so that --resume carries on from
+    /// there instead of editing again; the file is a patch of all the run's edits. 0: never
+    #[arg(long, default_value_t = 100)]
+    checkpoint_every: usize,
+    /// With --sequential: stop once N cases have been edited in all, their edits saved (a later
+    /// --resume continues), e.g. to split a long lifelong run into scheduler-sized jobs
+    #[arg(long)]
+    stop_after_edits: Option<usize>,
     /// Scoring of reliability, generalization and portability: teacher-forced token accuracy
     /// (EasyEdit's default), perplexity of the target (`ppl`), or greedy generation compared with
     /// the answer (`gen-em`, EasyEdit's GRACE protocol)
@@ -140,6 +149,8 @@ struct Sink {
     results: Vec<CaseResult>,
     bar: Option<indicatif::ProgressBar>,
     lifelong: Option<LifelongLog>,
+    /// The saved edits' file, when resuming from it is worth a line on stderr.
+    resumed_note: Option<String>,
 }
 
 /// `--eval-at`'s file: one JSON line per checkpoint, appended and flushed as it is measured.
@@ -147,11 +158,10 @@ struct LifelongLog {
     path: PathBuf,
     file: std::fs::File,
     editor: String,
-    started: std::time::Instant,
 }
 
 impl LifelongLog {
-    fn line(&mut self, edits: usize, results: &[CaseResult]) -> crate::Result<()> {
+    fn line(&mut self, edits: usize, elapsed: f64, results: &[CaseResult]) -> crate::Result<()> {
         let summary = summarize(results);
         let memory = crate::files::process_memory_kb();
         let line = serde_json::json!({
@@ -160,7 +170,7 @@ impl LifelongLog {
             "cases": summary.cases,
             "post": summary.post,
             "seconds_per_edit": summary.edit_seconds,
-            "elapsed_seconds": self.started.elapsed().as_secs_f64(),
+            "elapsed_seconds": elapsed,
             "rss_kb": memory.map(|m| m.0),
             "peak_rss_kb": memory.map(|m| m.1),
         });
@@ -181,10 +191,25 @@ impl Observer for Sink {
         show_progress(self.bar.as_ref(), stage, done, total);
     }
 
-    fn checkpoint(&mut self, edits: usize, results: Vec<CaseResult>) -> crate::Result<()> {
+    fn checkpoint(
+        &mut self,
+        edits: usize,
+        elapsed_seconds: f64,
+        results: Vec<CaseResult>,
+    ) -> crate::Result<()> {
         match &mut self.lifelong {
-            Some(log) => log.line(edits, &results),
+            Some(log) => log.line(edits, elapsed_seconds, &results),
             None => Ok(()),
+        }
+    }
+
+    fn saved(&mut self, _edits: usize) -> crate::Result<()> {
+        self.out.start()
+    }
+
+    fn resumed(&mut self, edits: usize) {
+        if let Some(note) = &self.resumed_note {
+            eprintln!("kedit: {edits} edits taken up from {note}");
         }
     }
 }
@@ -304,6 +329,17 @@ pub fn run(mut args: EvalArgs) -> anyhow::Result<ExitCode> {
             );
         }
     }
+    if args.sequential.is_none() && args.stop_after_edits.is_some() {
+        bail!(
+            "--stop-after-edits stops a run whose edits accumulate: add --sequential (each or end)"
+        );
+    }
+    if args.stop_after_edits.is_some() && (args.out.is_none() || args.checkpoint_every == 0) {
+        bail!("--stop-after-edits saves the edits to take them up again: it needs --out, and a --checkpoint-every above 0");
+    }
+    if args.stop_after_edits == Some(0) {
+        bail!("--stop-after-edits 0: expected at least 1 edit");
+    }
     let shard = match &args.shard {
         Some(spec) => Some(Shard::parse(spec)?),
         None => Shard::from_env(|k| std::env::var(k).ok(), args.shards)?,
@@ -316,6 +352,7 @@ pub fn run(mut args: EvalArgs) -> anyhow::Result<ExitCode> {
     if let (Some(shard), Some(out)) = (shard, &args.out) {
         args.out = Some(shard.file_name(out));
     }
+    let saving = sequential_saving(&args)?;
     let dataset = read_dataset(&args.data, args.format)?;
     let instruction = args
         .instruction
@@ -438,6 +475,10 @@ pub fn run(mut args: EvalArgs) -> anyhow::Result<ExitCode> {
         results: previous,
         bar,
         lifelong,
+        resumed_note: saving
+            .as_ref()
+            .filter(|_| !args.quiet)
+            .map(|s| s.path.display().to_string()),
     };
     let opts = RunOptions {
         batch_size: args.batch_size,
@@ -453,8 +494,10 @@ pub fn run(mut args: EvalArgs) -> anyhow::Result<ExitCode> {
             chat_template,
         },
         checkpoints,
+        saving: saving.clone(),
+        stop_after: args.stop_after_edits,
     };
-    run_cases(
+    let end = run_cases(
         &mut model,
         editor.as_mut(),
         &cases,
@@ -465,6 +508,16 @@ pub fn run(mut args: EvalArgs) -> anyhow::Result<ExitCode> {
     )?;
     if let Some(bar) = &sink.bar {
         bar.finish_and_clear();
+    }
+    if let (RunEnd::Stopped { edits }, Some(saving)) = (end, &saving) {
+        if !args.quiet {
+            eprintln!(
+                "kedit: stopped after {edits} of {} edits, saved in {}; continue with --resume",
+                cases.len(),
+                saving.path.display()
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
     }
     let summary = summarize(&sink.results);
     if args.json {
@@ -486,6 +539,32 @@ pub fn run(mut args: EvalArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Where a sequential run with --out saves its edits: OUT.edits.safetensors. A new run does not
+/// replace a file left there (only --resume takes it up).
+fn sequential_saving(args: &EvalArgs) -> anyhow::Result<Option<Checkpointing>> {
+    let Some(out) = args
+        .out
+        .as_ref()
+        .filter(|_| args.sequential.is_some() && args.checkpoint_every > 0)
+    else {
+        return Ok(None);
+    };
+    let mut path = out.clone().into_os_string();
+    path.push(".edits.safetensors");
+    let path = PathBuf::from(path);
+    if !args.resume && path.exists() {
+        bail!(
+            "{}: a sequential run's saved edits are already there; continue that run with --resume, or remove the file",
+            path.display()
+        );
+    }
+    Ok(Some(Checkpointing {
+        path,
+        every: args.checkpoint_every,
+        resume: args.resume,
+    }))
 }
 
 /// `--eval-at`'s log and the checkpoints still to measure (a resumed run skips those its log
@@ -529,7 +608,6 @@ fn lifelong_log(
             path,
             file,
             editor: editor.to_string(),
-            started: std::time::Instant::now(),
         }),
         todo,
     ))

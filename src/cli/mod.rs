@@ -44,7 +44,7 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Run an editor over a benchmark file and report reliability, generalization, locality and
     /// portability, pre and post, per case (JSON lines) and in summary
-    Eval(eval::EvalArgs),
+    Eval(Box<eval::EvalArgs>),
     /// Edit one fact and show the metrics and the greedy continuation before and after
     Apply(Box<apply::ApplyArgs>),
     /// Gather the second moment E[k kᵀ] of MLP keys over a text corpus (ROME, MEMIT, AlphaEdit),
@@ -282,7 +282,7 @@ pub fn main() -> ExitCode {
     let result = configure_threads(cli.threads).and_then(|()| match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Inspect(args) => inspect::run(args),
-        Command::Eval(args) => eval::run(args),
+        Command::Eval(args) => eval::run(*args),
         Command::Apply(args) => apply::run(*args),
         Command::Stats(args) => stats::run(args),
         Command::Train(args) => train::run(*args),

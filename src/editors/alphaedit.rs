@@ -9,7 +9,9 @@ use candle_core::Tensor;
 use faer::Mat;
 
 use super::rank_one::solve::{alphaedit_delta, null_space_projector, to_mat};
-use super::rank_one::spread::{grouped_keys_at_layers, spread_edit, MassParams, MassState};
+use super::rank_one::spread::{
+    grouped_keys_at_layers, spread_edit, templates, MassParams, MassState,
+};
 use super::rank_one::values::ValueReport;
 use super::{Edit, EditCtx, EditReport, Editor, EditorState, Phases};
 use crate::data::EditRequest;
@@ -87,6 +89,28 @@ impl AlphaEdit {
         })
     }
 
+    /// The null-space projector of every edited layer: read from `P_loc`, or derived from the
+    /// layer's key covariance the first time it is needed.
+    fn ensure_projectors(&mut self, model: &Model, ctx: &EditCtx) -> Result<()> {
+        if !self.projectors.is_empty() {
+            return Ok(());
+        }
+        let saved = self.params.p_loc.as_deref().map(Path::new);
+        let matrices = match saved.filter(|p| p.is_file()) {
+            Some(file) => projectors_from_file(file, &self.params.layers, model.spec().d_mlp)?,
+            // EasyEdit then writes ./null_space_project.pt; kedit leaves the working
+            // directory alone (the covariances it derives from are cached).
+            None => self
+                .state
+                .covariances(model, &self.params, ctx)?
+                .iter()
+                .map(|c| null_space_projector(c, self.threshold))
+                .collect::<Result<Vec<_>>>()?,
+        };
+        self.projectors = self.params.layers.iter().copied().zip(matrices).collect();
+        Ok(())
+    }
+
     /// How many edits' keys the memory holds at `layer` (its trace is the sum of squared norms).
     pub fn memory_trace(&self, layer: usize) -> f64 {
         self.memory
@@ -104,6 +128,11 @@ impl Editor for AlphaEdit {
         self.params.max_batch()
     }
 
+    fn prepare(&mut self, model: &Model, ctx: &EditCtx) -> Result<()> {
+        templates(model, &self.params, ctx)?;
+        self.ensure_projectors(model, ctx)
+    }
+
     fn apply(
         &mut self,
         model: &mut Model,
@@ -115,23 +144,7 @@ impl Editor for AlphaEdit {
             self.state.prepare(model, requests, &self.params, ctx)
         })?;
         let d_ff = model.spec().d_mlp;
-        let statistics_start = std::time::Instant::now();
-        if self.projectors.is_empty() {
-            let saved = self.params.p_loc.as_deref().map(Path::new);
-            let matrices = match saved.filter(|p| p.is_file()) {
-                Some(file) => projectors_from_file(file, &self.params.layers, d_ff)?,
-                // EasyEdit then writes ./null_space_project.pt; kedit leaves the working
-                // directory alone (the covariances it derives from are cached).
-                None => self
-                    .state
-                    .covariances(model, &self.params, ctx)?
-                    .iter()
-                    .map(|c| null_space_projector(c, self.threshold))
-                    .collect::<Result<Vec<_>>>()?,
-            };
-            self.projectors = self.params.layers.iter().copied().zip(matrices).collect();
-        }
-        phases.add("statistics", statistics_start.elapsed().as_secs_f64());
+        phases.time("statistics", || self.ensure_projectors(model, ctx))?;
         let (projectors, memory, l2) = (&self.projectors, &self.memory, self.l2);
         let empty = Mat::<f64>::zeros(d_ff, d_ff);
         let mut edit = spread_edit(

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use super::rank_one::solve::memit_delta;
-use super::rank_one::spread::{spread_edit, MassParams, MassState};
+use super::rank_one::spread::{spread_edit, templates, MassParams, MassState};
 use super::{Edit, EditCtx, Editor, Phases};
 use crate::data::EditRequest;
 use crate::error::{Error, Result};
@@ -38,6 +38,12 @@ impl Editor for Memit {
 
     fn max_batch(&self) -> usize {
         self.params.max_batch()
+    }
+
+    fn prepare(&mut self, model: &Model, ctx: &EditCtx) -> Result<()> {
+        templates(model, &self.params, ctx)?;
+        self.state.covariances(model, &self.params, ctx)?;
+        Ok(())
     }
 
     fn apply(

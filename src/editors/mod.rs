@@ -41,6 +41,13 @@ pub trait Editor {
         1
     }
 
+    /// Does now what depends only on the unedited model (statistics, null-space projections,
+    /// context templates), before a patch or a resumed run's saved edits change it: what these
+    /// would be computed from on the first edit otherwise.
+    fn prepare(&mut self, _model: &Model, _ctx: &EditCtx) -> Result<()> {
+        Ok(())
+    }
+
     /// Applies the requests (one, a batch, or the next of a sequence) and returns what changed.
     fn apply(&mut self, model: &mut Model, requests: &[EditRequest], ctx: &EditCtx)
         -> Result<Edit>;

@@ -60,6 +60,8 @@ pub struct Patch {
     /// The changes, with `before` = the weights of the model it was read for.
     pub edit: Edit,
     pub state: Option<EditorState>,
+    /// The file's other metadata entries (see [`save_with_metadata`]).
+    pub metadata: HashMap<String, String>,
 }
 
 fn overlay_tensor_name(index: usize, name: &str) -> String {
@@ -79,6 +81,28 @@ pub fn save(
     model_fingerprint: &str,
     edit: &Edit,
     state: Option<&EditorState>,
+) -> Result<()> {
+    save_with_metadata(
+        path,
+        model,
+        method,
+        model_fingerprint,
+        edit,
+        state,
+        HashMap::new(),
+    )
+}
+
+/// [`save`], with more metadata entries beside the patch header (a sequential run's progress),
+/// read back as [`Patch::metadata`].
+pub fn save_with_metadata(
+    path: &Path,
+    model: &Model,
+    method: &str,
+    model_fingerprint: &str,
+    edit: &Edit,
+    state: Option<&EditorState>,
+    mut metadata: HashMap<String, String>,
 ) -> Result<()> {
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     let mut header = PatchHeader {
@@ -144,7 +168,7 @@ pub fn save(
     }
     let json = serde_json::to_string(&header)
         .map_err(|e| Error::Invalid(format!("cannot serialise the patch header: {e}")))?;
-    let metadata = HashMap::from([(HEADER_KEY.to_string(), json)]);
+    metadata.insert(HEADER_KEY.to_string(), json);
     let tensors: Vec<(String, Tensor)> = tensors.into_iter().collect();
     crate::files::write_safetensors(path, &tensors, metadata)
 }
@@ -315,6 +339,8 @@ impl Patch {
                     .collect::<Result<_>>()?,
             }),
         };
+        let mut metadata = meta.metadata().clone().unwrap_or_default();
+        metadata.remove(HEADER_KEY);
         Ok(Patch {
             header,
             edit: Edit {
@@ -322,6 +348,7 @@ impl Patch {
                 ..Edit::default()
             },
             state,
+            metadata,
         })
     }
 

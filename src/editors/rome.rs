@@ -84,6 +84,30 @@ impl Rome {
         })
     }
 
+    fn sorted_layers(&self) -> Vec<usize> {
+        let mut layers = self.params.layers.clone();
+        layers.sort_unstable();
+        layers
+    }
+
+    /// `E[k kᵀ]` of the edited layers (in ascending order), when the file asks for them.
+    fn covariances(&mut self, model: &Model, ctx: &EditCtx) -> Result<Option<Vec<faer::Mat<f64>>>> {
+        if !self.params.mom2_adjustment {
+            return Ok(None);
+        }
+        let layers = self.sorted_layers();
+        let p = &self.params;
+        self.covariances
+            .get(
+                model,
+                &layers,
+                p.mom2_n_samples.unwrap_or(100_000),
+                p.mom2_corpus.as_deref(),
+                &ctx.stats,
+            )
+            .map(Some)
+    }
+
     /// Fixed by the file, or sampled once per model, lengths and seed and shared through the
     /// context's cache, as EasyEdit caches them per process.
     fn templates(&self, model: &Model, ctx: &EditCtx) -> Result<Vec<String>> {
@@ -112,6 +136,12 @@ impl Editor for Rome {
         1
     }
 
+    fn prepare(&mut self, model: &Model, ctx: &EditCtx) -> Result<()> {
+        self.templates(model, ctx)?;
+        self.covariances(model, ctx)?;
+        Ok(())
+    }
+
     fn apply(
         &mut self,
         model: &mut Model,
@@ -127,24 +157,11 @@ impl Editor for Rome {
         let fact = FactEdit::new(model, request)?;
         let mut phases = Phases::default();
         let templates = phases.time("templates", || self.templates(model, ctx))?;
-        let p = &self.params;
         let mut changes: Vec<WeightChange> = Vec::new();
-        let mut layers = p.layers.clone();
-        layers.sort_unstable();
+        let layers = self.sorted_layers();
         let mut value_fits = Vec::with_capacity(layers.len());
-        let covariances = if p.mom2_adjustment {
-            Some(phases.time("statistics", || {
-                self.covariances.get(
-                    model,
-                    &layers,
-                    p.mom2_n_samples.unwrap_or(100_000),
-                    p.mom2_corpus.as_deref(),
-                    &ctx.stats,
-                )
-            })?)
-        } else {
-            None
-        };
+        let covariances = phases.time("statistics", || self.covariances(model, ctx))?;
+        let p = &self.params;
         let result = (|| -> Result<()> {
             for (layer_index, &layer) in layers.iter().enumerate() {
                 let id = rewrite_weight(model, &p.rewrite_module_tmp, layer)?;

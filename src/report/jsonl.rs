@@ -186,6 +186,17 @@ impl ResultsSink {
     }
 
     /// Writes one case as one line in one call and flushes it.
+    /// Starts the file (and its run record) before any result is in it: a run whose edits were
+    /// saved for resuming leaves its record, so that the resumed run is checked against it.
+    pub fn start(&mut self) -> Result<()> {
+        if let Target::File { path, open } = &mut self.target {
+            if open.is_none() {
+                *open = Some(start_file(path, &self.record)?);
+            }
+        }
+        Ok(())
+    }
+
     pub fn write(&mut self, result: &impl Serialize) -> Result<()> {
         let mut line = serde_json::to_string(result)
             .map_err(|e| Error::Invalid(format!("cannot serialise a result: {e}")))?;

@@ -4,7 +4,9 @@
 
 pub mod protocols;
 pub mod sanitation;
+pub mod sequential_checkpoint;
 pub mod shard;
 pub mod train;
 
-pub use protocols::{run_cases, Observer, Protocol, RunOptions};
+pub use protocols::{run_cases, Observer, Protocol, RunEnd, RunOptions};
+pub use sequential_checkpoint::Checkpointing;

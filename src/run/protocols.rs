@@ -11,6 +11,8 @@ use crate::error::Result;
 use crate::eval::case::{measure_after_many, measure_before_many, CaseResult, MeasureOptions};
 use crate::model::Model;
 
+use super::sequential_checkpoint::{restore, save as save_checkpoint, Checkpointing};
+
 /// How edits accumulate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Protocol {
@@ -44,6 +46,19 @@ pub struct RunOptions {
     /// Sequential protocols: after this many edits (ascending), every case edited so far is
     /// measured again and handed to [`Observer::checkpoint`] (lifelong editing's curves).
     pub checkpoints: Vec<usize>,
+    /// Sequential protocols: where the edits so far are saved, and taken up again on resume.
+    pub saving: Option<Checkpointing>,
+    /// Sequential protocols: stop (edits saved) once this many cases have been edited in all.
+    pub stop_after: Option<usize>,
+}
+
+/// How [`run_cases`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunEnd {
+    /// Every case was edited and measured.
+    Finished,
+    /// Stopped by [`RunOptions::stop_after`] after this many edits, saved for a resumed run.
+    Stopped { edits: usize },
 }
 
 impl Default for RunOptions {
@@ -54,6 +69,8 @@ impl Default for RunOptions {
             protocol: Protocol::default(),
             measure: MeasureOptions::default(),
             checkpoints: Vec::new(),
+            saving: None,
+            stop_after: None,
         }
     }
 }
@@ -64,15 +81,28 @@ pub trait Observer {
     fn case_done(&mut self, result: CaseResult) -> Result<()>;
     /// Progress in `stage` ("pre", "edit"): `done` of `total`.
     fn progress(&mut self, _stage: &'static str, _done: usize, _total: usize) {}
-    /// After `edits` edits of a sequential run, the post-edit results of every case edited so
-    /// far (those measured before the edits: not the cases a resumed run skips).
-    fn checkpoint(&mut self, _edits: usize, _results: Vec<CaseResult>) -> Result<()> {
+    /// After `edits` edits of a sequential run (`elapsed_seconds` into it, over every process
+    /// that ran it), the post-edit results of every case edited so far whose pre-edit metrics
+    /// this process measured.
+    fn checkpoint(
+        &mut self,
+        _edits: usize,
+        _elapsed_seconds: f64,
+        _results: Vec<CaseResult>,
+    ) -> Result<()> {
+        Ok(())
+    }
+    /// A sequential run took its first `edits` edits up from its saved file.
+    fn resumed(&mut self, _edits: usize) {}
+    /// A sequential run's edits so far were saved for resuming.
+    fn saved(&mut self, _edits: usize) -> Result<()> {
         Ok(())
     }
 }
 
 /// Runs `editor` over `cases` (`(record index, request)`), skipping the record indices in `done`
-/// (a resumed run; their edits are re-applied without evaluation when edits accumulate).
+/// (a resumed run; when edits accumulate, their edits are taken from the saved file of
+/// [`RunOptions::saving`] where it holds them, else made again without evaluation).
 pub fn run_cases(
     model: &mut Model,
     editor: &mut dyn Editor,
@@ -81,7 +111,11 @@ pub fn run_cases(
     opts: &RunOptions,
     ctx: &EditCtx,
     observer: &mut dyn Observer,
-) -> Result<()> {
+) -> Result<RunEnd> {
+    let started = Instant::now();
+    // What depends on the unedited model is done before any edit (or saved edits) change it,
+    // and outside the first edit's time.
+    editor.prepare(model, ctx)?;
     let batch = opts.batch_size.clamp(1, editor.max_batch().max(1));
     let measure = &opts.measure;
     // Cases measured together on one model state share their forward passes.
@@ -135,28 +169,39 @@ pub fn run_cases(
                 }
                 observer.progress("pre", pre.len(), total);
             }
-            let mut pending = Vec::new();
+            let unedited = model.fingerprint()?;
+            let order: Vec<usize> = cases.iter().map(|(i, _)| *i).collect();
+            let (mut progress, mut touched) = match &opts.saving {
+                Some(saving) if saving.resume && saving.path.exists() => {
+                    restore(&saving.path, model, editor, &order, batch)?
+                }
+                _ => Default::default(),
+            };
+            let restored = progress.edited.len();
+            if restored > 0 {
+                observer.resumed(restored);
+            }
+            let elapsed_before = progress.elapsed_seconds;
+            let elapsed =
+                |now: &Instant| elapsed_before + now.duration_since(started).as_secs_f64();
+            let mut pending: Vec<_> = cases[..restored]
+                .iter()
+                .zip(&pre)
+                .zip(&progress.seconds)
+                .filter_map(|(((case_id, request), before), &seconds)| {
+                    Some((*case_id, request, before.clone()?, seconds))
+                })
+                .collect();
+            if opts.protocol == Protocol::SequentialEvalEach {
+                // Those were measured right after their edits, before the run was saved.
+                pending.clear();
+            }
             let mut checkpoints = opts.checkpoints.iter().copied().peekable();
-            let mut times = Vec::with_capacity(total);
-            for (n, chunk) in cases.chunks(batch).enumerate() {
-                let requests: Vec<EditRequest> = chunk.iter().map(|(_, r)| r.clone()).collect();
-                let (_, seconds) = timed_apply(model, editor, &requests, ctx)?;
-                times.extend(std::iter::repeat_n(seconds, chunk.len()));
-                let edited = n * batch + chunk.len();
-                let mut measured_now = Vec::new();
-                for (k, (case_id, request)) in chunk.iter().enumerate() {
-                    let Some(before) = pre[n * batch + k].clone() else {
-                        continue;
-                    };
-                    measured_now.push((*case_id, request, before, seconds));
-                }
-                if opts.protocol == Protocol::SequentialEvalEach {
-                    for result in measure_after_many(model, measured_now, measure)? {
-                        observer.case_done(result)?;
-                    }
-                } else {
-                    pending.extend(measured_now);
-                }
+            let mut times = progress.seconds.clone();
+            let mut edited = restored;
+            loop {
+                // A checkpoint is measured at the first batch boundary at or after it (a resumed
+                // run measures at once one whose measurement was cut short).
                 let mut due = false;
                 while checkpoints.next_if(|&c| c <= edited).is_some() {
                     due = true;
@@ -174,9 +219,51 @@ pub fn run_cases(
                     for window_cases in so_far.chunks(window) {
                         results.extend(measure_after_many(model, window_cases.to_vec(), measure)?);
                     }
-                    observer.checkpoint(edited, results)?;
+                    observer.checkpoint(edited, elapsed(&Instant::now()), results)?;
                 }
                 observer.progress("edit", edited, total);
+                if edited == total {
+                    break;
+                }
+                if opts.stop_after.is_some_and(|stop| edited >= stop) {
+                    return Ok(RunEnd::Stopped { edits: edited });
+                }
+                let chunk = &cases[edited..(edited + batch).min(total)];
+                let requests: Vec<EditRequest> = chunk.iter().map(|(_, r)| r.clone()).collect();
+                let (edit, seconds) = timed_apply(model, editor, &requests, ctx)?;
+                touched.note(&edit);
+                drop(edit);
+                times.extend(std::iter::repeat_n(seconds, chunk.len()));
+                let first = edited;
+                edited += chunk.len();
+                let mut measured_now = Vec::new();
+                for (k, (case_id, request)) in chunk.iter().enumerate() {
+                    let Some(before) = pre[first + k].clone() else {
+                        continue;
+                    };
+                    measured_now.push((*case_id, request, before, seconds));
+                }
+                if opts.protocol == Protocol::SequentialEvalEach {
+                    for result in measure_after_many(model, measured_now, measure)? {
+                        observer.case_done(result)?;
+                    }
+                } else {
+                    pending.extend(measured_now);
+                }
+                // Saved before a checkpoint's measurement, so that a run stopped during it
+                // measures it again when resumed.
+                let every = opts.saving.as_ref().map_or(0, |s| s.every);
+                let due = checkpoints.peek().is_some_and(|&c| c <= edited)
+                    || edited == total
+                    || opts.stop_after.is_some_and(|stop| edited >= stop)
+                    || (every > 0 && edited / every > first / every);
+                if let Some(saving) = opts.saving.as_ref().filter(|_| due) {
+                    progress.edited = order[..edited].to_vec();
+                    progress.seconds = times.clone();
+                    progress.elapsed_seconds = elapsed(&Instant::now());
+                    save_checkpoint(&saving.path, model, editor, &unedited, &touched, &progress)?;
+                    observer.saved(edited)?;
+                }
             }
             // After the last edit the model no longer changes: every case's post-edit metrics
             // share passes, a window at a time, each window's results streamed as it is done.
@@ -189,7 +276,7 @@ pub fn run_cases(
             }
         }
     }
-    Ok(())
+    Ok(RunEnd::Finished)
 }
 
 /// How many cases' metrics [`run_cases`] takes in one pass where the model state allows.
