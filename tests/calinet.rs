@@ -122,21 +122,9 @@ fn the_calibration_gradient_matches_finite_differences() {
     let spec = model.spec().clone();
     let n = 4;
     let device = model.device().clone();
-    let seeded = |rows: usize, cols: usize, phase: f64| {
-        Tensor::arange(0f32, (rows * cols) as f32, &device)
-            .unwrap()
-            .reshape((rows, cols))
-            .unwrap()
-            .affine(0.37, phase)
-            .unwrap()
-            .sin()
-            .unwrap()
-            .affine(0.05, 0.0)
-            .unwrap()
-    };
-    let w_in = seeded(n, spec.d_model, 0.0);
-    let w_gate = seeded(n, spec.d_model, 1.0);
-    let w_out = Var::from_tensor(&seeded(spec.d_model, n, 2.0)).unwrap();
+    let w_in = sine_matrix(n, spec.d_model, 0.05, 0.0, &device);
+    let w_gate = sine_matrix(n, spec.d_model, 0.05, 1.0, &device);
+    let w_out = Var::from_tensor(&sine_matrix(spec.d_model, n, 0.05, 2.0, &device)).unwrap();
     let gate = Var::from_tensor(&w_gate).unwrap();
     let prompt = model
         .encode_with_special_tokens("The mother tongue of Danielle Darrieux is")

@@ -7,30 +7,16 @@ mod common;
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::{DType, Tensor};
+use candle_core::DType;
 use common::*;
 use kedit::editors::memory::{CaliNet, CaliNetParams, CalibrationFfn, Grace, GraceParams};
 use kedit::editors::{patch, Change, Edit, EditCtx, Editor, WeightChange};
-use kedit::model::{export_gguf, export_hf, Activation, Model, Module, Site, WeightId};
+use kedit::model::{export_gguf, export_hf, Activation, Module, Site, WeightId};
 
 const PROMPT: &str = "The capital of France is";
 
 fn read_json(path: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-/// A deterministic `[rows, cols]` matrix of small values.
-fn pattern(rows: usize, cols: usize, scale: f64, phase: f64, model: &Model) -> Tensor {
-    Tensor::arange(0f32, (rows * cols) as f32, model.device())
-        .unwrap()
-        .reshape((rows, cols))
-        .unwrap()
-        .affine(0.37, phase)
-        .unwrap()
-        .sin()
-        .unwrap()
-        .affine(scale, 0.0)
-        .unwrap()
 }
 
 #[test]
@@ -128,6 +114,26 @@ fn a_weight_edit_exported_by_the_cli_loads_back_bit_for_bit() {
         max_abs_diff(&edited, &logits_alone(&load_as(&out, DType::F32), &ids)),
         0.0
     );
+
+    // A model loaded with --tokenizer exports that tokenizer, not the source folder's.
+    let given = tmp.path().join("given-tokenizer.json");
+    let pretty = serde_json::to_string_pretty(&read_json(&source.join("tokenizer.json"))).unwrap();
+    std::fs::write(&given, &pretty).unwrap();
+    let with_given = tmp.path().join("with-given");
+    ok(&kedit(&[
+        "export",
+        "--model",
+        source.to_str().unwrap(),
+        "--tokenizer",
+        given.to_str().unwrap(),
+        "--out",
+        with_given.to_str().unwrap(),
+    ]));
+    assert_eq!(
+        std::fs::read_to_string(with_given.join("tokenizer.json")).unwrap(),
+        pretty
+    );
+    assert!(with_given.join("tokenizer_config.json").is_file());
 }
 
 #[test]
@@ -228,6 +234,20 @@ fn a_gguf_llama_exports_sharded_and_its_gated_neurons_fold() {
     let ids = model.encode(PROMPT).unwrap();
     let plain = logits_alone(&model, &ids);
 
+    // GGUF carries the source GGUF's tokenizer over, so one given with --tokenizer is refused.
+    let gguf = tmp.path().join("retokenized.gguf");
+    let refused = kedit_with_backtraces(&[
+        "export",
+        "--model",
+        smollm2_path().to_str().unwrap(),
+        "--tokenizer",
+        fixture("smollm2/tokenizer.json").to_str().unwrap(),
+        "--gguf",
+        gguf.to_str().unwrap(),
+    ]);
+    assert_one_line_error(&refused, &["tokenizer.json", "--out"]);
+    assert!(!gguf.exists());
+
     let out = tmp.path().join("plain");
     let written = export_hf(
         &model,
@@ -321,9 +341,9 @@ fn a_gguf_llama_exports_sharded_and_its_gated_neurons_fold() {
     let (n, d) = (6, model.spec().d_model);
     let neurons = CalibrationFfn {
         activation: Activation::Silu,
-        w_in: pattern(n, d, 0.5, 0.1, &model),
-        w_gate: Some(pattern(n, d, 0.5, 0.7, &model)),
-        w_out: pattern(d, n, 2.0, 0.3, &model),
+        w_in: sine_matrix(n, d, 0.5, 0.1, model.device()),
+        w_gate: Some(sine_matrix(n, d, 0.5, 0.7, model.device())),
+        w_out: sine_matrix(d, n, 2.0, 0.3, model.device()),
     };
     model
         .set_overlay(Site::MlpOut(3), Some(Arc::new(neurons)))

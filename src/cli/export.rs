@@ -10,6 +10,7 @@ use clap::Args;
 use super::ModelArgs;
 use crate::editors::registry::overlay_from_parts;
 use crate::editors::Patch;
+use crate::model::refuse_existing;
 
 #[derive(Args, Debug)]
 pub struct ExportArgs {
@@ -47,17 +48,15 @@ pub fn run(args: ExportArgs) -> anyhow::Result<ExitCode> {
         (Some(p), _) | (None, Some(p)) => p.clone(),
         (None, None) => anyhow::bail!("give --out FOLDER or --gguf FILE"),
     };
-    if target.exists() {
-        anyhow::bail!(
-            "{}: already exists; kedit export writes a new {} and never overwrites one",
-            target.display(),
-            if args.gguf.is_some() {
-                "file"
-            } else {
-                "folder"
-            }
-        );
-    }
+    // Before the model loads.
+    refuse_existing(
+        &target,
+        if args.gguf.is_some() {
+            "file"
+        } else {
+            "folder"
+        },
+    )?;
     let mut model = args.model.load()?;
     let source_fingerprint = model.fingerprint()?;
     let mut patches = Vec::new();

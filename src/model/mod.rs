@@ -31,7 +31,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor, TensorId};
 use tokenizers::Tokenizer;
 
-pub use export::{export_gguf, export_hf, Exported};
+pub use export::{export_gguf, export_hf, refuse_existing, Exported};
 use generate::Past;
 pub use generate::{Generation, KvCache, PrefixCache, Sampling, StepTopK};
 pub use hooks::{HookSpec, Intervention, Site};
@@ -150,6 +150,8 @@ pub struct ModelOrigin {
     pub source: String,
     /// The files the weights were read from.
     pub files: Vec<std::path::PathBuf>,
+    /// The `tokenizer.json` given instead of the source's own (`--tokenizer`).
+    pub tokenizer_file: Option<std::path::PathBuf>,
 }
 
 pub struct Model {

@@ -249,3 +249,18 @@ pub fn next_token(model: &Model, prompt: &str) -> u32 {
 pub fn first_token(model: &Model, target: &str) -> u32 {
     model.encode(&format!(" {target}")).unwrap()[0]
 }
+
+/// A deterministic `[rows, cols]` matrix, `scale · sin(0.37 i + phase)` over its flat index `i`:
+/// weights that are not zero, not random, and differ between phases.
+pub fn sine_matrix(rows: usize, cols: usize, scale: f64, phase: f64, device: &Device) -> Tensor {
+    Tensor::arange(0f32, (rows * cols) as f32, device)
+        .unwrap()
+        .reshape((rows, cols))
+        .unwrap()
+        .affine(0.37, phase)
+        .unwrap()
+        .sin()
+        .unwrap()
+        .affine(scale, 0.0)
+        .unwrap()
+}

@@ -32,6 +32,12 @@ pub(super) fn write_gguf(
         what: "writing GGUF from a Hugging Face model".into(),
         why: "kedit carries a GGUF's tokenizer and metadata over from a GGUF source; export the folder with --out and convert it with llama.cpp's convert_hf_to_gguf.py".into(),
     })?;
+    if let Some(given) = &model.origin().tokenizer_file {
+        return Err(Error::Unsupported {
+            what: format!("writing GGUF with the tokenizer {}", given.display()),
+            why: "a GGUF export carries the source GGUF's tokenizer metadata over; export a folder with --out to ship another tokenizer".into(),
+        });
+    }
     let mut file = std::fs::File::open(&source).map_err(|e| Error::io(&source, e))?;
     let content = Content::read(&mut file).map_err(|e| {
         Error::file(

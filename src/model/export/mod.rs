@@ -39,6 +39,21 @@ const TOKENIZER_FILES: [&str; 9] = [
     "generation_config.json",
 ];
 
+/// The files of [`TOKENIZER_FILES`] that hold the source's own vocabulary: left out when the model
+/// was loaded with another `tokenizer.json`, which the loaders would otherwise be offered beside it.
+const VOCABULARY_FILES: [&str; 3] = ["vocab.json", "merges.txt", "tokenizer.model"];
+
+/// An export is written where nothing is: `what` (folder, file) names what it would have been.
+pub fn refuse_existing(out: &Path, what: &str) -> Result<()> {
+    if out.exists() {
+        return Err(Error::file(
+            out,
+            format!("already exists; kedit export writes a new {what} and never overwrites one"),
+        ));
+    }
+    Ok(())
+}
+
 /// Writes `model` as it is now (weights, overlays folded in) to the new folder `out` in `dtype`,
 /// with safetensors files of at most `max_shard_bytes` each (one tensor may exceed it alone).
 /// `provenance` is written beside as `kedit-export.json`. The folder appears whole or not at all.
@@ -53,12 +68,7 @@ pub fn export_hf(
     max_shard_bytes: usize,
     provenance: &serde_json::Value,
 ) -> Result<Exported> {
-    if out.exists() {
-        return Err(Error::file(
-            out,
-            "already exists; kedit export writes a new folder and never overwrites one",
-        ));
-    }
+    refuse_existing(out, "folder")?;
     let (weights, added) = folded_weights(model)?;
     let name = out
         .file_name()
@@ -120,12 +130,7 @@ pub fn export_gguf(
     dtype: DType,
     provenance: &serde_json::Value,
 ) -> Result<Exported> {
-    if out.exists() {
-        return Err(Error::file(
-            out,
-            "already exists; kedit export writes a new file and never overwrites one",
-        ));
-    }
+    refuse_existing(out, "file")?;
     let (weights, added) = folded_weights(model)?;
     let bytes = gguf::write_gguf(model, &weights, added, dtype, out, provenance)?;
     Ok(Exported {
@@ -465,13 +470,20 @@ fn source_folder(model: &Model) -> Option<PathBuf> {
         .map(Path::to_path_buf)
 }
 
-/// Copies the source folder's tokenizer files, or writes the tokenizer kedit rebuilt from GGUF
-/// metadata as `tokenizer.json` with a `tokenizer_config.json` that names its special tokens.
+/// Copies the source folder's tokenizer files (with the `--tokenizer` file the model was loaded
+/// with as `tokenizer.json`, and none of the source's own vocabularies), or writes the tokenizer
+/// kedit rebuilt from GGUF metadata as `tokenizer.json` with a `tokenizer_config.json` that names
+/// its special tokens.
 fn write_tokenizer(model: &Model, folder: &Path) -> Result<Vec<String>> {
     let mut written = Vec::new();
     if let Some(source) = source_folder(model) {
+        let given = model.origin().tokenizer_file.as_deref();
         for name in TOKENIZER_FILES {
-            let from = source.join(name);
+            let from = match given {
+                Some(file) if name == "tokenizer.json" => file.to_path_buf(),
+                Some(_) if VOCABULARY_FILES.contains(&name) => continue,
+                _ => source.join(name),
+            };
             if from.is_file() {
                 let bytes = std::fs::read(&from).map_err(|e| Error::io(&from, e))?;
                 crate::files::write_atomically(&folder.join(name), &bytes)?;

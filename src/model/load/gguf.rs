@@ -59,6 +59,7 @@ pub(super) fn load_gguf(path: &Path, source: &str, opts: &LoadOptions) -> Result
         kind: "gguf",
         source: source.to_string(),
         files: vec![path.to_path_buf()],
+        tokenizer_file: opts.tokenizer.clone(),
     };
     let mut model = Model::new(spec, weights, tokenizer, origin).map_err(|e| match e {
         Error::Invalid(msg) => bad(msg),

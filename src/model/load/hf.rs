@@ -73,6 +73,7 @@ pub(super) fn load_folder(
         kind,
         source: source.to_string(),
         files,
+        tokenizer_file: opts.tokenizer.clone(),
     };
     let mut model = Model::new(spec, weights, tokenizer, origin).map_err(|e| match e {
         Error::Invalid(msg) => Error::file(folder, msg),
