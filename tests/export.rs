@@ -95,16 +95,23 @@ fn a_weight_edit_exported_by_the_cli_loads_back_bit_for_bit() {
         out.to_str().unwrap(),
     ]);
     assert_one_line_error(&again, &["exported", "already exists"]);
-    // GGUF carries its tokenizer over from a GGUF source; a folder has none to give.
-    let refused = kedit_with_backtraces(&[
+    // GGUF from a GPT-2 folder, its metadata made from the config and tokenizer.json: the edited
+    // model reads back bit for bit, with the same tokens.
+    let gguf = tmp.path().join("tiny.gguf");
+    ok(&kedit(&[
         "export",
         "--model",
         source.to_str().unwrap(),
+        "--dtype",
+        "f32",
+        "--patch",
+        file.to_str().unwrap(),
         "--gguf",
-        tmp.path().join("tiny.gguf").to_str().unwrap(),
-    ]);
-    assert_one_line_error(&refused, &["GGUF", "convert_hf_to_gguf"]);
-    assert!(!tmp.path().join("tiny.gguf").exists());
+        gguf.to_str().unwrap(),
+    ]));
+    let reread = load_as(&gguf, DType::F32);
+    assert_eq!(max_abs_diff(&edited, &logits_alone(&reread, &ids)), 0.0);
+    assert_eq!(reread.encode(PROMPT).unwrap(), ids);
     let after: Vec<_> = std::fs::read_dir(&out)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -134,6 +141,25 @@ fn a_weight_edit_exported_by_the_cli_loads_back_bit_for_bit() {
         pretty
     );
     assert!(with_given.join("tokenizer_config.json").is_file());
+
+    // GGUF is written for byte-level BPE only: a tokenizer with byte fallback (LLaMA-2's kind)
+    // is refused in one line, and no file is left.
+    let mut fallback = read_json(&source.join("tokenizer.json"));
+    fallback["model"]["byte_fallback"] = true.into();
+    let fallback_file = tmp.path().join("fallback-tokenizer.json");
+    std::fs::write(&fallback_file, fallback.to_string()).unwrap();
+    let refused_gguf = tmp.path().join("fallback.gguf");
+    let refused = kedit_with_backtraces(&[
+        "export",
+        "--model",
+        source.to_str().unwrap(),
+        "--tokenizer",
+        fallback_file.to_str().unwrap(),
+        "--gguf",
+        refused_gguf.to_str().unwrap(),
+    ]);
+    assert_one_line_error(&refused, &["byte fallback", "convert_hf_to_gguf"]);
+    assert!(!refused_gguf.exists());
 }
 
 #[test]
@@ -297,7 +323,48 @@ fn a_gguf_llama_exports_sharded_and_its_gated_neurons_fold() {
     let text = "Danielle Darrieux's mother tongue is French.";
     assert_eq!(exported.encode(text).unwrap(), model.encode(text).unwrap());
     assert_eq!(exported.chat_template(), model.chat_template());
-    drop(exported);
+
+    // GGUF from that folder: the metadata llama.cpp's convert_hf_to_gguf.py wrote into the
+    // SmolLM2 GGUF (hyperparameters, tokens and their types, merges, pre-tokeniser, special ids,
+    // chat template) come out the same from the folder's config and tokenizer.json, and the file
+    // reads back bit for bit.
+    let from_folder = tmp.path().join("from-folder.gguf");
+    export_gguf(&exported, &from_folder, DType::F32, &serde_json::json!({})).unwrap();
+    let metadata = |path: &Path| {
+        let mut file = std::fs::File::open(path).unwrap();
+        candle_core::quantized::gguf_file::Content::read(&mut file)
+            .unwrap()
+            .metadata
+    };
+    let theirs = metadata(&smollm2_path());
+    let ours = metadata(&from_folder);
+    // Descriptions (name, licence, ...) are not in a folder's config; the unknown-token id is
+    // in tokenizer_config.json, which kedit does not read; the file type is Q4_1 there.
+    let not_compared = |k: &str| {
+        (k.starts_with("general.") && k != "general.architecture")
+            || k == "tokenizer.ggml.unknown_token_id"
+            || k == "kedit.export"
+    };
+    let mut compared = 0;
+    for (key, value) in &theirs {
+        if not_compared(key) {
+            continue;
+        }
+        let mine = ours.get(key).unwrap_or_else(|| panic!("{key} is missing"));
+        assert_eq!(format!("{mine:?}"), format!("{value:?}"), "{key}");
+        compared += 1;
+    }
+    assert!(compared >= 20, "only {compared} keys compared");
+    for key in ours.keys() {
+        assert!(
+            theirs.contains_key(key) || not_compared(key),
+            "{key} is extra"
+        );
+    }
+    let reread = load_as(&from_folder, DType::F32);
+    assert_eq!(max_abs_diff(&plain, &logits_alone(&reread, &ids)), 0.0);
+    assert_eq!(reread.encode(text).unwrap(), model.encode(text).unwrap());
+    drop((exported, reread));
 
     // The same as GGUF: f32 reads back bit for bit (query and key rows go back into llama.cpp's
     // rotary order, which the loader undoes); f16 holds every weight rounded to f16.

@@ -14,8 +14,9 @@ use crate::error::{Error, Result};
 /// GGUF's default alignment of tensor data (bytes), which this writer uses.
 const ALIGNMENT: usize = 32;
 
-/// Writes the weights (already folded, see `folded_weights`) with `model`'s GGUF metadata to the
-/// new file `out`, atomically.
+/// Writes the weights (already folded, see `folded_weights`) to the new file `out`, atomically,
+/// with the metadata of the GGUF `model` was loaded from, or, from a folder, llama.cpp's metadata
+/// made from its configuration and tokenizer.
 pub(super) fn write_gguf(
     model: &Model,
     weights: &BTreeMap<WeightId, Tensor>,
@@ -24,27 +25,6 @@ pub(super) fn write_gguf(
     out: &Path,
     provenance: &serde_json::Value,
 ) -> Result<usize> {
-    let source = match model.origin().kind {
-        "gguf" => model.origin().files.first().cloned(),
-        _ => None,
-    }
-    .ok_or_else(|| Error::Unsupported {
-        what: "writing GGUF from a Hugging Face model".into(),
-        why: "kedit carries a GGUF's tokenizer and metadata over from a GGUF source; export the folder with --out and convert it with llama.cpp's convert_hf_to_gguf.py".into(),
-    })?;
-    if let Some(given) = &model.origin().tokenizer_file {
-        return Err(Error::Unsupported {
-            what: format!("writing GGUF with the tokenizer {}", given.display()),
-            why: "a GGUF export carries the source GGUF's tokenizer metadata over; export a folder with --out to ship another tokenizer".into(),
-        });
-    }
-    let mut file = std::fs::File::open(&source).map_err(|e| Error::io(&source, e))?;
-    let content = Content::read(&mut file).map_err(|e| {
-        Error::file(
-            &source,
-            format!("reading GGUF metadata: {}", Error::from(e)),
-        )
-    })?;
     let (ggml_type, file_type) = match dtype {
         DType::F32 => (0u32, 0u32),
         DType::F16 => (1, 1),
@@ -55,21 +35,28 @@ pub(super) fn write_gguf(
             )))
         }
     };
-    let arch_name = match content.metadata.get("general.architecture") {
-        Some(Value::String(s)) => s.clone(),
-        _ => return Err(Error::file(&source, "no general.architecture")),
+    let source = match model.origin().kind {
+        "gguf" => model.origin().files.first().cloned(),
+        _ => None,
     };
-    let mut metadata: BTreeMap<String, Value> = content
-        .metadata
-        .iter()
-        .filter(|(k, _)| {
-            !matches!(
-                k.as_str(),
-                "general.alignment" | "general.quantization_version"
-            )
-        })
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    let mut metadata = match (source, &model.origin().tokenizer_file) {
+        (Some(_), Some(given)) => {
+            return Err(Error::Unsupported {
+                what: format!("writing GGUF with the tokenizer {}", given.display()),
+                why: "a GGUF export carries the source GGUF's tokenizer metadata over; export a folder with --out to ship another tokenizer".into(),
+            })
+        }
+        (Some(source), None) => carried_over_metadata(&source)?,
+        (None, _) => metadata_of(model)?,
+    };
+    let arch_name = match metadata.get("general.architecture") {
+        Some(Value::String(s)) => s.clone(),
+        _ => {
+            return Err(Error::Invalid(
+                "the GGUF metadata name no general.architecture".into(),
+            ))
+        }
+    };
     metadata.insert("general.file_type".into(), Value::U32(file_type));
     if added_mlp_neurons > 0 {
         let width = model.spec().d_mlp + added_mlp_neurons;
@@ -124,6 +111,90 @@ pub(super) fn write_gguf(
         Ok(())
     })?;
     Ok(header.len() + offset)
+}
+
+/// The metadata of the GGUF a model was loaded from, less what this writer sets itself.
+fn carried_over_metadata(source: &Path) -> Result<BTreeMap<String, Value>> {
+    let mut file = std::fs::File::open(source).map_err(|e| Error::io(source, e))?;
+    let content = Content::read(&mut file)
+        .map_err(|e| Error::file(source, format!("reading GGUF metadata: {}", Error::from(e))))?;
+    Ok(content
+        .metadata
+        .into_iter()
+        .filter(|(k, _)| {
+            !matches!(
+                k.as_str(),
+                "general.alignment" | "general.quantization_version"
+            )
+        })
+        .collect())
+}
+
+/// llama.cpp's metadata for a model loaded from a Hugging Face folder: the architecture's
+/// hyperparameters (the keys its `convert_hf_to_gguf.py` writes) and the tokenizer's.
+fn metadata_of(model: &Model) -> Result<BTreeMap<String, Value>> {
+    let spec = model.spec();
+    let arch = match spec.arch {
+        Arch::Llama => "llama",
+        Arch::Gpt2 => "gpt2",
+    };
+    let mut md = BTreeMap::new();
+    let mut put = |k: &str, v: Value| {
+        md.insert(k.to_string(), v);
+    };
+    let u32_of = |n: usize| Value::U32(n as u32);
+    put("general.architecture", Value::String(arch.into()));
+    let name = Path::new(&model.origin().source)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| model.origin().source.clone());
+    put("general.name", Value::String(name));
+    put(
+        &format!("{arch}.context_length"),
+        u32_of(spec.max_positions),
+    );
+    put(&format!("{arch}.embedding_length"), u32_of(spec.d_model));
+    put(&format!("{arch}.block_count"), u32_of(spec.n_layers));
+    put(&format!("{arch}.feed_forward_length"), u32_of(spec.d_mlp));
+    put(
+        &format!("{arch}.attention.head_count"),
+        u32_of(spec.n_heads),
+    );
+    match spec.arch {
+        Arch::Llama => {
+            put("llama.attention.head_count_kv", u32_of(spec.n_kv_heads));
+            put("llama.rope.dimension_count", u32_of(spec.head_dim));
+            put("llama.rope.freq_base", Value::F32(spec.rope_theta as f32));
+            put(
+                "llama.attention.layer_norm_rms_epsilon",
+                Value::F32(spec.norm_eps as f32),
+            );
+            put("llama.vocab_size", u32_of(spec.vocab_size));
+        }
+        Arch::Gpt2 => put(
+            "gpt2.attention.layer_norm_epsilon",
+            Value::F32(spec.norm_eps as f32),
+        ),
+    }
+    for (key, value) in crate::model::load::tokenizer_to_gguf(model.tokenizer(), spec.vocab_size)? {
+        put(&key, value);
+    }
+    for (key, id) in [
+        ("tokenizer.ggml.bos_token_id", spec.bos_id),
+        ("tokenizer.ggml.eos_token_id", spec.eos_id),
+        ("tokenizer.ggml.padding_token_id", spec.pad_id),
+    ] {
+        if let Some(id) = id {
+            put(key, Value::U32(id));
+        }
+    }
+    if let Some(template) = model.chat_template() {
+        put(
+            "tokenizer.chat_template",
+            Value::String(template.to_string()),
+        );
+    }
+    Ok(md)
 }
 
 /// A weight's bytes as GGUF stores it: LLaMA's query and key rows in llama.cpp's rotary order

@@ -118,12 +118,13 @@ pub fn export_hf(
 }
 
 /// Writes `model` as it is now (weights, overlays folded in) to the new GGUF file `out` in
-/// `dtype` (f32, f16 or bf16), with the metadata of the GGUF it was loaded from and `provenance`
-/// under `kedit.export`. The file appears whole or not at all.
+/// `dtype` (f32, f16 or bf16), with the metadata of the GGUF it was loaded from (or, from a
+/// folder, llama.cpp's metadata made from its configuration and tokenizer) and `provenance` under
+/// `kedit.export`. The file appears whole or not at all.
 ///
 /// # Errors
-/// As [`export_hf`], and a model not loaded from a GGUF file (its tokenizer metadata would have
-/// to be made up).
+/// As [`export_hf`]; a folder's tokenizer that is not byte-level BPE (LLaMA-2's SentencePiece
+/// kind), or a GGUF source loaded with another tokenizer.
 pub fn export_gguf(
     model: &Model,
     out: &Path,

@@ -15,7 +15,7 @@ use super::Model;
 use crate::error::{Error, Result};
 
 pub use hub::{resolve_hub, HubOptions};
-pub use tokenizer::tokenizer_from_gguf;
+pub use tokenizer::{tokenizer_from_gguf, tokenizer_to_gguf};
 
 /// Where `scripts/fetch-model.sh` keeps the SmolLM2-135M-Instruct GGUF (the model tests and
 /// benchmarks run on), given the variables `var` looks up (tests and benches pass the
