@@ -7,11 +7,12 @@ mod common;
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::DType;
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Tensor};
 use common::*;
 use kedit::editors::memory::{CaliNet, CaliNetParams, CalibrationFfn, Grace, GraceParams};
 use kedit::editors::{patch, Change, Edit, EditCtx, Editor, WeightChange};
-use kedit::model::{export_gguf, export_hf, Activation, Module, Site, WeightId};
+use kedit::model::{export_gguf, export_hf, Activation, GgufBlocks, Module, Site, WeightId};
 
 const PROMPT: &str = "The capital of France is";
 
@@ -112,6 +113,17 @@ fn a_weight_edit_exported_by_the_cli_loads_back_bit_for_bit() {
     let reread = load_as(&gguf, DType::F32);
     assert_eq!(max_abs_diff(&edited, &logits_alone(&reread, &ids)), 0.0);
     assert_eq!(reread.encode(PROMPT).unwrap(), ids);
+    for (flags, needles) in [
+        (["--quantize", "q3_k", "--gguf"], ["q3_k", "q8_0"]),
+        (["--quantize", "q8_0", "--out"], ["--quantize", "--gguf"]),
+    ] {
+        let target = tmp.path().join("not-written");
+        let mut args = vec!["export", "--model", source.to_str().unwrap()];
+        args.extend(flags);
+        args.push(target.to_str().unwrap());
+        assert_one_line_error(&kedit_with_backtraces(&args), &needles);
+        assert!(!target.exists());
+    }
     let after: Vec<_> = std::fs::read_dir(&out)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -329,7 +341,14 @@ fn a_gguf_llama_exports_sharded_and_its_gated_neurons_fold() {
     // chat template) come out the same from the folder's config and tokenizer.json, and the file
     // reads back bit for bit.
     let from_folder = tmp.path().join("from-folder.gguf");
-    export_gguf(&exported, &from_folder, DType::F32, &serde_json::json!({})).unwrap();
+    export_gguf(
+        &exported,
+        &from_folder,
+        DType::F32,
+        None,
+        &serde_json::json!({}),
+    )
+    .unwrap();
     let metadata = |path: &Path| {
         let mut file = std::fs::File::open(path).unwrap();
         candle_core::quantized::gguf_file::Content::read(&mut file)
@@ -369,14 +388,14 @@ fn a_gguf_llama_exports_sharded_and_its_gated_neurons_fold() {
     // The same as GGUF: f32 reads back bit for bit (query and key rows go back into llama.cpp's
     // rotary order, which the loader undoes); f16 holds every weight rounded to f16.
     let gguf = tmp.path().join("plain.gguf");
-    export_gguf(&model, &gguf, DType::F32, &serde_json::json!({})).unwrap();
+    export_gguf(&model, &gguf, DType::F32, None, &serde_json::json!({})).unwrap();
     let reread = load_as(&gguf, DType::F32);
     assert_eq!(max_abs_diff(&plain, &logits_alone(&reread, &ids)), 0.0);
     assert_eq!(reread.encode(text).unwrap(), model.encode(text).unwrap());
     assert_eq!(reread.chat_template(), model.chat_template());
     drop(reread);
     let half = tmp.path().join("half.gguf");
-    export_gguf(&model, &half, DType::F16, &serde_json::json!({})).unwrap();
+    export_gguf(&model, &half, DType::F16, None, &serde_json::json!({})).unwrap();
     let reread = load_as(&half, DType::F32);
     for id in [
         WeightId::layer(4, Module::AttnQ),
@@ -397,7 +416,50 @@ fn a_gguf_llama_exports_sharded_and_its_gated_neurons_fold() {
         );
     }
     drop(reread);
-    let err = export_gguf(&model, &half, DType::F16, &serde_json::json!({}))
+    // Q8_0: every matrix reads back as candle's quantisation of it (which is llama.cpp's, see
+    // candle_quantises_blocks_as_llama_cpp_does), vectors stay f32, the answer stays the same.
+    let blocks = tmp.path().join("q8_0.gguf");
+    export_gguf(
+        &model,
+        &blocks,
+        DType::F32,
+        Some(GgufBlocks::Q8_0),
+        &serde_json::json!({}),
+    )
+    .unwrap();
+    let reread = load_as(&blocks, DType::F32);
+    for id in [
+        WeightId::layer(4, Module::AttnQ),
+        WeightId::layer(4, Module::AttnK),
+        WeightId::layer(4, Module::MlpDown),
+        WeightId::layer(4, Module::MlpNorm),
+    ] {
+        let original = model.weight(id).unwrap();
+        let expected = if original.rank() == 2 {
+            QTensor::quantize(&original, GgmlDType::Q8_0)
+                .unwrap()
+                .dequantize(&candle_core::Device::Cpu)
+                .unwrap()
+        } else {
+            original
+        };
+        assert_eq!(
+            max_abs_diff(&expected, &reread.weight(id).unwrap()),
+            0.0,
+            "{id}"
+        );
+    }
+    let quantised = logits_alone(&reread, &ids);
+    let argmax = |t: &Tensor| {
+        t.argmax(candle_core::D::Minus1)
+            .unwrap()
+            .to_vec1::<u32>()
+            .unwrap()
+    };
+    assert_eq!(argmax(&quantised), argmax(&plain));
+    assert!(relative_gap(&quantised, &plain) < 0.05);
+    drop(reread);
+    let err = export_gguf(&model, &half, DType::F16, None, &serde_json::json!({}))
         .unwrap_err()
         .to_string();
     assert!(
@@ -432,4 +494,29 @@ fn a_gguf_llama_exports_sharded_and_its_gated_neurons_fold() {
         "{}",
         relative_gap(&edited, &folded)
     );
+}
+
+/// The block types a quantised GGUF export writes are quantised by candle exactly as llama.cpp's
+/// gguf-py quantises them (`scripts/make-quant-fixture.py` made the bytes: a 6 × 64 matrix with an
+/// all-zero block, an outlier and a one-sign block).
+#[test]
+fn candle_quantises_blocks_as_llama_cpp_does() {
+    let dir = fixture("quant");
+    let bytes = std::fs::read(dir.join("matrix-6x64.f32")).unwrap();
+    let values: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    let matrix = candle_core::Tensor::from_vec(values, (6, 64), &candle_core::Device::Cpu).unwrap();
+    for (name, dtype) in [
+        ("q4_0", GgmlDType::Q4_0),
+        ("q4_1", GgmlDType::Q4_1),
+        ("q5_0", GgmlDType::Q5_0),
+        ("q5_1", GgmlDType::Q5_1),
+        ("q8_0", GgmlDType::Q8_0),
+    ] {
+        let theirs = std::fs::read(dir.join(format!("matrix-6x64.{name}"))).unwrap();
+        let ours = QTensor::quantize(&matrix, dtype).unwrap();
+        assert!(ours.data().unwrap().as_ref() == theirs.as_slice(), "{name}");
+    }
 }

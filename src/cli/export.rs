@@ -10,7 +10,7 @@ use clap::Args;
 use super::ModelArgs;
 use crate::editors::registry::overlay_from_parts;
 use crate::editors::Patch;
-use crate::model::refuse_existing;
+use crate::model::{refuse_existing, GgufBlocks};
 
 #[derive(Args, Debug)]
 pub struct ExportArgs {
@@ -24,10 +24,15 @@ pub struct ExportArgs {
     /// tokenizer. It must not exist.
     #[arg(long, required_unless_present = "gguf", conflicts_with = "gguf")]
     out: Option<PathBuf>,
-    /// Write one GGUF file instead (f32, f16 or bf16 as --dtype; from a GGUF source, whose
-    /// tokenizer and metadata it carries over). It must not exist.
+    /// Write one GGUF file instead (f32, f16 or bf16 as --dtype; a GGUF source's tokenizer and
+    /// metadata are carried over, a folder's are written from its config and tokenizer.json). It
+    /// must not exist.
     #[arg(long)]
     gguf: Option<PathBuf>,
+    /// With --gguf: store the matrices in these llama.cpp blocks (q8_0, q5_1, q5_0, q4_1, q4_0),
+    /// the vectors in --dtype
+    #[arg(long)]
+    quantize: Option<String>,
     /// The largest safetensors file in GB (10⁹ bytes, as transformers' max_shard_size); larger
     /// models are sharded with a model.safetensors.index.json
     #[arg(long, default_value_t = 5.0)]
@@ -47,6 +52,18 @@ pub fn run(args: ExportArgs) -> anyhow::Result<ExitCode> {
     let target = match (&args.out, &args.gguf) {
         (Some(p), _) | (None, Some(p)) => p.clone(),
         (None, None) => anyhow::bail!("give --out FOLDER or --gguf FILE"),
+    };
+    let blocks = match &args.quantize {
+        None => None,
+        Some(_) if args.gguf.is_none() => {
+            anyhow::bail!("--quantize writes GGUF blocks: add --gguf FILE")
+        }
+        Some(name) => Some(GgufBlocks::parse(name).ok_or_else(|| {
+            anyhow::anyhow!(
+                "--quantize {name}: expected one of {}",
+                GgufBlocks::NAMES.join(", ")
+            )
+        })?),
     };
     // Before the model loads.
     refuse_existing(
@@ -80,7 +97,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<ExitCode> {
     });
     let max_shard_bytes = (args.max_shard_gb * 1e9) as usize;
     let exported = if args.gguf.is_some() {
-        crate::model::export_gguf(&model, &target, model.dtype(), &provenance)?
+        crate::model::export_gguf(&model, &target, model.dtype(), blocks, &provenance)?
     } else {
         crate::model::export_hf(&model, &target, model.dtype(), max_shard_bytes, &provenance)?
     };
@@ -88,13 +105,16 @@ pub fn run(args: ExportArgs) -> anyhow::Result<ExitCode> {
     if args.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&exported)?)?;
     } else {
+        let stored = match (&args.quantize, blocks) {
+            (Some(name), Some(_)) => format!("{name} matrices and {:?} vectors", model.dtype()),
+            _ => format!("{:?} weights", model.dtype()),
+        };
         writeln!(
             out,
-            "wrote {}: {} tensors, {:.2} GB of {:?} weights in {}",
+            "wrote {}: {} tensors, {:.2} GB of {stored} in {}",
             exported.path.display(),
             exported.tensors,
             exported.bytes as f64 / 1e9,
-            model.dtype(),
             exported.files.join(", ")
         )?;
         if exported.added_mlp_neurons > 0 {

@@ -31,7 +31,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor, TensorId};
 use tokenizers::Tokenizer;
 
-pub use export::{export_gguf, export_hf, refuse_existing, Exported};
+pub use export::{export_gguf, export_hf, refuse_existing, Exported, GgufBlocks};
 use generate::Past;
 pub use generate::{Generation, KvCache, PrefixCache, Sampling, StepTopK};
 pub use hooks::{HookSpec, Intervention, Site};

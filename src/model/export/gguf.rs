@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Tensor};
 
 use super::super::{Arch, Model, WeightId};
@@ -22,6 +23,7 @@ pub(super) fn write_gguf(
     weights: &BTreeMap<WeightId, Tensor>,
     added_mlp_neurons: usize,
     dtype: DType,
+    blocks: Option<GgufBlocks>,
     out: &Path,
     provenance: &serde_json::Value,
 ) -> Result<usize> {
@@ -57,7 +59,11 @@ pub(super) fn write_gguf(
             ))
         }
     };
+    let file_type = blocks.map_or(file_type, GgufBlocks::file_type);
     metadata.insert("general.file_type".into(), Value::U32(file_type));
+    if blocks.is_some() {
+        metadata.insert("general.quantization_version".into(), Value::U32(2));
+    }
     if added_mlp_neurons > 0 {
         let width = model.spec().d_mlp + added_mlp_neurons;
         metadata.insert(
@@ -73,9 +79,12 @@ pub(super) fn write_gguf(
     for (&id, w) in weights {
         let name = super::super::load::gguf_name(spec, id)
             .ok_or_else(|| Error::UnknownWeight(id.to_string()))?;
-        let bytes = w.elem_count() * dtype.size_in_bytes();
-        tensors.push((name, id, offset));
-        offset += bytes.next_multiple_of(ALIGNMENT);
+        let form = match blocks.filter(|b| b.fits(w.dims())) {
+            Some(b) => Form::Blocks(b),
+            None => Form::Float(dtype, ggml_type),
+        };
+        tensors.push((name, id, offset, form));
+        offset += form.bytes(w.elem_count()).next_multiple_of(ALIGNMENT);
     }
     let mut header = Vec::new();
     put_u32(&mut header, 0x4655_4747); // "GGUF"
@@ -86,7 +95,7 @@ pub(super) fn write_gguf(
         put_string(&mut header, key);
         put_value(&mut header, value, true);
     }
-    for (name, id, offset) in &tensors {
+    for (name, id, offset, form) in &tensors {
         let dims = weights[id].dims();
         put_string(&mut header, name);
         put_u32(&mut header, dims.len() as u32);
@@ -94,15 +103,15 @@ pub(super) fn write_gguf(
         for &d in dims.iter().rev() {
             put_u64(&mut header, d as u64);
         }
-        put_u32(&mut header, ggml_type);
+        put_u32(&mut header, form.type_id());
         put_u64(&mut header, *offset as u64);
     }
     header.resize(header.len().next_multiple_of(ALIGNMENT), 0);
     let arch = spec.arch;
     crate::files::write_atomically_with(out, |w| {
         w.write_all(&header)?;
-        for (_, id, _) in &tensors {
-            let bytes = tensor_bytes(spec, arch, *id, &weights[id], dtype)
+        for (_, id, _, form) in &tensors {
+            let bytes = tensor_bytes(spec, arch, *id, &weights[id], *form)
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
             let padded = bytes.len().next_multiple_of(ALIGNMENT);
             w.write_all(&bytes)?;
@@ -197,6 +206,86 @@ fn metadata_of(model: &Model) -> Result<BTreeMap<String, Value>> {
     Ok(md)
 }
 
+/// The quantised block types a GGUF export writes: those llama.cpp's converter writes too, which
+/// candle quantises byte for byte as llama.cpp's gguf-py does (`tests/export.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgufBlocks {
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+}
+
+impl GgufBlocks {
+    pub const NAMES: [&'static str; 5] = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0"];
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name.to_ascii_lowercase().as_str() {
+            "q4_0" => Self::Q4_0,
+            "q4_1" => Self::Q4_1,
+            "q5_0" => Self::Q5_0,
+            "q5_1" => Self::Q5_1,
+            "q8_0" => Self::Q8_0,
+            _ => return None,
+        })
+    }
+
+    fn ggml(self) -> GgmlDType {
+        match self {
+            Self::Q4_0 => GgmlDType::Q4_0,
+            Self::Q4_1 => GgmlDType::Q4_1,
+            Self::Q5_0 => GgmlDType::Q5_0,
+            Self::Q5_1 => GgmlDType::Q5_1,
+            Self::Q8_0 => GgmlDType::Q8_0,
+        }
+    }
+
+    /// llama.cpp's `llama_ftype` of a file whose matrices are in these blocks.
+    fn file_type(self) -> u32 {
+        match self {
+            Self::Q4_0 => 2,
+            Self::Q4_1 => 3,
+            Self::Q8_0 => 7,
+            Self::Q5_0 => 8,
+            Self::Q5_1 => 9,
+        }
+    }
+
+    /// Matrices whose rows split into whole blocks are quantised; vectors (norms, biases) keep
+    /// the float type, as llama.cpp keeps them.
+    fn fits(self, dims: &[usize]) -> bool {
+        dims.len() == 2 && dims[1].is_multiple_of(self.ggml().block_size())
+    }
+}
+
+/// How one tensor is stored: a float type (with its GGML type id) or quantised blocks.
+#[derive(Debug, Clone, Copy)]
+enum Form {
+    Float(DType, u32),
+    Blocks(GgufBlocks),
+}
+
+impl Form {
+    fn type_id(self) -> u32 {
+        match self {
+            Form::Float(_, id) => id,
+            Form::Blocks(GgufBlocks::Q4_0) => 2,
+            Form::Blocks(GgufBlocks::Q4_1) => 3,
+            Form::Blocks(GgufBlocks::Q5_0) => 6,
+            Form::Blocks(GgufBlocks::Q5_1) => 7,
+            Form::Blocks(GgufBlocks::Q8_0) => 8,
+        }
+    }
+
+    fn bytes(self, elements: usize) -> usize {
+        match self {
+            Form::Float(dtype, _) => elements * dtype.size_in_bytes(),
+            Form::Blocks(b) => elements / b.ggml().block_size() * b.ggml().type_size(),
+        }
+    }
+}
+
 /// A weight's bytes as GGUF stores it: LLaMA's query and key rows in llama.cpp's rotary order
 /// (the loader undoes it), little-endian in `dtype`.
 fn tensor_bytes(
@@ -204,7 +293,7 @@ fn tensor_bytes(
     arch: Arch,
     id: WeightId,
     w: &Tensor,
-    dtype: DType,
+    form: Form,
 ) -> Result<Vec<u8>> {
     let mut w = w.to_device(&candle_core::Device::Cpu)?;
     if arch == Arch::Llama {
@@ -212,6 +301,13 @@ fn tensor_bytes(
             w = super::super::llama::permute_rotary_rows(&w, heads)?;
         }
     }
+    let dtype = match form {
+        Form::Blocks(blocks) => {
+            let q = QTensor::quantize(&w.to_dtype(DType::F32)?, blocks.ggml())?;
+            return Ok(q.data()?.into_owned());
+        }
+        Form::Float(dtype, _) => dtype,
+    };
     let flat = w.to_dtype(dtype)?.flatten_all()?;
     Ok(match dtype {
         DType::F16 => flat

@@ -9,6 +9,8 @@ use candle_core::{DType, Tensor};
 
 mod gguf;
 
+pub use gguf::GgufBlocks;
+
 use super::load::Format;
 use super::{Activation, Arch, Model, Module, WeightForm, WeightId};
 use crate::error::{Error, Result};
@@ -118,7 +120,7 @@ pub fn export_hf(
 }
 
 /// Writes `model` as it is now (weights, overlays folded in) to the new GGUF file `out` in
-/// `dtype` (f32, f16 or bf16), with the metadata of the GGUF it was loaded from (or, from a
+/// `dtype` (f32, f16 or bf16; matrices in quantised `blocks` if given), with the metadata of the GGUF it was loaded from (or, from a
 /// folder, llama.cpp's metadata made from its configuration and tokenizer) and `provenance` under
 /// `kedit.export`. The file appears whole or not at all.
 ///
@@ -129,11 +131,12 @@ pub fn export_gguf(
     model: &Model,
     out: &Path,
     dtype: DType,
+    blocks: Option<GgufBlocks>,
     provenance: &serde_json::Value,
 ) -> Result<Exported> {
     refuse_existing(out, "file")?;
     let (weights, added) = folded_weights(model)?;
-    let bytes = gguf::write_gguf(model, &weights, added, dtype, out, provenance)?;
+    let bytes = gguf::write_gguf(model, &weights, added, dtype, blocks, out, provenance)?;
     Ok(Exported {
         path: out.to_path_buf(),
         files: vec![out
