@@ -94,24 +94,26 @@ pub fn null_space_projector(cov: &Mat<f64>, threshold: f64) -> Result<Mat<f64>> 
     Ok(&basis * basis.transpose())
 }
 
-/// AlphaEdit's update for one layer (`[out, in]`): `X = (P(KᵀK + Σ) + L2·I)⁻¹ P Kᵀ R`, `ΔW = Xᵀ`.
+/// AlphaEdit's update for one layer (`[out, in]`): `X = (P(KᵀK + Σ) + L2·I)⁻¹ P Kᵀ R`, `ΔW = Xᵀ`,
+/// given `PΣ` (the editor keeps it up to date edit by edit; forming it here would cost a `d_ff³`
+/// product on every edit). The system is solved for the `n` columns of `P Kᵀ` and multiplied by
+/// `R` afterwards, so the triangular solves see `n` right-hand sides instead of `d`.
 /// Every column of `X` lies in the range of `P`, so `ΔW k = 0` for a preserved key `k`.
 pub fn alphaedit_delta(
     keys: &Mat<f64>,
     resid: &Mat<f64>,
     projector: &Mat<f64>,
-    memory: &Mat<f64>,
+    projected_memory: &Mat<f64>,
     l2: f64,
 ) -> Result<Mat<f64>> {
-    let kc = keys.transpose();
-    let mut gram = kc * keys;
-    gram += memory;
-    let mut lhs = projector * &gram;
+    let projected_keys = projector * keys.transpose();
+    let mut lhs = &projected_keys * keys;
+    lhs += projected_memory;
     for i in 0..lhs.nrows() {
         lhs[(i, i)] += l2;
     }
-    let rhs = projector * (kc * resid);
-    Ok(solve(&lhs, &rhs)?.transpose().to_owned())
+    let x = solve(&lhs, &projected_keys)?;
+    Ok(resid.transpose() * x.transpose())
 }
 
 #[cfg(test)]
@@ -211,6 +213,34 @@ mod tests {
         let q = (k.transpose() * solve(&c, &k).unwrap())[(0, 0)];
         let diff = &memit - &(rome * (q / (lambda + q)));
         assert!(max_abs(&diff) < 1e-10, "{}", max_abs(&diff));
+    }
+
+    #[test]
+    fn alphaedit_update_is_the_papers_formula_with_a_key_memory() {
+        // X = (P(KᵀK + Σ) + L2·I)⁻¹ P Kᵀ R evaluated as written (SPEC-editors §5), with a non-zero
+        // memory of earlier keys, against the factored form the editor uses.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let (d, dff, n, earlier) = (5, 9, 2, 4);
+        let preserved = random(dff, 3, &mut rng);
+        let p = null_space_projector(&(&preserved * preserved.transpose()), 1e-8).unwrap();
+        let old_keys = random(earlier, dff, &mut rng);
+        let sigma = old_keys.transpose() * &old_keys;
+        let keys = random(n, dff, &mut rng);
+        let resid = random(n, d, &mut rng);
+        let l2 = 0.3;
+        let mut lhs = &p * (keys.transpose() * &keys + &sigma);
+        for i in 0..dff {
+            lhs[(i, i)] += l2;
+        }
+        let x = solve(&lhs, &(&p * keys.transpose() * &resid)).unwrap();
+        let factored = alphaedit_delta(&keys, &resid, &p, &(&p * &sigma), l2).unwrap();
+        let diff = &factored - x.transpose();
+        assert!(
+            max_abs(&diff) < 1e-10 * max_abs(&x).max(1.0),
+            "{}",
+            max_abs(&diff)
+        );
+        assert!(max_abs(&x) > 1e-3, "the update is not trivially zero");
     }
 
     #[test]
