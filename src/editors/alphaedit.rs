@@ -24,12 +24,12 @@ pub struct AlphaEdit {
     l2: f64,
     state: MassState,
     projectors: BTreeMap<usize, Mat<f64>>,
-    /// `Σ_l`: the sum of `k kᵀ` over the keys of every edit applied so far, per layer.
-    memory: BTreeMap<usize, Mat<f64>>,
-    /// `P_l Σ_l`, what each solve needs, kept in step with `memory` by a rank-`n` update per edit
-    /// (a fresh product would cost `d_ff³` per layer and edit: 1.5 s of each SmolLM2 edit).
+    /// `P_l Σ_l`, with `Σ_l` the sum of `k kᵀ` over the keys of every edit applied so far: what
+    /// each solve needs, updated by a rank-`n` product per edit (forming it afresh would cost a
+    /// `d_ff³` product per layer and edit, 1.5 s of each SmolLM2 edit). `Σ` itself is not kept:
+    /// it would be one more `d_ff²` f64 matrix per layer (0.97 GB per layer for LLaMA-2-7B).
     projected_memory: BTreeMap<usize, Mat<f64>>,
-    /// The keys behind `memory`, per edit in the order applied: what a saved state holds (a few
+    /// The keys behind `projected_memory`, per edit in the order applied: what a saved state holds (a few
     /// rows per edit instead of `d_ff²` per layer), and what undo takes back out.
     remembered: Vec<Remembered>,
     next_edit: u64,
@@ -86,7 +86,6 @@ impl AlphaEdit {
             l2,
             state: MassState::default(),
             projectors: BTreeMap::new(),
-            memory: BTreeMap::new(),
             projected_memory: BTreeMap::new(),
             remembered: Vec::new(),
             next_edit: 0,
@@ -112,18 +111,18 @@ impl AlphaEdit {
                 .collect::<Result<Vec<_>>>()?,
         };
         self.projectors = self.params.layers.iter().copied().zip(matrices).collect();
-        // A memory restored before the projectors were known is projected once, here.
-        self.projected_memory = self
-            .memory
-            .iter()
-            .filter_map(|(layer, sigma)| Some((*layer, self.projectors.get(layer)? * sigma)))
-            .collect();
+        // A memory restored before the projectors were known is projected here.
+        self.projected_memory.clear();
+        for entry in self.remembered.clone() {
+            self.remember(&entry)?;
+        }
         Ok(())
     }
 
-    /// How many edits' keys the memory holds at `layer` (its trace is the sum of squared norms).
+    /// How much of the key memory the solves see at `layer`: the trace of `PΣ`, the summed squared
+    /// norms of the remembered keys' null-space parts.
     pub fn memory_trace(&self, layer: usize) -> f64 {
-        self.memory
+        self.projected_memory
             .get(&layer)
             .map_or(0.0, |m| (0..m.nrows()).map(|i| m[(i, i)]).sum())
     }
@@ -240,7 +239,7 @@ impl Editor for AlphaEdit {
         }))
     }
 
-    /// Rebuilds the memory edit by edit in the saved order, so `Σ` is summed as it was.
+    /// Rebuilds the memory edit by edit in the saved order, so `PΣ` is summed in the same order.
     fn restore_state(&mut self, state: &EditorState) -> Result<()> {
         let bad = |why: String| Error::Invalid(format!("AlphaEdit state: {why}"));
         let layers: Vec<usize> = serde_json::from_value(state.header["layers"].clone())
@@ -265,7 +264,6 @@ impl Editor for AlphaEdit {
                 None => return Err(bad(format!("no tensor {name}"))),
             }
         }
-        self.memory.clear();
         self.projected_memory.clear();
         self.remembered.clear();
         let mut start = 0;
@@ -291,28 +289,24 @@ impl Editor for AlphaEdit {
 }
 
 impl AlphaEdit {
-    /// Adds an edit's keys to `Σ` (and `PΣ`).
+    /// Adds an edit's keys to `PΣ`.
     fn remember(&mut self, entry: &Remembered) -> Result<()> {
         self.change_memory(entry, 1.0)
     }
 
-    /// `Σ += sign·KᵀK` for an edit's keys `K` at each layer, and `PΣ += sign·(PKᵀ)K` where the
-    /// layer's projector is known (otherwise `ensure_projectors` projects the whole `Σ` later).
+    /// `PΣ += sign·(PKᵀ)K` for an edit's keys `K` at each layer whose projector is known (before
+    /// that, `ensure_projectors` adds every remembered edit once it has them).
     fn change_memory(&mut self, entry: &Remembered, sign: f64) -> Result<()> {
         for (&layer, keys) in &entry.keys {
+            let Some(projector) = self.projectors.get(&layer) else {
+                continue;
+            };
             let keys = to_mat(keys)?;
-            let gram = (keys.transpose() * &keys) * sign;
-            let sigma = self
-                .memory
-                .entry(layer)
-                .or_insert_with(|| Mat::zeros(gram.nrows(), gram.ncols()));
-            *sigma += gram;
-            if let Some(projector) = self.projectors.get(&layer) {
-                match self.projected_memory.get_mut(&layer) {
-                    Some(memory) => *memory += (projector * keys.transpose()) * &keys * sign,
-                    None => {
-                        self.projected_memory.insert(layer, projector * &*sigma);
-                    }
+            let change = (projector * keys.transpose()) * &keys * sign;
+            match self.projected_memory.get_mut(&layer) {
+                Some(memory) => *memory += change,
+                None => {
+                    self.projected_memory.insert(layer, change);
                 }
             }
         }
