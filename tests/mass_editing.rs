@@ -186,10 +186,9 @@ fn an_undone_alphaedit_edit_leaves_nothing_in_the_key_memory() {
     }
 }
 
-/// AlphaEdit on the tiny GPT-2 with its projector read from `P_loc` (`[1, 128, 128]`).
-fn tiny_alphaedit_hparams(p_loc: &std::path::Path) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("kedit-ploc-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+/// AlphaEdit on the tiny GPT-2 with its projector read from `P_loc` (`[1, 128, 128]`), the
+/// hparams file written into `dir`.
+fn tiny_alphaedit_hparams(dir: &std::path::Path, p_loc: &std::path::Path) -> std::path::PathBuf {
     let path = dir.join(format!(
         "{}.yaml",
         p_loc.file_stem().unwrap().to_str().unwrap()
@@ -201,6 +200,7 @@ fn tiny_alphaedit_hparams(p_loc: &std::path::Path) -> std::path::PathBuf {
 
 #[test]
 fn alphaedit_reads_its_projector_from_p_loc() {
+    let tmp = tempfile::tempdir().unwrap();
     let mut model = tiny_gpt2();
     let request = EditRequest {
         prompt: "The capital of France is".into(),
@@ -210,7 +210,7 @@ fn alphaedit_reads_its_projector_from_p_loc() {
     };
     // An all-zero projector lets no update through: the edit changes nothing.
     let zero = fixture("torch_file/zero-projector-1x128x128.pt");
-    let mut editor = build_editor("AlphaEdit", &tiny_alphaedit_hparams(&zero)).unwrap();
+    let mut editor = build_editor("AlphaEdit", &tiny_alphaedit_hparams(tmp.path(), &zero)).unwrap();
     let edit = editor
         .apply(
             &mut model,
@@ -224,7 +224,8 @@ fn alphaedit_reads_its_projector_from_p_loc() {
 
     // A file of the wrong shape is refused, naming it.
     let wrong = fixture("torch_file/arange-2x3x4.pt");
-    let mut editor = build_editor("AlphaEdit", &tiny_alphaedit_hparams(&wrong)).unwrap();
+    let mut editor =
+        build_editor("AlphaEdit", &tiny_alphaedit_hparams(tmp.path(), &wrong)).unwrap();
     let err = editor
         .apply(
             &mut model,
@@ -236,5 +237,118 @@ fn alphaedit_reads_its_projector_from_p_loc() {
     assert!(
         err.contains("arange-2x3x4.pt") && err.contains("[1, 128, 128]"),
         "{err}"
+    );
+}
+
+/// The cached projector file of AlphaEdit's edited layer under a statistics folder.
+fn cached_projector(stats: &std::path::Path) -> std::path::PathBuf {
+    let mut found = Vec::new();
+    for model_dir in std::fs::read_dir(stats).unwrap() {
+        for file in std::fs::read_dir(model_dir.unwrap().path()).unwrap() {
+            let path = file.unwrap().path();
+            if path.to_string_lossy().contains(".nullspace-") {
+                found.push(path);
+            }
+        }
+    }
+    assert_eq!(found.len(), 1, "{found:?}");
+    found.remove(0)
+}
+
+/// Writes `values` as a `[d, d]` projector file claiming to derive from statistics `source`.
+fn write_projector(path: &std::path::Path, d: usize, values: &[f64], source: &str) {
+    use sha2::{Digest, Sha256};
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let sum: String = Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F64, vec![d, d], &bytes).unwrap();
+    let metadata = std::collections::HashMap::from([
+        ("sha256".to_string(), sum),
+        ("source_sha256".to_string(), source.to_string()),
+    ]);
+    let name = "nullspace-2e-2";
+    std::fs::write(
+        path,
+        safetensors::serialize([(name, view)], Some(metadata)).unwrap(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn alphaedit_caches_its_projector_beside_the_statistics_and_rederives_a_bad_one() {
+    use kedit::editors::rank_one::solve::{null_space_projector, to_mat};
+    use kedit::editors::rank_one::stats::{second_moments, Corpus};
+    let tmp = tempfile::tempdir().unwrap();
+    let hparams = tmp.path().join("alphaedit.yaml");
+    std::fs::write(&hparams, tiny_alphaedit_yaml("")).unwrap();
+    let ctx = EditCtx::with_cache_dir(42, &tmp.path().join("cache"));
+    let request = EditRequest {
+        prompt: "The capital of France is".into(),
+        target_new: "Rome".into(),
+        subject: Some("France".into()),
+        ..EditRequest::default()
+    };
+    // Each edit in a fresh model and editor, as a new process would make it.
+    let edit = || {
+        let mut model = tiny_gpt2();
+        let mut editor = build_editor("AlphaEdit", &hparams).unwrap();
+        let edit = editor
+            .apply(&mut model, std::slice::from_ref(&request), &ctx)
+            .unwrap();
+        let change = edit.weight_changes().next().unwrap();
+        (change.after.clone() - &change.before).unwrap()
+    };
+    let first = edit();
+    let size = first.abs().unwrap().max_all().unwrap();
+    assert!(size.to_scalar::<f32>().unwrap() > 0.0);
+
+    // The file holds the projector of the statistics it sits beside, bit for bit.
+    let stats_dir = ctx.stats.dir.clone().unwrap();
+    let path = cached_projector(&stats_dir);
+    let model = tiny_gpt2();
+    let opts = ctx.stats.options(2).unwrap();
+    let moments = second_moments(&model, &[1], &Corpus::builtin(), &opts, &mut |_, _| {}).unwrap();
+    assert!(
+        !moments[0].computed,
+        "the statistics were cached by the edit"
+    );
+    let want = null_space_projector(&to_mat(&moments[0].second_moment).unwrap(), 2e-2).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let stored: Vec<f64> = file
+        .tensor("nullspace-2e-2")
+        .unwrap()
+        .data()
+        .chunks_exact(8)
+        .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    let d = want.nrows();
+    assert_eq!(stored.len(), d * d);
+    for (i, v) in stored.iter().enumerate() {
+        assert_eq!(v.to_bits(), want[(i / d, i % d)].to_bits(), "entry {i}");
+    }
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let source = header.metadata().clone().unwrap()["source_sha256"].clone();
+
+    // A later editor reads the file: a zero projector there lets no update through.
+    write_projector(&path, d, &vec![0.0; d * d], &source);
+    let blocked = edit().abs().unwrap().max_all().unwrap();
+    assert_eq!(blocked.to_scalar::<f32>().unwrap(), 0.0);
+
+    // One derived from other statistics is derived afresh, and so is a damaged file.
+    write_projector(&path, d, &vec![0.0; d * d], "statistics-since-replaced");
+    assert_eq!(max_abs_diff(&edit(), &first), 0.0);
+    let mut damaged = std::fs::read(&path).unwrap();
+    let last = damaged.len() - 1;
+    damaged[last] ^= 0x40;
+    std::fs::write(&path, damaged).unwrap();
+    assert_eq!(max_abs_diff(&edit(), &first), 0.0);
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        bytes,
+        "rewritten as first written"
     );
 }

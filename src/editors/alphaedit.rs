@@ -8,7 +8,7 @@ use std::path::Path;
 use candle_core::Tensor;
 use faer::Mat;
 
-use super::rank_one::solve::{alphaedit_delta, null_space_projector, to_mat};
+use super::rank_one::solve::{alphaedit_delta, to_mat};
 use super::rank_one::spread::{
     grouped_keys_at_layers, spread_edit, templates, MassParams, MassState,
 };
@@ -105,10 +105,7 @@ impl AlphaEdit {
             // directory alone (the covariances it derives from are cached).
             None => self
                 .state
-                .covariances(model, &self.params, ctx)?
-                .iter()
-                .map(|c| null_space_projector(c, self.threshold))
-                .collect::<Result<Vec<_>>>()?,
+                .null_space_projectors(model, &self.params, ctx, self.threshold)?,
         };
         self.projectors = self.params.layers.iter().copied().zip(matrices).collect();
         // A memory restored before the projectors were known is projected here.
@@ -152,18 +149,15 @@ impl Editor for AlphaEdit {
         let (facts, groups) = phases.time("templates", || {
             self.state.prepare(model, requests, &self.params, ctx)
         })?;
-        let d_ff = model.spec().d_mlp;
         phases.time("statistics", || self.ensure_projectors(model, ctx))?;
         let (projectors, memory, l2) = (&self.projectors, &self.projected_memory, self.l2);
-        let empty = Mat::<f64>::zeros(d_ff, d_ff);
         let mut edit = spread_edit(
             model,
             &facts,
             &groups,
             &self.params,
             &mut |_, layer, keys, resid| {
-                let sigma = memory.get(&layer).unwrap_or(&empty);
-                alphaedit_delta(keys, resid, &projectors[&layer], sigma, l2)
+                alphaedit_delta(keys, resid, &projectors[&layer], memory.get(&layer), l2)
             },
         )?;
         // Remember the edited facts' keys, read from the edited model in one pass.

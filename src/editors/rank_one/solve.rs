@@ -96,19 +96,21 @@ pub fn null_space_projector(cov: &Mat<f64>, threshold: f64) -> Result<Mat<f64>> 
 
 /// AlphaEdit's update for one layer (`[out, in]`): `X = (P(KᵀK + Σ) + L2·I)⁻¹ P Kᵀ R`, `ΔW = Xᵀ`,
 /// given `PΣ` (the editor keeps it up to date edit by edit; forming it here would cost a `d_ff³`
-/// product on every edit). The system is solved for the `n` columns of `P Kᵀ` and multiplied by
+/// product on every edit; `None` before any edit is remembered). The system is solved for the `n` columns of `P Kᵀ` and multiplied by
 /// `R` afterwards, so the triangular solves see `n` right-hand sides instead of `d`.
 /// Every column of `X` lies in the range of `P`, so `ΔW k = 0` for a preserved key `k`.
 pub fn alphaedit_delta(
     keys: &Mat<f64>,
     resid: &Mat<f64>,
     projector: &Mat<f64>,
-    projected_memory: &Mat<f64>,
+    projected_memory: Option<&Mat<f64>>,
     l2: f64,
 ) -> Result<Mat<f64>> {
     let projected_keys = projector * keys.transpose();
     let mut lhs = &projected_keys * keys;
-    lhs += projected_memory;
+    if let Some(memory) = projected_memory {
+        lhs += memory;
+    }
     for i in 0..lhs.nrows() {
         lhs[(i, i)] += l2;
     }
@@ -233,7 +235,7 @@ mod tests {
             lhs[(i, i)] += l2;
         }
         let x = solve(&lhs, &(&p * keys.transpose() * &resid)).unwrap();
-        let factored = alphaedit_delta(&keys, &resid, &p, &(&p * &sigma), l2).unwrap();
+        let factored = alphaedit_delta(&keys, &resid, &p, Some(&(&p * &sigma)), l2).unwrap();
         let diff = &factored - x.transpose();
         assert!(
             max_abs(&diff) < 1e-10 * max_abs(&x).max(1.0),
@@ -253,8 +255,7 @@ mod tests {
         let p = null_space_projector(&c, 1e-8).unwrap();
         let keys = random(n, dff, &mut rng);
         let resid = random(n, d, &mut rng);
-        let memory = Mat::<f64>::zeros(dff, dff);
-        let delta = alphaedit_delta(&keys, &resid, &p, &memory, 1.0).unwrap();
+        let delta = alphaedit_delta(&keys, &resid, &p, None, 1.0).unwrap();
         assert_eq!((delta.nrows(), delta.ncols()), (d, dff));
         let leak = max_abs(&(&delta * &preserved));
         assert!(leak < 1e-10 * max_abs(&delta).max(1.0), "ΔW K0 = {leak}");

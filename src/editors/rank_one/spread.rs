@@ -302,6 +302,26 @@ impl MassState {
             &ctx.stats,
         )
     }
+
+    /// AlphaEdit's null-space projector of each edited layer, derived from its statistics at
+    /// `threshold` and cached beside them.
+    pub fn null_space_projectors(
+        &mut self,
+        model: &Model,
+        params: &MassParams,
+        ctx: &EditCtx,
+        threshold: f64,
+    ) -> Result<Vec<Mat<f64>>> {
+        self.covariances.derived(
+            model,
+            &params.layers,
+            params.mom2_n_samples,
+            params.mom2_corpus.as_deref(),
+            &ctx.stats,
+            &format!("nullspace-{threshold:e}"),
+            &|c| super::solve::null_space_projector(c, threshold),
+        )
+    }
 }
 
 /// The grouped context templates: fixed by the file, or sampled once per model and seed.

@@ -2,7 +2,7 @@
 //! (SPEC-editors §2.4): computed once per model, layer, corpus and sample size, cached on disk,
 //! and reused by every later edit. Sums are accumulated in f64 from f32 per-batch products.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use faer::Mat;
 use std::path::{Path, PathBuf};
@@ -159,6 +159,90 @@ impl CovarianceCache {
                 self.by_layer.get(l).cloned().ok_or_else(|| {
                     Error::Invalid(format!("no statistics were gathered for layer {l}"))
                 })
+            })
+            .collect()
+    }
+}
+
+impl CovarianceCache {
+    /// A matrix derived from each layer's statistics by `derive` (AlphaEdit's null-space
+    /// projector, an eigendecomposition of `d_ff²`), cached beside them as
+    /// `layerL-…-ctxC.{name}.safetensors` and trusted only while it names the checksum of the
+    /// statistics file it was derived from, so a process that finds it reads neither the
+    /// statistics nor repeats the derivation. `name` must change with any setting `derive` uses.
+    /// With no cache folder nothing is written and every layer is derived afresh.
+    #[allow(clippy::too_many_arguments)]
+    pub fn derived(
+        &mut self,
+        model: &Model,
+        layers: &[usize],
+        samples: usize,
+        corpus: Option<&Path>,
+        store: &StatsStore,
+        name: &str,
+        derive: &dyn Fn(&Mat<f64>) -> Result<Mat<f64>>,
+    ) -> Result<Vec<Mat<f64>>> {
+        let Some(dir) = &store.dir else {
+            return self
+                .get(model, layers, samples, corpus, store)?
+                .iter()
+                .map(derive)
+                .collect();
+        };
+        let source_corpus = match store.corpus.as_deref().or(corpus) {
+            Some(path) => Corpus::from_file(path)?,
+            None => Corpus::builtin(),
+        };
+        let opts = store.options(samples)?;
+        let fingerprint = model.fingerprint()?;
+        let paths = |layer: usize| {
+            let source = cache_path(dir, &fingerprint, layer, &source_corpus, &opts);
+            let derived = source.with_extension(format!("{name}.safetensors"));
+            (source, derived)
+        };
+        let d_ff = model.spec().d_mlp;
+        let mut found = BTreeMap::new();
+        let mut missing = Vec::new();
+        for &layer in layers {
+            let (source, path) = paths(layer);
+            let Some(source_sum) = recorded_checksum(&source) else {
+                missing.push(layer);
+                continue;
+            };
+            match read_matrix(&path, name, d_ff) {
+                Ok(Some((matrix, info))) if info.get("source_sha256") == Some(&source_sum) => {
+                    found.insert(layer, super::solve::to_mat(&matrix)?);
+                }
+                Ok(_) => missing.push(layer),
+                Err(why) => {
+                    eprintln!(
+                        "warning: {}: unusable cached {name} ({why}); recomputing",
+                        path.display()
+                    );
+                    missing.push(layer);
+                }
+            }
+        }
+        if !missing.is_empty() {
+            let moments = self.get(model, &missing, samples, corpus, store)?;
+            for (&layer, moment) in missing.iter().zip(&moments) {
+                let matrix = derive(moment)?;
+                let (source, path) = paths(layer);
+                if let Some(source_sum) = recorded_checksum(&source) {
+                    let metadata = HashMap::from([("source_sha256".to_string(), source_sum)]);
+                    let values = (0..d_ff * d_ff).map(|i| matrix[(i / d_ff, i % d_ff)]);
+                    let tensor = Tensor::from_iter(values, &Device::Cpu)?.reshape((d_ff, d_ff))?;
+                    write_matrix(&path, name, &tensor, metadata)?;
+                }
+                found.insert(layer, matrix);
+            }
+        }
+        layers
+            .iter()
+            .map(|l| {
+                found
+                    .remove(l)
+                    .ok_or_else(|| Error::Invalid(format!("no {name} for layer {l}")))
             })
             .collect()
     }
@@ -413,22 +497,53 @@ fn checksum(bytes: &[u8]) -> String {
 }
 
 fn write_cache(path: &Path, sum: &Tensor, tokens: u64) -> Result<()> {
-    let values: Vec<f64> = sum.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
-    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let (r, c) = sum.dims2()?;
-    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F64, vec![r, c], &bytes)
-        .map_err(|e| Error::file(path, e.to_string()))?;
-    let metadata = std::collections::HashMap::from([
-        ("tokens".to_string(), tokens.to_string()),
-        ("sha256".to_string(), checksum(&bytes)),
-    ]);
-    let file = safetensors::serialize([("mom2.sum", view)], Some(metadata))
-        .map_err(|e| Error::file(path, e.to_string()))?;
-    crate::files::write_atomically(path, &file)
+    let metadata = HashMap::from([("tokens".to_string(), tokens.to_string())]);
+    write_matrix(path, "mom2.sum", sum, metadata)
 }
 
 /// `Ok(None)` when there is no cache file; `Err(why)` when there is one that cannot be trusted.
 fn read_cache(path: &Path, d_ff: usize) -> std::result::Result<Option<(Tensor, u64)>, String> {
+    let Some((sum, info)) = read_matrix(path, "mom2.sum", d_ff)? else {
+        return Ok(None);
+    };
+    let tokens: u64 = info
+        .get("tokens")
+        .and_then(|t| t.parse().ok())
+        .filter(|&t| t > 0)
+        .ok_or("no token count")?;
+    Ok(Some((sum, tokens)))
+}
+
+/// One f64 matrix in a safetensors file, with the checksum of its bytes among `metadata`.
+fn write_matrix(
+    path: &Path,
+    name: &str,
+    matrix: &Tensor,
+    mut metadata: HashMap<String, String>,
+) -> Result<()> {
+    let values: Vec<f64> = matrix
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1()?;
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let (r, c) = matrix.dims2()?;
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F64, vec![r, c], &bytes)
+        .map_err(|e| Error::file(path, e.to_string()))?;
+    metadata.insert("sha256".to_string(), checksum(&bytes));
+    let file = safetensors::serialize([(name, view)], Some(metadata))
+        .map_err(|e| Error::file(path, e.to_string()))?;
+    crate::files::write_atomically(path, &file)
+}
+
+/// The `[d, d]` f64 matrix `name` of a file `write_matrix` wrote, with the file's metadata:
+/// `Ok(None)` when there is no file; `Err(why)` when there is one that cannot be trusted.
+type StoredMatrix = (Tensor, HashMap<String, String>);
+fn read_matrix(
+    path: &Path,
+    name: &str,
+    d: usize,
+) -> std::result::Result<Option<StoredMatrix>, String> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -436,16 +551,11 @@ fn read_cache(path: &Path, d_ff: usize) -> std::result::Result<Option<(Tensor, u
     };
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| e.to_string())?;
     let info = meta.metadata().clone().unwrap_or_default();
-    let tokens: u64 = info
-        .get("tokens")
-        .and_then(|t| t.parse().ok())
-        .filter(|&t| t > 0)
-        .ok_or("no token count")?;
     let tensors = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| e.to_string())?;
-    let view = tensors.tensor("mom2.sum").map_err(|e| e.to_string())?;
-    if view.dtype() != safetensors::Dtype::F64 || view.shape() != [d_ff, d_ff] {
+    let view = tensors.tensor(name).map_err(|e| e.to_string())?;
+    if view.dtype() != safetensors::Dtype::F64 || view.shape() != [d, d] {
         return Err(format!(
-            "expected f64 [{d_ff}, {d_ff}], found {:?} {:?}",
+            "expected f64 [{d}, {d}], found {:?} {:?}",
             view.dtype(),
             view.shape()
         ));
@@ -462,8 +572,27 @@ fn read_cache(path: &Path, d_ff: usize) -> std::result::Result<Option<(Tensor, u
             f64::from_le_bytes(word)
         })
         .collect();
-    let sum = Tensor::from_vec(values, (d_ff, d_ff), &Device::Cpu).map_err(|e| e.to_string())?;
-    Ok(Some((sum, tokens)))
+    let matrix = Tensor::from_vec(values, (d, d), &Device::Cpu).map_err(|e| e.to_string())?;
+    Ok(Some((matrix, info)))
+}
+
+/// The checksum a `write_matrix` file records in its header, read without the matrix behind it
+/// (`None`: no such file, or no checksum in it).
+fn recorded_checksum(path: &Path) -> Option<String> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).ok()?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).ok()?;
+    let len = usize::try_from(u64::from_le_bytes(len)).ok()?;
+    if len > 100_000_000 {
+        return None;
+    }
+    let mut header = vec![0u8; len];
+    file.read_exact(&mut header).ok()?;
+    let header: serde_json::Value = serde_json::from_slice(&header).ok()?;
+    header["__metadata__"]["sha256"]
+        .as_str()
+        .map(str::to_string)
 }
 
 #[cfg(test)]
