@@ -176,6 +176,31 @@ fn unknown_hparams_fields_and_methods_are_named() {
         err.contains("ft.yaml") && err.contains("learning_rate"),
         "{err}"
     );
+    // The file is read before the model: with a model that is not there, the error is still
+    // the file's (a bad field must not wait for a model to load).
+    let absent = tmp.path().join("no-such-model");
+    let mut args = eval_args(&bad, "1", &[]);
+    args[2] = absent.to_str().unwrap().into();
+    let apply = [
+        "apply",
+        "-m",
+        absent.to_str().unwrap(),
+        "--editor",
+        "FT-L",
+        "--hparams",
+        bad.to_str().unwrap(),
+        "--prompt",
+        "The capital of France is",
+        "--target",
+        "Rome",
+    ];
+    for out in [kedit(&args), kedit(&apply)] {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("learning_rate") && !err.contains("no-such-model"),
+            "{err}"
+        );
+    }
     let mut args = eval_args(&bad, "1", &[]);
     args[4] = "SORCERY".into();
     let out = kedit(&args);

@@ -188,6 +188,11 @@ pub fn run(args: ApplyArgs) -> anyhow::Result<ExitCode> {
             .wrap_request(*task, description, &request),
         None => request,
     };
+    // A file given by name is read before the model: a bad field should not wait for a 13 GB load.
+    let named_editor = match (&args.editor, &args.hparams) {
+        (Some(name), Some(h)) => Some(build_editor_with_archive(name, h, args.archive.as_deref())?),
+        _ => None,
+    };
     let mut model = args.model.load()?;
     let greedy = |m: &crate::model::Model| -> anyhow::Result<String> {
         Ok(
@@ -221,8 +226,11 @@ pub fn run(args: ApplyArgs) -> anyhow::Result<ExitCode> {
             },
     };
     let ctx = args.stores.ctx(args.seed);
-    let mut editor = match (&args.editor, &hparams) {
-        (Some(name), Some(h)) => Some(build_editor_with_archive(name, h, args.archive.as_deref())?),
+    let mut editor = match (named_editor, &args.editor, &hparams) {
+        (Some(editor), _, _) => Some(editor),
+        (None, Some(name), Some(h)) => {
+            Some(build_editor_with_archive(name, h, args.archive.as_deref())?)
+        }
         _ => None,
     };
 

@@ -401,6 +401,15 @@ pub fn run(mut args: EvalArgs) -> anyhow::Result<ExitCode> {
             args.offset
         );
     }
+    // A file given by name is read before the model: a bad field should not wait for a 13 GB load.
+    let named_editor = match &args.hparams {
+        Some(p) => Some(build_editor_with_archive(
+            &args.editor,
+            p,
+            args.archive.as_deref(),
+        )?),
+        None => None,
+    };
     let mut model = args.model.load()?;
     let hparams = match &args.hparams {
         Some(p) => p.clone(),
@@ -412,7 +421,10 @@ pub fn run(mut args: EvalArgs) -> anyhow::Result<ExitCode> {
             found
         }
     };
-    let mut editor = build_editor_with_archive(&args.editor, &hparams, args.archive.as_deref())?;
+    let mut editor = match named_editor {
+        Some(editor) => editor,
+        None => build_editor_with_archive(&args.editor, &hparams, args.archive.as_deref())?,
+    };
     let protocol = match args.sequential {
         None => Protocol::Single,
         Some(SequentialArg::Each) => Protocol::SequentialEvalEach,
