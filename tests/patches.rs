@@ -307,11 +307,21 @@ fn statistics_written_by_kedit_stats_are_read_by_an_editor_with_the_same_store()
     let mut args = apply_args(tiny, &hparams, &stats, &r);
     args.extend(["--stats-context".into(), "512".into()]);
     ok(&kedit(&args));
-    assert_eq!(files(), written, "the editor recomputed the statistics");
+    // AlphaEdit adds its projector beside the statistics and leaves them as they were.
+    let (projectors, moments): (Vec<_>, Vec<_>) = files()
+        .into_iter()
+        .partition(|(p, _)| p.to_str().unwrap().contains(".nullspace-"));
+    assert_eq!(moments, written, "the editor recomputed the statistics");
+    assert_eq!(projectors.len(), 1, "{projectors:?}");
+    assert!(projectors[0]
+        .0
+        .to_str()
+        .unwrap()
+        .contains("ctx512.nullspace-2e-2"));
 
     // With another context it computes (and caches) its own: the first apply read the cache.
     ok(&kedit(&apply_args(tiny, &hparams, &stats, &r)));
-    assert_eq!(files().len(), 2);
+    assert_eq!(files().len(), 4);
 }
 
 #[test]
