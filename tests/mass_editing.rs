@@ -346,9 +346,16 @@ fn alphaedit_caches_its_projector_beside_the_statistics_and_rederives_a_bad_one(
     damaged[last] ^= 0x40;
     std::fs::write(&path, damaged).unwrap();
     assert_eq!(max_abs_diff(&edit(), &first), 0.0);
-    assert_eq!(
-        std::fs::read(&path).unwrap(),
-        bytes,
+    // The same matrix and header entries (their order in the JSON header is a HashMap's).
+    let contents = |bytes: &[u8]| {
+        let (_, header) = safetensors::SafeTensors::read_metadata(bytes).unwrap();
+        let file = safetensors::SafeTensors::deserialize(bytes).unwrap();
+        let data = file.tensor("nullspace-2e-2").unwrap().data().to_vec();
+        (header.metadata().clone(), data)
+    };
+    let rewritten = std::fs::read(&path).unwrap();
+    assert!(
+        contents(&rewritten) == contents(&bytes),
         "rewritten as first written"
     );
 }
