@@ -143,10 +143,7 @@ impl CovarianceCache {
             .filter(|l| !self.by_layer.contains_key(l))
             .collect();
         if !missing.is_empty() {
-            let corpus = match corpus {
-                Some(path) => Corpus::from_file(path)?,
-                None => Corpus::builtin(),
-            };
+            let corpus = store.corpus(corpus)?;
             let opts = store.options(samples)?;
             for m in second_moments(model, &missing, &corpus, &opts, &mut |_, _| {})? {
                 self.by_layer
@@ -162,9 +159,7 @@ impl CovarianceCache {
             })
             .collect()
     }
-}
 
-impl CovarianceCache {
     /// A matrix derived from each layer's statistics by `derive` (AlphaEdit's null-space
     /// projector, an eigendecomposition of `d_ff²`), cached beside them as
     /// `layerL-…-ctxC.{name}.safetensors` and trusted only while it names the checksum of the
@@ -189,10 +184,7 @@ impl CovarianceCache {
                 .map(derive)
                 .collect();
         };
-        let source_corpus = match store.corpus.as_deref().or(corpus) {
-            Some(path) => Corpus::from_file(path)?,
-            None => Corpus::builtin(),
-        };
+        let source_corpus = store.corpus(corpus)?;
         let opts = store.options(samples)?;
         let fingerprint = model.fingerprint()?;
         let paths = |layer: usize| {
@@ -276,6 +268,15 @@ impl StatsStore {
         StatsStore {
             dir: Some(dir),
             ..Self::in_memory()
+        }
+    }
+
+    /// The statistics corpus: the store's, else `corpus` (an hparams file's `mom2_corpus`), else
+    /// the built-in WikiText-2.
+    pub fn corpus(&self, corpus: Option<&Path>) -> Result<Corpus> {
+        match self.corpus.as_deref().or(corpus) {
+            Some(path) => Corpus::from_file(path),
+            None => Ok(Corpus::builtin()),
         }
     }
 
