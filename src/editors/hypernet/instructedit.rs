@@ -12,7 +12,7 @@ use candle_core::{Tensor, Var};
 use super::checkpoint::FromArchive;
 use super::mend::{Mend, MendParams};
 use super::trainer::TrainingHparams;
-use super::{EditText, EditedWeight, FactorPass, Hypernet};
+use super::{EditText, EditedWeight, FactorPass, Hypernet, Purpose};
 use crate::error::Result;
 use crate::model::{LowRankChange, Model};
 
@@ -64,9 +64,9 @@ impl Hypernet for InstructEdit {
         texts: &[EditText],
         model: &Model,
         pass: &FactorPass,
-        training: bool,
+        purpose: Purpose,
     ) -> Result<Vec<LowRankChange>> {
-        Hypernet::updates(&mut self.0, texts, model, pass, training)
+        Hypernet::updates(&mut self.0, texts, model, pass, purpose)
     }
 
     fn tensors(&self) -> Result<Vec<(String, Tensor)>> {

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use super::checkpoint::FromArchive;
 use super::trainer::{HypernetTrainee, TrainingHparams};
-use super::{EditText, EditedWeight, FactorPass, Factors, Gradient, Hypernet};
+use super::{EditText, EditedWeight, FactorPass, Factors, Gradient, Hypernet, Purpose};
 use crate::editors::hparams::{float, read_yaml};
 use crate::error::{Error, Result};
 use crate::model::{LowRankChange, Model, Module, WeightId};
@@ -712,13 +712,14 @@ impl Hypernet for Ke {
             .collect())
     }
 
-    /// The gradient is the detached `Σₙ δₙ xₙᵀ` of the edit loss (first order, as EFK).
+    /// The gradient is the detached `Σₙ δₙ xₙᵀ` of the edit loss (first order, as EFK). KE keeps
+    /// no running statistics, so training and a differentiable pass are the same.
     fn updates(
         &mut self,
         texts: &[EditText],
         model: &Model,
         pass: &FactorPass,
-        _training: bool,
+        purpose: Purpose,
     ) -> Result<Vec<LowRankChange>> {
         if pass.factors.len() != self.weights.len() {
             return Err(Error::Invalid(format!(
@@ -737,7 +738,14 @@ impl Hypernet for Ke {
                     x: f.x.detach(),
                     delta: f.delta.detach(),
                 };
-                c.change(&conditions, &gradient)
+                let change = c.change(&conditions, &gradient)?;
+                Ok(match purpose {
+                    Purpose::Inference => LowRankChange {
+                        left: change.left.detach(),
+                        right: change.right.detach(),
+                    },
+                    Purpose::Training | Purpose::Differentiable => change,
+                })
             })
             .collect()
     }

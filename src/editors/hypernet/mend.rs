@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::checkpoint::FromArchive;
 use super::network::{GradientNet, LowRankLayer, NetShape, RunningMoments};
 use super::trainer::{HypernetTrainee, TrainingHparams};
-use super::{EditText, EditedWeight, FactorPass, Factors, Hypernet};
+use super::{EditText, EditedWeight, FactorPass, Factors, Hypernet, Purpose};
 use crate::editors::hparams::{float, read_yaml};
 use crate::error::{Error, Result};
 use crate::model::{LowRankChange, Model};
@@ -245,9 +245,9 @@ impl Mend {
         vars
     }
 
-    /// Each weight's change `ηᵢ Σₙ δ̃ₙ x̃ₙᵀ` (`[out, in]`), from its gradient factors. In training
-    /// the networks' moments take the factors in and the result carries the networks' graph.
-    pub fn updates(&mut self, factors: &[Factors], training: bool) -> Result<Vec<LowRankChange>> {
+    /// Each weight's change `ηᵢ Σₙ δ̃ₙ x̃ₙᵀ` (`[out, in]`), from its gradient factors, for
+    /// `purpose`.
+    pub fn updates(&mut self, factors: &[Factors], purpose: Purpose) -> Result<Vec<LowRankChange>> {
         if factors.len() != self.weights.len() {
             return Err(Error::Invalid(format!(
                 "{} factor sets for {} edited weights",
@@ -265,13 +265,11 @@ impl Mend {
                 .iter()
                 .map(|&i| (&factors[i].x, &factors[i].delta, self.weights[i].mode))
                 .collect();
-            for (i, out) in members
-                .into_iter()
-                .zip(net.forward_many(&inputs, training)?)
-            {
+            for (i, out) in members.into_iter().zip(net.forward_many(&inputs, purpose)?) {
                 transformed[i] = Some(out);
             }
         }
+        let steps = purpose.read(&self.edit_lrs);
         transformed
             .into_iter()
             .enumerate()
@@ -279,7 +277,7 @@ impl Mend {
                 let (x, delta) = t.ok_or_else(|| {
                     Error::Invalid(format!("MEND has no network for {}", self.weights[i].name))
                 })?;
-                let step = self.edit_lrs.as_tensor().get(i)?;
+                let step = steps.get(i)?;
                 Ok(LowRankChange {
                     left: delta.t()?.broadcast_mul(&step)?,
                     right: x,
@@ -444,9 +442,9 @@ impl Hypernet for Mend {
         _texts: &[EditText],
         _model: &Model,
         pass: &FactorPass,
-        training: bool,
+        purpose: Purpose,
     ) -> Result<Vec<LowRankChange>> {
-        Mend::updates(self, &pass.factors, training)
+        Mend::updates(self, &pass.factors, purpose)
     }
 
     fn tensors(&self) -> Result<Vec<(String, Tensor)>> {

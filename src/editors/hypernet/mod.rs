@@ -51,13 +51,13 @@ pub trait Hypernet: Sized {
     fn vars(&self) -> Vec<Var>;
     /// Each edited weight's change for the edits `texts`, whose gradient `pass` holds, in the
     /// factored form both methods' changes have (rank: the gradient's rows, and one more for
-    /// KE). In training the result carries the editor's graph.
+    /// KE), computed for `purpose`.
     fn updates(
         &mut self,
         texts: &[EditText],
         model: &Model,
         pass: &FactorPass,
-        training: bool,
+        purpose: Purpose,
     ) -> Result<Vec<LowRankChange>>;
     /// The gradient of a loss with respect to each of [`Hypernet::vars`], from the store its
     /// `backward` made. An editor whose graph reads a variable only through rows gathered for the
@@ -77,6 +77,30 @@ pub trait Hypernet: Sized {
     fn tensors(&self) -> Result<Vec<(String, Tensor)>>;
     /// Takes back tensors written by [`Hypernet::tensors`] for the same configuration.
     fn load_tensors(&mut self, tensors: &BTreeMap<String, Tensor>) -> Result<()>;
+}
+
+/// What an editor's updates are computed for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// A training micro-batch: the networks' running moments take the factors in, and the
+    /// updates carry the graph the editor's gradient is taken through.
+    Training,
+    /// The graph, with the moments as they stand (a gradient checked from outside).
+    Differentiable,
+    /// Neither: validation and test-time editing. Without a graph, each intermediate of the
+    /// editor's networks and of the edited model's pass is freed as soon as the next step has
+    /// read it, where a graph keeps all of them until the loss is dropped.
+    Inference,
+}
+
+impl Purpose {
+    /// `var` as this purpose reads it: tracked, or a detached view of the same storage.
+    pub fn read(self, var: &Var) -> Tensor {
+        match self {
+            Purpose::Inference => var.as_tensor().detach(),
+            Purpose::Training | Purpose::Differentiable => var.as_tensor().clone(),
+        }
+    }
 }
 
 /// A variable's gradient: whole, or as some of its rows (`values[k]` belongs to row `rows[k]`,
@@ -262,7 +286,7 @@ pub fn trained_changes<H: Hypernet>(
     let ids: Vec<WeightId> = editor.weights().iter().map(|w| w.id).collect();
     let pass = gradient_factors(model, &batch, &ids, None)?;
     Ok(editor
-        .updates(texts, model, &pass, false)?
+        .updates(texts, model, &pass, Purpose::Inference)?
         .into_iter()
         .map(|u| LowRankChange {
             left: u.left.detach(),

@@ -6,6 +6,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{RngExt, SeedableRng};
 
+use super::Purpose;
 use crate::error::{Error, Result};
 
 /// Running per-coordinate mean and spread of the factor rows a network has seen in training
@@ -75,13 +76,13 @@ pub struct LowRankLayer {
 
 impl LowRankLayer {
     /// `z: [n, dim]`, row `i` of weight mode `modes[i]` (`[n]`, u32).
-    fn forward(&self, z: &Tensor, modes: &Tensor) -> Result<Tensor> {
+    fn forward(&self, z: &Tensor, modes: &Tensor, purpose: Purpose) -> Result<Tensor> {
         let pre = z
-            .matmul(&self.v.as_tensor().t()?)?
-            .matmul(&self.u.as_tensor().t()?)?
-            .broadcast_add(self.bias.as_tensor())?;
-        let scale = self.mode_scale.as_tensor().index_select(modes, 0)?;
-        let shift = self.mode_shift.as_tensor().index_select(modes, 0)?;
+            .matmul(&purpose.read(&self.v).t()?)?
+            .matmul(&purpose.read(&self.u).t()?)?
+            .broadcast_add(&purpose.read(&self.bias))?;
+        let scale = purpose.read(&self.mode_scale).index_select(modes, 0)?;
+        let shift = purpose.read(&self.mode_shift).index_select(modes, 0)?;
         let pre = pre.mul(&scale)?.add(&shift)?;
         // A clamp at zero whose gradient passes where the input is zero, as torch's `clamp(min=0)`:
         // at initialisation every pre-activation is exactly zero, and a ReLU (or candle's
@@ -174,9 +175,9 @@ impl GradientNet {
         x: &Tensor,
         delta: &Tensor,
         mode: usize,
-        training: bool,
+        purpose: Purpose,
     ) -> Result<(Tensor, Tensor)> {
-        let mut out = self.forward_many(&[(x, delta, mode)], training)?;
+        let mut out = self.forward_many(&[(x, delta, mode)], purpose)?;
         out.pop()
             .ok_or_else(|| Error::Invalid("the network transformed nothing".into()))
     }
@@ -188,7 +189,7 @@ impl GradientNet {
     pub fn forward_many(
         &mut self,
         inputs: &[(&Tensor, &Tensor, usize)],
-        training: bool,
+        purpose: Purpose,
     ) -> Result<Vec<(Tensor, Tensor)>> {
         let dtype = self.layers[0].u.as_tensor().dtype();
         let mut normalised = Vec::with_capacity(inputs.len());
@@ -202,7 +203,7 @@ impl GradientNet {
                 )));
             }
             let z = Tensor::cat(&[x, delta], 1)?.to_dtype(dtype)?;
-            if training {
+            if purpose == Purpose::Training {
                 self.moments
                     .update(&z.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?);
             }
@@ -225,7 +226,7 @@ impl GradientNet {
         let mut z = Tensor::cat(&normalised, 0)?;
         let modes = Tensor::new(modes.as_slice(), z.device())?;
         for layer in &self.layers {
-            z = layer.forward(&z, &modes)?;
+            z = layer.forward(&z, &modes, purpose)?;
         }
         let mut out = Vec::with_capacity(rows.len());
         let mut start = 0;
@@ -278,7 +279,7 @@ mod tests {
         let mut net = GradientNet::new(2, 3, 2, shape, 0, (&dev, DType::F32))?;
         let x = Tensor::new(&[[1f32, 2.], [3., -4.], [0.5, 0.]], &dev)?;
         let d = Tensor::new(&[[1f32, 0., 2.], [-1., 1., 0.], [2., 2., 2.]], &dev)?;
-        let (xt, dt) = net.forward(&x, &d, 1, true)?;
+        let (xt, dt) = net.forward(&x, &d, 1, Purpose::Training)?;
         // Column by column, by hand: (v − mean) / sample std.
         let norm = |col: [f32; 3]| -> Vec<f32> {
             let mean = col.iter().sum::<f32>() / 3.0;
@@ -321,7 +322,7 @@ mod tests {
         let x = Tensor::new(&[[1f32, 2.], [3., -4.], [0.5, 0.]], &dev)?;
         let d = Tensor::new(&[[1f32, 0., 2.], [-1., 1., 0.], [2., -2., 7.]], &dev)?;
         for mode in 0..2 {
-            let (xt, dt) = net.forward(&x, &d, mode, true)?;
+            let (xt, dt) = net.forward(&x, &d, mode, Purpose::Training)?;
             assert_eq!(xt.to_vec2::<f32>()?, x.to_vec2::<f32>()?);
             assert_eq!(dt.to_vec2::<f32>()?, d.to_vec2::<f32>()?);
         }
@@ -341,7 +342,7 @@ mod tests {
         let mut net = GradientNet::new(2, 1, 1, shape, 1, (&dev, DType::F32))?;
         let x = Tensor::new(&[[1f32, 2.]], &dev)?;
         let d = Tensor::new(&[[3f32]], &dev)?;
-        let (xt, dt) = net.forward(&x, &d, 0, false)?;
+        let (xt, dt) = net.forward(&x, &d, 0, Purpose::Differentiable)?;
         let loss = (xt.sum_all()? + dt.sum_all()?)?;
         let grads = loss.backward()?;
         let gu = grads
@@ -351,6 +352,41 @@ mod tests {
             .sum_all()?
             .to_scalar::<f32>()?;
         assert!(gu > 0.0, "U's gradient is zero");
+        Ok(())
+    }
+
+    /// Validation and test-time editing read the network without a graph: the same numbers as
+    /// a differentiable pass, nothing tracked (so the intermediates are freed as they go), and the
+    /// running moments left as training made them.
+    #[test]
+    fn an_inference_pass_gives_the_same_numbers_without_a_graph() -> Result<()> {
+        let dev = Device::Cpu;
+        let shape = NetShape {
+            n_hidden: 1,
+            rank: 2,
+            normalise: true,
+        };
+        let mut net = GradientNet::new(2, 3, 2, shape, 5, (&dev, DType::F32))?;
+        let x = Tensor::new(&[[1f32, 2.], [3., -4.], [0.5, 0.]], &dev)?;
+        let d = Tensor::new(&[[1f32, 0., 2.], [-1., 1., 0.], [2., 2., 2.]], &dev)?;
+        net.forward(&x, &d, 1, Purpose::Training)?;
+        for l in &net.layers {
+            l.u.set(&l.u.as_tensor().randn_like(0.0, 0.3)?)?;
+        }
+        let moments = (net.moments.mean.clone(), net.moments.m2.clone());
+        let (xg, dg) = net.forward(&x, &d, 1, Purpose::Differentiable)?;
+        let (xi, di) = net.forward(&x, &d, 1, Purpose::Inference)?;
+        assert!(
+            xg.track_op() && dg.track_op(),
+            "the differentiable pass has no graph"
+        );
+        assert!(
+            !xi.track_op() && !di.track_op(),
+            "the inference pass kept a graph"
+        );
+        assert_eq!(xi.to_vec2::<f32>()?, xg.to_vec2::<f32>()?);
+        assert_eq!(di.to_vec2::<f32>()?, dg.to_vec2::<f32>()?);
+        assert_eq!((net.moments.mean.clone(), net.moments.m2.clone()), moments);
         Ok(())
     }
 
@@ -371,7 +407,7 @@ mod tests {
         let x2 = Tensor::new(&[[0.5f64, -1.], [2., 1.]], &dev)?;
         let d2 = Tensor::new(&[[0f64, 1., -2.], [1., 3., 1.]], &dev)?;
         let inputs = [(&x, &d, 1), (&x2, &d2, 0)];
-        net.forward_many(&inputs, true)?;
+        net.forward_many(&inputs, Purpose::Training)?;
         for l in &net.layers {
             l.u.set(&l.u.as_tensor().randn_like(0.0, 0.3)?)?;
             l.mode_scale
@@ -380,7 +416,11 @@ mod tests {
         // A loss of the pseudo-gradients, as MEND's training sees them.
         let graph = |net: &mut GradientNet| -> Result<Tensor> {
             let mut total = Tensor::zeros((), DType::F64, &dev)?;
-            for (k, (xt, dt)) in net.forward_many(&inputs, false)?.iter().enumerate() {
+            for (k, (xt, dt)) in net
+                .forward_many(&inputs, Purpose::Differentiable)?
+                .iter()
+                .enumerate()
+            {
                 let p = dt.t()?.matmul(xt)?;
                 total = (total + (p.sqr()?.sum_all()? * (k + 1) as f64)?)?;
             }

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::checkpoint::{self, CheckpointHeader};
 use super::{
     gradient_factors, kl_from_base, lowest_layer, AnswerBatch, EditText, Gradient, Hypernet,
+    Purpose,
 };
 use crate::data::python_random::PythonRandom;
 use crate::data::EditRequest;
@@ -300,19 +301,19 @@ impl<'a, H: Hypernet> HypernetTrainee<'a, H> {
     }
 
     /// Edits the model with the current editor, scores it, and puts the weights back: the loss
-    /// (carrying the editor's graph) and its parts.
+    /// (carrying the editor's graph unless `purpose` is [`Purpose::Inference`]) and its parts.
     fn edited_loss(
         &mut self,
         pairs: &[TrainingPair],
         prepared: &Prepared,
-        training: bool,
+        purpose: Purpose,
     ) -> Result<(Tensor, Metrics)> {
         let weights = self.editor.weights().to_vec();
         let ids: Vec<WeightId> = weights.iter().map(|w| w.id).collect();
         let below = lowest_layer(&weights).checked_sub(1);
         let pass = gradient_factors(self.model, &prepared.edit, &ids, below)?;
         let texts: Vec<EditText> = pairs.iter().map(|p| p.edit.clone()).collect();
-        let updates = self.editor.updates(&texts, self.model, &pass, training)?;
+        let updates = self.editor.updates(&texts, self.model, &pass, purpose)?;
         // The edited weights stay factored in the graph: W + ΔW and its gradient would cost a
         // weight-sized tensor each, per weight and micro-batch.
         let mut installed = Vec::with_capacity(weights.len());
@@ -365,7 +366,12 @@ impl<'a, H: Hypernet> HypernetTrainee<'a, H> {
     /// `training` lets the editor's running statistics take the edit in.
     pub fn loss(&mut self, pairs: &[TrainingPair], training: bool) -> Result<(Tensor, Metrics)> {
         let prepared = self.prepare(pairs)?;
-        self.edited_loss(pairs, &prepared, training)
+        let purpose = if training {
+            Purpose::Training
+        } else {
+            Purpose::Differentiable
+        };
+        self.edited_loss(pairs, &prepared, purpose)
     }
 
     /// Writes checkpoints into `dir` (`best.safetensors`, `last.safetensors` and its JSON
@@ -467,7 +473,7 @@ impl<H: Hypernet> Trainee for HypernetTrainee<'_, H> {
             .collect();
         self.cursor = (self.cursor + n) % self.train.len();
         let prepared = self.prepare(&pairs)?;
-        let (loss, metrics) = self.edited_loss(&pairs, &prepared, true)?;
+        let (loss, metrics) = self.edited_loss(&pairs, &prepared, Purpose::Training)?;
         // The 1/accumulate_bs of gradient accumulation, applied to the loss: the gradients come
         // out scaled, without another pass over every parameter (KE's embedding table alone is
         // 28 M of them on SmolLM2).
@@ -553,7 +559,7 @@ impl<H: Hypernet> Trainee for HypernetTrainee<'_, H> {
         let validation = self.validation.clone();
         for chunk in validation.chunks(n) {
             let prepared = self.prepare(chunk)?;
-            let (_, metrics) = self.edited_loss(chunk, &prepared, false)?;
+            let (_, metrics) = self.edited_loss(chunk, &prepared, Purpose::Inference)?;
             for (k, v) in metrics {
                 *sums.entry(format!("{k}_val")).or_insert(0.0) += v;
             }
