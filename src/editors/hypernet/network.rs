@@ -268,6 +268,14 @@ mod tests {
         assert!((std[1] - 700.0f64.sqrt()).abs() < 1e-12);
     }
 
+    /// Three factor rows of a weight with 2 inputs and 3 outputs, spread enough to normalise.
+    fn three_factor_rows(dev: &Device) -> Result<(Tensor, Tensor)> {
+        Ok((
+            Tensor::new(&[[1f32, 2.], [3., -4.], [0.5, 0.]], dev)?,
+            Tensor::new(&[[1f32, 0., 2.], [-1., 1., 0.], [2., 2., 2.]], dev)?,
+        ))
+    }
+
     #[test]
     fn an_initial_network_is_the_identity_on_normalised_factors() -> Result<()> {
         let dev = Device::Cpu;
@@ -277,8 +285,7 @@ mod tests {
             normalise: true,
         };
         let mut net = GradientNet::new(2, 3, 2, shape, 0, (&dev, DType::F32))?;
-        let x = Tensor::new(&[[1f32, 2.], [3., -4.], [0.5, 0.]], &dev)?;
-        let d = Tensor::new(&[[1f32, 0., 2.], [-1., 1., 0.], [2., 2., 2.]], &dev)?;
+        let (x, d) = three_factor_rows(&dev)?;
         let (xt, dt) = net.forward(&x, &d, 1, Purpose::Training)?;
         // Column by column, by hand: (v − mean) / sample std.
         let norm = |col: [f32; 3]| -> Vec<f32> {
@@ -367,8 +374,7 @@ mod tests {
             normalise: true,
         };
         let mut net = GradientNet::new(2, 3, 2, shape, 5, (&dev, DType::F32))?;
-        let x = Tensor::new(&[[1f32, 2.], [3., -4.], [0.5, 0.]], &dev)?;
-        let d = Tensor::new(&[[1f32, 0., 2.], [-1., 1., 0.], [2., 2., 2.]], &dev)?;
+        let (x, d) = three_factor_rows(&dev)?;
         net.forward(&x, &d, 1, Purpose::Training)?;
         for l in &net.layers {
             l.u.set(&l.u.as_tensor().randn_like(0.0, 0.3)?)?;
