@@ -2,7 +2,8 @@
 //! kernels, OpenBLAS (where it loads) and candle's gemm, forward `x·wᵀ` and backward `dy·w`, each
 //! over 16 distinct weights (a large L3 cache may hold them all), and, for kedit's kernels from
 //! f32 and from Q4_1 rows and for OpenBLAS, over a model's worth of weights that no cache holds
-//! (`-from-memory`, `-q4_1`), as an editing step meets them.
+//! (`-from-memory`, `-q4_1`), as an editing step meets them; the same from bf16 rows against
+//! candle's bf16 matmul (`-bf16`), as a model loaded in bf16 meets them.
 //! Criterion reports GFLOP/s as elements: 1 element = 1 FLOP.
 //!
 //! `cargo bench --bench kernels` (`-- 16x576x1536` for one shape).
@@ -15,6 +16,7 @@ use kedit::model::{blas, kernels};
 
 /// (rows, in, out): an MLP up/gate projection, its down projection, and the LM head.
 const SHAPES: &[(usize, usize, usize)] = &[
+    (1, 576, 1536),
     (16, 576, 1536),
     (16, 1536, 576),
     (48, 576, 1536),
@@ -103,6 +105,30 @@ fn bench(c: &mut Criterion) {
             });
             group.bench_function(format!("{shape}/dy_w/kernels-q4_1"), |b| {
                 b.iter(|| kernels::dy_w_packed(&dy, &packed[next()], m))
+            });
+            // The same weights in bf16 (a LLaMA-2-7B loaded as `--dtype auto` chooses): kedit's
+            // kernels reading the rows in place against candle's bf16 matmul, which widens both
+            // whole operands into fresh f32 buffers on every call.
+            drop(packed);
+            let bf16s: Vec<Vec<half::bf16>> = f32s
+                .iter()
+                .map(|w| w.iter().map(|&v| half::bf16::from_f32(v)).collect())
+                .collect();
+            drop(f32s);
+            group.bench_function(format!("{shape}/x_wt/kernels-bf16"), |b| {
+                b.iter(|| kernels::x_wt_half(&x, kernels::HalfRows::Bf16(&bf16s[next()]), m, k, n))
+            });
+            group.bench_function(format!("{shape}/dy_w/kernels-bf16"), |b| {
+                b.iter(|| kernels::dy_w_half(&dy, kernels::HalfRows::Bf16(&bf16s[next()]), m, n, k))
+            });
+            let xt16 = xt.to_dtype(candle_core::DType::BF16).unwrap();
+            let w16: Vec<Tensor> = bf16s
+                .iter()
+                .map(|w| Tensor::from_slice(w, (n, k), &Device::Cpu).unwrap())
+                .collect();
+            drop(bf16s);
+            group.bench_function(format!("{shape}/x_wt/candle-bf16"), |b| {
+                b.iter(|| xt16.matmul(&w16[next()].t().unwrap()).unwrap())
             });
         }
         if blas::available() {

@@ -55,6 +55,49 @@ pub fn x_wt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
     x_wt_from(x, F32Rows(w), m, k, n)
 }
 
+/// A half-precision weight (`[n, k]`, row-major), read as f32 a few rows at a time: a product
+/// with a few input rows then reads each weight element once, two bytes of it, where widening the
+/// whole weight first would write and read back four more (and, allocated afresh, fault in every
+/// page of the copy).
+#[derive(Clone, Copy)]
+pub enum HalfRows<'a> {
+    Bf16(&'a [half::bf16]),
+    F16(&'a [half::f16]),
+}
+
+impl HalfRows<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Self::Bf16(w) => w.len(),
+            Self::F16(w) => w.len(),
+        }
+    }
+}
+
+/// [`x_wt`] with a half-precision weight: the same sums over its exact f32 values.
+///
+/// # Shapes
+/// `x: [m, k]`, `w: [n, k]` → `[m, n]`
+///
+/// # Panics
+/// As [`x_wt`].
+pub fn x_wt_half(x: &[f32], w: HalfRows<'_>, m: usize, k: usize, n: usize) -> Vec<f32> {
+    assert_eq!(w.len(), n * k, "x_wt_half: w is not [n, k]");
+    x_wt_from(x, w, m, k, n)
+}
+
+/// [`dy_w`] with a half-precision weight: the same sums over its exact f32 values.
+///
+/// # Shapes
+/// `dy: [m, n]`, `w: [n, k]` → `[m, k]`
+///
+/// # Panics
+/// As [`dy_w`].
+pub fn dy_w_half(dy: &[f32], w: HalfRows<'_>, m: usize, n: usize, k: usize) -> Vec<f32> {
+    assert_eq!(w.len(), n * k, "dy_w_half: w is not [n, k]");
+    dy_w_from(dy, w, m, n, k)
+}
+
 /// [`x_wt`] with the weight as quantised rows: the same bits, a sixth of the memory traffic.
 ///
 /// # Shapes
@@ -156,8 +199,8 @@ fn dy_w_from(dy: &[f32], w: impl RowSource, m: usize, n: usize, k: usize) -> Vec
 /// Elements per parallel task when [`dy_w`] adds its partial products.
 const SUM_CHUNK: usize = 2048;
 
-/// Where the kernels read weight rows from: an f32 matrix in place, or quantised rows expanded
-/// into a per-thread buffer a few at a time.
+/// Where the kernels read weight rows from: an f32 matrix in place, or quantised or
+/// half-precision rows expanded into a per-thread buffer a few at a time.
 trait RowSource: Sync {
     /// The most rows worth expanding at once for [`x_wt`]: its tiles read each row once.
     fn rows_at_once(&self) -> usize;
@@ -187,16 +230,64 @@ impl RowSource for &PackedRows {
     }
 
     fn with_rows<R>(&self, j0: usize, j1: usize, k: usize, f: impl FnOnce(&[f32]) -> R) -> R {
-        thread_local! {
-            static EXPANDED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-        }
         debug_assert_eq!(k, self.cols());
-        EXPANDED.with_borrow_mut(|buffer| {
-            buffer.resize((j1 - j0) * k, 0.0);
-            self.dequantize_rows(j0, j1, buffer);
-            f(buffer)
-        })
+        with_expanded(
+            (j1 - j0) * k,
+            |buffer| self.dequantize_rows(j0, j1, buffer),
+            f,
+        )
     }
+}
+
+impl RowSource for HalfRows<'_> {
+    fn rows_at_once(&self) -> usize {
+        // As for quantised rows: one tile's rows, converted where the tile will read them.
+        6
+    }
+
+    fn with_rows<R>(&self, j0: usize, j1: usize, k: usize, f: impl FnOnce(&[f32]) -> R) -> R {
+        use half::slice::HalfFloatSliceExt;
+        let rows = j0 * k..j1 * k;
+        with_expanded(
+            rows.len(),
+            |buffer| match self {
+                Self::Bf16(w) => widen_bf16(&w[rows], buffer),
+                Self::F16(w) => w[rows].convert_to_f32_slice(buffer),
+            },
+            f,
+        )
+    }
+}
+
+/// Writes `src` widened to f32 into `dst` (of the same length). A bf16 is the top half of the f32
+/// with the same value, so this is a shift, sixteen lanes at a time where AVX-512 is there: the
+/// `half` crate's element-by-element conversion took more time than the products it fed.
+///
+/// # Panics
+/// If the lengths differ.
+pub fn widen_bf16(src: &[half::bf16], dst: &mut [f32]) {
+    use half::slice::HalfFloatSliceExt;
+    assert_eq!(src.len(), dst.len(), "widen_bf16: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: `available()` checked AVX-512; the lengths are equal.
+        unsafe { avx512::widen_bf16(src, dst) };
+        return;
+    }
+    src.convert_to_f32_slice(dst);
+}
+
+/// `f` on `len` f32s that `fill` wrote into this thread's expansion buffer, which is kept from
+/// call to call: the kernels expand a few weight rows per call, far too often to allocate each.
+fn with_expanded<R>(len: usize, fill: impl FnOnce(&mut [f32]), f: impl FnOnce(&[f32]) -> R) -> R {
+    thread_local! {
+        static EXPANDED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    EXPANDED.with_borrow_mut(|buffer| {
+        buffer.resize(len, 0.0);
+        fill(&mut buffer[..len]);
+        f(&buffer[..len])
+    })
 }
 
 /// Partial products of [`dy_w`]: enough groups to keep a pool of a few dozen threads busy, few
@@ -262,6 +353,22 @@ mod avx512 {
                 i += 1;
             }
             j += 1;
+        }
+    }
+
+    /// [`super::widen_bf16`]: each bf16's bits moved to the top of an f32.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn widen_bf16(src: &[half::bf16], dst: &mut [f32]) {
+        let n = src.len();
+        let mut i = 0;
+        while i + LANES <= n {
+            let halves = _mm256_loadu_si256(src.as_ptr().add(i) as *const __m256i);
+            let bits = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(halves));
+            _mm512_storeu_ps(dst.as_mut_ptr().add(i), _mm512_castsi512_ps(bits));
+            i += LANES;
+        }
+        for (d, s) in dst[i..].iter_mut().zip(&src[i..]) {
+            *d = f32::from_bits(u32::from(s.to_bits()) << 16);
         }
     }
 
@@ -558,6 +665,76 @@ mod tests {
                 &reference_dy_w(&dy, &w, m, n, k),
                 &format!("dy_w {m}x{n}x{k}"),
             );
+        }
+    }
+
+    /// Every bf16 bit pattern, at every position of a vector and in the tail, widens to the f32
+    /// whose top half it is (the definition of bf16; NaNs keep their payload).
+    #[test]
+    fn bf16_widening_is_the_top_half_of_the_f32() {
+        let all: Vec<half::bf16> = (0..=u16::MAX).map(half::bf16::from_bits).collect();
+        for skip in [0, 5] {
+            let src = &all[skip..];
+            let mut dst = vec![0f32; src.len()];
+            widen_bf16(src, &mut dst);
+            for (s, d) in src.iter().zip(&dst) {
+                assert_eq!(
+                    d.to_bits(),
+                    u32::from(s.to_bits()) << 16,
+                    "bf16 {:#06x}",
+                    s.to_bits()
+                );
+            }
+        }
+    }
+
+    /// Half-precision weights give the products of their exact values (bf16 and f16 widen to f32
+    /// without rounding), at the same tile edges and across the rows expanded at once.
+    #[test]
+    fn half_precision_weights_match_the_definition_on_their_values() {
+        if !available() {
+            eprintln!("skipped: no AVX-512 on this CPU");
+            return;
+        }
+        for &(m, k, n) in &[
+            (1, 16, 4),
+            (3, 17, 5),
+            (5, 70, 33),
+            (12, 576, 37),
+            (1, 33, 200),
+        ] {
+            let x = values(m * k, 1);
+            let dy = values(m * n, 3);
+            let w = values(n * k, 2);
+            let bf16: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
+            let f16: Vec<half::f16> = w.iter().map(|&v| half::f16::from_f32(v)).collect();
+            for (name, rows, exact) in [
+                (
+                    "bf16",
+                    HalfRows::Bf16(&bf16),
+                    bf16.iter().map(|v| v.to_f32()).collect::<Vec<_>>(),
+                ),
+                (
+                    "f16",
+                    HalfRows::F16(&f16),
+                    f16.iter().map(|v| v.to_f32()).collect(),
+                ),
+            ] {
+                assert_ne!(
+                    exact, w,
+                    "{name}: the test weights must not be exact in half precision"
+                );
+                assert_close(
+                    &x_wt_half(&x, rows, m, k, n),
+                    &reference_x_wt(&x, &exact, m, k, n),
+                    &format!("x_wt_half {name} {m}x{k}x{n}"),
+                );
+                assert_close(
+                    &dy_w_half(&dy, rows, m, n, k),
+                    &reference_dy_w(&dy, &exact, m, n, k),
+                    &format!("dy_w_half {name} {m}x{n}x{k}"),
+                );
+            }
         }
     }
 }

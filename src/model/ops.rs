@@ -256,7 +256,8 @@ fn const_weight_grad(
     dy.contiguous()?.matmul(weight)
 }
 
-/// Rows from which a bf16 or f16 product on the CPU is computed in f32 ([`widened_product`]).
+/// Rows from which a bf16 or f16 product on the CPU is computed in f32 ([`widened_product`])
+/// where the short-product kernels are missing (no AVX-512).
 const WIDEN_MIN_ROWS: usize = 8;
 
 thread_local! {
@@ -285,7 +286,7 @@ fn widen_into(t: &Tensor, out: &mut Vec<f32>) -> bool {
         candle_core::Storage::Cpu(candle_core::CpuStorage::BF16(v)) => out
             .par_chunks_mut(CHUNK)
             .zip(v[start..end].par_chunks(CHUNK))
-            .for_each(|(o, i)| i.convert_to_f32_slice(o)),
+            .for_each(|(o, i)| kernels::widen_bf16(i, o)),
         candle_core::Storage::Cpu(candle_core::CpuStorage::F16(v)) => out
             .par_chunks_mut(CHUNK)
             .zip(v[start..end].par_chunks(CHUNK))
@@ -295,41 +296,68 @@ fn widen_into(t: &Tensor, out: &mut Vec<f32>) -> bool {
     true
 }
 
-/// A bf16 or f16 product on the CPU computed in f32 and rounded back: candle multiplies half
-/// precision on the CPU several times slower than f32 (8 against 24 GFLOP/s for one thread at
-/// LLaMA-2-7B's MLP width here), so from a few rows on, widening both sides and multiplying in
-/// f32 costs less. Each output is the f32-accumulated sum rounded once, as candle's half kernels
-/// also accumulate in f32. Short products (token-by-token generation) stay in half precision,
-/// where converting the weight would cost more than the product. `None` where it does not apply.
+/// `f` on a contiguous CPU bf16 or f16 tensor's elements, in place; `None` for other tensors.
+fn with_half_rows<R>(t: &Tensor, f: impl FnOnce(kernels::HalfRows<'_>) -> R) -> Option<R> {
+    let (guard, layout) = t.storage_and_layout();
+    let (start, end) = layout.contiguous_offsets()?;
+    match &*guard {
+        candle_core::Storage::Cpu(candle_core::CpuStorage::BF16(v)) => {
+            Some(f(kernels::HalfRows::Bf16(&v[start..end])))
+        }
+        candle_core::Storage::Cpu(candle_core::CpuStorage::F16(v)) => {
+            Some(f(kernels::HalfRows::F16(&v[start..end])))
+        }
+        _ => None,
+    }
+}
+
+/// A bf16 or f16 product on the CPU computed in f32 and rounded back. candle multiplies half
+/// precision on the CPU by widening both whole operands into fresh f32 buffers on every call
+/// (bf16), or several times slower than f32 (f16): for token-by-token generation on LLaMA-2-7B
+/// that is 27 GB of fresh memory per token. Up to [`kernels::MAX_ROWS`] rows, the kernels read
+/// the weight's half-precision rows as they lie, a few converted at a time; from there on the
+/// weight is widened once into a buffer reused from product to product and OpenBLAS multiplies.
+/// Each output is the f32-accumulated sum rounded once, as candle's half kernels also
+/// accumulate in f32. `None` where it does not apply.
 fn widened_product(lhs: &Tensor, weight: &Tensor, product: Product) -> Result<Option<Tensor>> {
     let dtype = lhs.dtype();
     let (m, width) = match lhs.dims() {
         &[m, width] => (m, width),
         _ => return Ok(None),
     };
+    let streams = m <= kernels::MAX_ROWS && kernels::available();
     let applies = matches!(dtype, DType::BF16 | DType::F16)
         && weight.dtype() == dtype
         && lhs.device().is_cpu()
         && weight.device().is_cpu()
-        && m >= WIDEN_MIN_ROWS
+        && (streams || m >= WIDEN_MIN_ROWS)
         && FAST_PRODUCTS.load(Ordering::Relaxed);
     if !applies {
         return Ok(None);
     }
     let lhs = lhs.contiguous()?;
     let weight = weight.contiguous()?;
-    let shape = weight.dims2()?;
+    let (rows, cols) = weight.dims2()?;
     let mut a = Vec::new();
     if !widen_into(&lhs, &mut a) {
         return Ok(None);
     }
-    let out = WIDE_WEIGHT.with(|cell| {
-        let mut w = cell.borrow_mut();
-        if !widen_into(&weight, &mut w) {
-            return None;
-        }
-        dense_product_of(&a, m, width, &w[..shape.0 * shape.1], shape, product)
-    });
+    let out = if streams {
+        with_half_rows(&weight, |w| match product {
+            Product::XWt if width == cols => Some((kernels::x_wt_half(&a, w, m, cols, rows), rows)),
+            Product::DyW if width == rows => Some((kernels::dy_w_half(&a, w, m, rows, cols), cols)),
+            _ => None, // mismatched widths: candle's matmul reports them
+        })
+        .flatten()
+    } else {
+        WIDE_WEIGHT.with(|cell| {
+            let mut w = cell.borrow_mut();
+            if !widen_into(&weight, &mut w) {
+                return None;
+            }
+            dense_product_of(&a, m, width, &w[..rows * cols], (rows, cols), product)
+        })
+    };
     match out {
         Some((out, cols)) => Ok(Some(
             Tensor::from_vec(out, (m, cols), &Device::Cpu)?.to_dtype(dtype)?,
@@ -788,8 +816,12 @@ mod tests {
     #[test]
     fn half_precision_products_round_the_exact_product() -> Result<()> {
         let dev = Device::Cpu;
-        let (m, k, n) = (WIDEN_MIN_ROWS + 3, 300, 70);
-        for dtype in [DType::BF16, DType::F16] {
+        // One row (generation), a few (editing), and more than the short-product kernels take.
+        let (k, n) = (300, 70);
+        for (m, dtype) in [1, WIDEN_MIN_ROWS + 3, kernels::MAX_ROWS + 5]
+            .into_iter()
+            .flat_map(|m| [(m, DType::BF16), (m, DType::F16)])
+        {
             let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?.to_dtype(dtype)?;
             let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?.to_dtype(dtype)?;
             let (x64, w64) = (x.to_dtype(DType::F64)?, w.to_dtype(DType::F64)?);
@@ -824,7 +856,7 @@ mod tests {
                     let bound = (w.abs() + f32_sum_error) * relative_step + f32_sum_error;
                     assert!(
                         (g - w).abs() <= bound,
-                        "{dtype:?}: {g} against exact {w} (bound {bound})"
+                        "{dtype:?}, {m} rows: {g} against exact {w} (bound {bound})"
                     );
                 }
             }
