@@ -260,6 +260,14 @@ fn const_weight_grad(
 /// where the short-product kernels are missing (no AVX-512).
 const WIDEN_MIN_ROWS: usize = 8;
 
+/// The most rows of a bf16 or f16 product that the kernels take, reading the weight's rows in
+/// place; beyond it the weight is widened once and OpenBLAS multiplies. Twice f32's
+/// [`kernels::MAX_ROWS`], because on this side of it OpenBLAS must first write and read back the
+/// whole weight in f32. Measured one product at a time (bf16, 2026-12-05): `x·wᵀ` at LLaMA-2-7B's
+/// MLP width 70 against 147 ms at 64 rows and 121 against 174 at 96; at SmolLM2's 1.74 against
+/// 1.58 ms at 64; `dy·w` 109 against 169 ms and 1.78 against 1.80 ms at 64.
+const HALF_STREAM_ROWS: usize = 2 * kernels::MAX_ROWS;
+
 thread_local! {
     /// The last widened weight's f32 elements, kept to be overwritten by the next: a fresh
     /// weight-sized allocation per product would be mapped anew each time, and first-touching
@@ -314,7 +322,7 @@ fn with_half_rows<R>(t: &Tensor, f: impl FnOnce(kernels::HalfRows<'_>) -> R) -> 
 /// A bf16 or f16 product on the CPU computed in f32 and rounded back. candle multiplies half
 /// precision on the CPU by widening both whole operands into fresh f32 buffers on every call
 /// (bf16), or several times slower than f32 (f16): for token-by-token generation on LLaMA-2-7B
-/// that is 27 GB of fresh memory per token. Up to [`kernels::MAX_ROWS`] rows, the kernels read
+/// that is 27 GB of fresh memory per token. Up to [`HALF_STREAM_ROWS`] rows, the kernels read
 /// the weight's half-precision rows as they lie, a few converted at a time; from there on the
 /// weight is widened once into a buffer reused from product to product and OpenBLAS multiplies.
 /// Each output is the f32-accumulated sum rounded once, as candle's half kernels also
@@ -325,7 +333,7 @@ fn widened_product(lhs: &Tensor, weight: &Tensor, product: Product) -> Result<Op
         &[m, width] => (m, width),
         _ => return Ok(None),
     };
-    let streams = m <= kernels::MAX_ROWS && kernels::available();
+    let streams = m <= HALF_STREAM_ROWS && kernels::available();
     let applies = matches!(dtype, DType::BF16 | DType::F16)
         && weight.dtype() == dtype
         && lhs.device().is_cpu()
@@ -818,7 +826,7 @@ mod tests {
         let dev = Device::Cpu;
         // One row (generation), a few (editing), and more than the short-product kernels take.
         let (k, n) = (300, 70);
-        for (m, dtype) in [1, WIDEN_MIN_ROWS + 3, kernels::MAX_ROWS + 5]
+        for (m, dtype) in [1, WIDEN_MIN_ROWS + 3, HALF_STREAM_ROWS + 5]
             .into_iter()
             .flat_map(|m| [(m, DType::BF16), (m, DType::F16)])
         {
