@@ -262,10 +262,10 @@ const WIDEN_MIN_ROWS: usize = 8;
 
 /// The most rows of a bf16 or f16 product that the kernels take, reading the weight's rows in
 /// place; beyond it the weight is widened once and OpenBLAS multiplies. Twice f32's
-/// [`kernels::MAX_ROWS`], because on this side of it OpenBLAS must first write and read back the
-/// whole weight in f32. Measured one product at a time (bf16, 2026-12-05): `x·wᵀ` at LLaMA-2-7B's
-/// MLP width 70 against 147 ms at 64 rows and 121 against 174 at 96; at SmolLM2's 1.74 against
-/// 1.58 ms at 64; `dy·w` 109 against 169 ms and 1.78 against 1.80 ms at 64.
+/// [`kernels::MAX_ROWS`], because for a half-precision weight OpenBLAS must first have the whole
+/// weight written out in f32 and read back. Measured one product at a time (bf16, 2026-12-05):
+/// `x·wᵀ` at LLaMA-2-7B's MLP width 70 against 147 ms at 64 rows and 121 against 174 at 96; at
+/// SmolLM2's 1.74 against 1.58 ms at 64; `dy·w` 109 against 169 ms and 1.78 against 1.80 ms at 64.
 const HALF_STREAM_ROWS: usize = 2 * kernels::MAX_ROWS;
 
 thread_local! {
