@@ -66,7 +66,8 @@ pub enum HalfRows<'a> {
 }
 
 impl HalfRows<'_> {
-    fn len(&self) -> usize {
+    /// The number of elements.
+    pub(crate) fn len(&self) -> usize {
         match self {
             Self::Bf16(w) => w.len(),
             Self::F16(w) => w.len(),
@@ -637,34 +638,55 @@ mod tests {
 
     /// Every tile path: row counts off and on the 4-row tiles, widths off and on the 16-lane
     /// vectors and the 64-column tiles, a single row (the LM head at one position).
+    const TILE_EDGES: &[(usize, usize, usize)] = &[
+        (1, 16, 4),
+        (3, 17, 5),
+        (4, 64, 16),
+        (5, 70, 33),
+        (12, 576, 37),
+        (32, 129, 66),
+        (1, 33, 200),
+    ];
+
+    /// The inputs of a `(m, k, n)` case: `x`, `dy` and the weight as f32.
+    fn case_inputs(m: usize, k: usize, n: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        (values(m * k, 1), values(m * n, 3), values(n * k, 2))
+    }
+
+    /// Both products of a case, as computed, against their definition on the weight `w`.
+    #[allow(clippy::too_many_arguments)]
+    fn assert_products(
+        what: &str,
+        (m, k, n): (usize, usize, usize),
+        x: &[f32],
+        dy: &[f32],
+        w: &[f32],
+        x_wt_got: &[f32],
+        dy_w_got: &[f32],
+    ) {
+        let shape = format!("{m}x{k}x{n}");
+        assert_close(
+            x_wt_got,
+            &reference_x_wt(x, w, m, k, n),
+            &format!("x_wt {what} {shape}"),
+        );
+        assert_close(
+            dy_w_got,
+            &reference_dy_w(dy, w, m, n, k),
+            &format!("dy_w {what} {shape}"),
+        );
+    }
+
     #[test]
     fn products_match_their_definition_at_every_tile_edge() {
         if !available() {
             eprintln!("skipped: no AVX-512 on this CPU");
             return;
         }
-        for &(m, k, n) in &[
-            (1, 16, 4),
-            (3, 17, 5),
-            (4, 64, 16),
-            (5, 70, 33),
-            (12, 576, 37),
-            (32, 129, 66),
-            (1, 33, 200),
-        ] {
-            let x = values(m * k, 1);
-            let w = values(n * k, 2);
-            let dy = values(m * n, 3);
-            assert_close(
-                &x_wt(&x, &w, m, k, n),
-                &reference_x_wt(&x, &w, m, k, n),
-                &format!("x_wt {m}x{k}x{n}"),
-            );
-            assert_close(
-                &dy_w(&dy, &w, m, n, k),
-                &reference_dy_w(&dy, &w, m, n, k),
-                &format!("dy_w {m}x{n}x{k}"),
-            );
+        for &(m, k, n) in TILE_EDGES {
+            let (x, dy, w) = case_inputs(m, k, n);
+            let got = (x_wt(&x, &w, m, k, n), dy_w(&dy, &w, m, n, k));
+            assert_products("f32", (m, k, n), &x, &dy, &w, &got.0, &got.1);
         }
     }
 
@@ -696,16 +718,8 @@ mod tests {
             eprintln!("skipped: no AVX-512 on this CPU");
             return;
         }
-        for &(m, k, n) in &[
-            (1, 16, 4),
-            (3, 17, 5),
-            (5, 70, 33),
-            (12, 576, 37),
-            (1, 33, 200),
-        ] {
-            let x = values(m * k, 1);
-            let dy = values(m * n, 3);
-            let w = values(n * k, 2);
+        for &(m, k, n) in TILE_EDGES {
+            let (x, dy, w) = case_inputs(m, k, n);
             let bf16: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
             let f16: Vec<half::f16> = w.iter().map(|&v| half::f16::from_f32(v)).collect();
             for (name, rows, exact) in [
@@ -724,16 +738,8 @@ mod tests {
                     exact, w,
                     "{name}: the test weights must not be exact in half precision"
                 );
-                assert_close(
-                    &x_wt_half(&x, rows, m, k, n),
-                    &reference_x_wt(&x, &exact, m, k, n),
-                    &format!("x_wt_half {name} {m}x{k}x{n}"),
-                );
-                assert_close(
-                    &dy_w_half(&dy, rows, m, n, k),
-                    &reference_dy_w(&dy, &exact, m, n, k),
-                    &format!("dy_w_half {name} {m}x{n}x{k}"),
-                );
+                let got = (x_wt_half(&x, rows, m, k, n), dy_w_half(&dy, rows, m, n, k));
+                assert_products(name, (m, k, n), &x, &dy, &exact, &got.0, &got.1);
             }
         }
     }

@@ -275,35 +275,6 @@ thread_local! {
     static WIDE_WEIGHT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// A contiguous CPU bf16 or f16 tensor's elements as f32, written into `out` in parallel slices
-/// (candle's `to_dtype` converts element by element, ~4.6 ns each); false for other tensors.
-fn widen_into(t: &Tensor, out: &mut Vec<f32>) -> bool {
-    use half::slice::HalfFloatSliceExt;
-    use rayon::prelude::*;
-    const CHUNK: usize = 1 << 16;
-    let (guard, layout) = t.storage_and_layout();
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        return false;
-    };
-    let n = end - start;
-    if out.len() < n {
-        out.resize(n, 0.0);
-    }
-    let out = &mut out[..n];
-    match &*guard {
-        candle_core::Storage::Cpu(candle_core::CpuStorage::BF16(v)) => out
-            .par_chunks_mut(CHUNK)
-            .zip(v[start..end].par_chunks(CHUNK))
-            .for_each(|(o, i)| kernels::widen_bf16(i, o)),
-        candle_core::Storage::Cpu(candle_core::CpuStorage::F16(v)) => out
-            .par_chunks_mut(CHUNK)
-            .zip(v[start..end].par_chunks(CHUNK))
-            .for_each(|(o, i)| i.convert_to_f32_slice(o)),
-        _ => return false,
-    }
-    true
-}
-
 /// `f` on a contiguous CPU bf16 or f16 tensor's elements, in place; `None` for other tensors.
 fn with_half_rows<R>(t: &Tensor, f: impl FnOnce(kernels::HalfRows<'_>) -> R) -> Option<R> {
     let (guard, layout) = t.storage_and_layout();
@@ -317,6 +288,30 @@ fn with_half_rows<R>(t: &Tensor, f: impl FnOnce(kernels::HalfRows<'_>) -> R) -> 
         }
         _ => None,
     }
+}
+
+/// A contiguous CPU bf16 or f16 tensor's elements as f32, written into `out` in parallel slices
+/// (candle's `to_dtype` converts element by element, ~4.6 ns each); false for other tensors.
+fn widen_into(t: &Tensor, out: &mut Vec<f32>) -> bool {
+    use half::slice::HalfFloatSliceExt;
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 16;
+    with_half_rows(t, |rows| {
+        let n = rows.len();
+        if out.len() < n {
+            out.resize(n, 0.0);
+        }
+        let out = out[..n].par_chunks_mut(CHUNK);
+        match rows {
+            kernels::HalfRows::Bf16(v) => out
+                .zip(v.par_chunks(CHUNK))
+                .for_each(|(o, i)| kernels::widen_bf16(i, o)),
+            kernels::HalfRows::F16(v) => out
+                .zip(v.par_chunks(CHUNK))
+                .for_each(|(o, i)| i.convert_to_f32_slice(o)),
+        }
+    })
+    .is_some()
 }
 
 /// A bf16 or f16 product on the CPU computed in f32 and rounded back. candle multiplies half
