@@ -6,7 +6,13 @@
 //! candle's bf16 matmul (`-bf16`), as a model loaded in bf16 meets them.
 //! Criterion reports GFLOP/s as elements: 1 element = 1 FLOP.
 //!
-//! `cargo bench --bench kernels` (`-- 16x576x1536` for one shape).
+//! The group `products-7b` sets the two half-precision paths side by side at LLaMA-2-7B's MLP
+//! width (bf16 weights of 4096 × 11008, which no cache holds): the kernels reading the rows in
+//! place against widening the whole weight once and OpenBLAS, the choice `ops::HALF_STREAM_ROWS`
+//! makes by the number of rows.
+//!
+//! `cargo bench --bench kernels` (`-- 16x576x1536` for one shape, `-- products-7b` for the 7B
+//! width; one thread: `RAYON_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1`).
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
@@ -143,5 +149,61 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench);
+/// Rows of a bf16 product at LLaMA-2-7B's MLP width, around where streaming the rows stops paying.
+const ROWS_7B: &[usize] = &[64, 96, 128, 192, 256];
+
+fn bench_7b_width(c: &mut Criterion) {
+    let mut group = c.benchmark_group("products-7b");
+    group.sample_size(10);
+    let (k, n) = (4096, 11008);
+    let weights: Vec<Vec<half::bf16>> = (0..2)
+        .map(|s| {
+            values(n * k, s + 2)
+                .into_iter()
+                .map(half::bf16::from_f32)
+                .collect()
+        })
+        .collect();
+    let mut widened = vec![0f32; n * k];
+    for &m in ROWS_7B {
+        let x = values(m * k, 0);
+        let dy = values(m * n, 1);
+        group.throughput(Throughput::Elements((2 * m * k * n) as u64));
+        let shape = format!("{m}x{k}x{n}");
+        let mut i = 0;
+        let mut next = || {
+            i = (i + 1) % weights.len();
+            i
+        };
+        if kernels::available() {
+            group.bench_function(format!("{shape}/x_wt/kernels-bf16"), |b| {
+                b.iter(|| {
+                    kernels::x_wt_half(&x, kernels::HalfRows::Bf16(&weights[next()]), m, k, n)
+                })
+            });
+            group.bench_function(format!("{shape}/dy_w/kernels-bf16"), |b| {
+                b.iter(|| {
+                    kernels::dy_w_half(&dy, kernels::HalfRows::Bf16(&weights[next()]), m, n, k)
+                })
+            });
+        }
+        if blas::available() {
+            group.bench_function(format!("{shape}/x_wt/widened-openblas"), |b| {
+                b.iter(|| {
+                    kernels::widen_bf16(&weights[next()], &mut widened);
+                    blas::x_wt(&x, &widened, m, k, n).unwrap()
+                })
+            });
+            group.bench_function(format!("{shape}/dy_w/widened-openblas"), |b| {
+                b.iter(|| {
+                    kernels::widen_bf16(&weights[next()], &mut widened);
+                    blas::dy_w(&dy, &widened, m, n, k).unwrap()
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench, bench_7b_width);
 criterion_main!(benches);
