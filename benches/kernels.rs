@@ -205,5 +205,24 @@ fn bench_7b_width(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench, bench_7b_width);
+/// The Gram matrix `kᵀk` of a statistics batch (3 windows of 1024 tokens) at SmolLM2's and
+/// GPT2-XL's MLP widths: candle's full product of the transposed keys against OpenBLAS on the
+/// upper triangle (`ops::gram`).
+fn bench_gram(c: &mut Criterion) {
+    let mut group = c.benchmark_group("gram");
+    group.sample_size(10);
+    for (rows, cols) in [(3072, 1536), (3072, 6400)] {
+        let keys = Tensor::from_vec(values(rows * cols, 0), (rows, cols), &Device::Cpu).unwrap();
+        group.throughput(Throughput::Elements((2 * rows * cols * cols) as u64));
+        group.bench_function(format!("{rows}x{cols}/candle"), |b| {
+            b.iter(|| keys.t().unwrap().matmul(&keys).unwrap())
+        });
+        group.bench_function(format!("{rows}x{cols}/ops"), |b| {
+            b.iter(|| kedit::model::ops::gram(&keys).unwrap())
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench, bench_7b_width, bench_gram);
 criterion_main!(benches);

@@ -222,6 +222,61 @@ fn sgemm(
     Some(out)
 }
 
+/// `aᵀ a`, `a: [rows, cols]` → `[cols, cols]`: the Gram matrix of key statistics (`Σ k kᵀ`).
+/// Only the upper triangle is multiplied (column blocks whose widths shrink as `√` so each
+/// holds the same work, split over rayon's pool), then mirrored: about half of a full product.
+/// `None` without OpenBLAS or where a dimension exceeds its 32-bit sizes.
+pub fn gram(a: &[f32], rows: usize, cols: usize) -> Option<Vec<f32>> {
+    assert_eq!(a.len(), rows * cols, "blas::gram: a is not [rows, cols]");
+    let sgemm = openblas()?.sgemm;
+    let fits = |v: usize| i32::try_from(v).ok();
+    let (k, ld) = (fits(rows)?, fits(cols)?);
+    let mut out = vec![0f32; cols * cols];
+    if out.is_empty() || rows == 0 {
+        return Some(out);
+    }
+    // Block p spans columns edge(p)..edge(p + 1) and rows 0..edge(p + 1) of the output; with
+    // edges at cols·√(p/B) every block holds about cols²/(2B) products, and the total exceeds
+    // the triangle by 1/B.
+    let blocks = (2 * parallel::threads()).max(8).min(cols);
+    let edge = |p: usize| ((cols as f64) * (p as f64 / blocks as f64).sqrt()).round() as usize;
+    let out_ptr = parallel::SharedMut(out.as_mut_ptr());
+    parallel::for_each(blocks, |p| {
+        let (c0, c1) = (edge(p), edge(p + 1));
+        if c1 <= c0 {
+            return;
+        }
+        let out_ptr = &out_ptr;
+        // SAFETY: `a` holds [rows, cols] with leading dimension `cols`; the block reads rows
+        // 0..c1 of `aᵀ` (columns 0..c1 of `a`) and columns c0..c1 of `a`, and writes rows 0..c1
+        // of columns c0..c1 of `out` ([cols, cols]): the blocks' column ranges are disjoint.
+        unsafe {
+            sgemm(
+                ROW_MAJOR,
+                TRANS,
+                NO_TRANS,
+                c1 as i32,
+                (c1 - c0) as i32,
+                k,
+                1.0,
+                a.as_ptr(),
+                ld,
+                a.as_ptr().add(c0),
+                ld,
+                0.0,
+                out_ptr.0.add(c0),
+                ld,
+            )
+        };
+    });
+    for i in 0..cols {
+        for j in 0..i {
+            out[i * cols + j] = out[j * cols + i];
+        }
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,6 +295,32 @@ mod tests {
                 "asked OpenBLAS for {asked}, it runs {}",
                 openblas.core
             );
+        }
+    }
+
+    #[test]
+    fn gram_matches_its_definition() {
+        if !available() {
+            eprintln!("skipped: OpenBLAS is not installed");
+            return;
+        }
+        let value = |i: usize| ((i * 7919 % 2001) as f32 - 1000.0) / 1000.0;
+        // Column counts around the block edges, and fewer columns than blocks.
+        for (rows, cols) in [(37, 150), (5, 3), (64, 97), (1, 1)] {
+            let a: Vec<f32> = (0..rows * cols).map(|i| value(i + cols)).collect();
+            let g = gram(&a, rows, cols).unwrap();
+            for i in 0..cols {
+                for j in 0..cols {
+                    let want: f64 = (0..rows)
+                        .map(|r| a[r * cols + i] as f64 * a[r * cols + j] as f64)
+                        .sum();
+                    let got = g[i * cols + j] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                        "[{rows}, {cols}] entry ({i}, {j}): {got} against {want}"
+                    );
+                }
+            }
         }
     }
 

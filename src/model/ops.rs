@@ -491,6 +491,20 @@ fn dense_product_of(
     }
 }
 
+/// `keysᵀ keys` for `keys: [n, d]`: the sum of `k kᵀ` over the rows. On the CPU in f32 with
+/// OpenBLAS, only the upper triangle is multiplied ([`blas::gram`]): the key statistics of a
+/// GPT2-XL-sized MLP (d = 6,400) spent 91% of their time in candle's full product.
+pub fn gram(keys: &Tensor) -> Result<Tensor> {
+    if let (&[n, d], true) = (keys.dims(), FAST_PRODUCTS.load(Ordering::Relaxed)) {
+        if let Some(view) = cpu_f32(keys) {
+            if let Some(out) = blas::gram(view.slice(), n, d) {
+                return Tensor::from_vec(out, (d, d), keys.device());
+            }
+        }
+    }
+    keys.t()?.matmul(keys)
+}
+
 /// A contiguous CPU f32 tensor's elements, read in place.
 struct F32View<'a> {
     guard: candle_core::StorageRef<'a>,

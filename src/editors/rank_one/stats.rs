@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 
 use crate::data::python_random::PythonRandom;
 use crate::error::{Error, Result};
-use crate::model::{HookSpec, Model, Site, TokenBatch};
+use crate::model::{ops, HookSpec, Model, Site, TokenBatch};
 
 /// WikiText-2 (validation and test splits), the default corpus; see corpus/PROVENANCE.md.
 const WIKITEXT_VALID: &str = include_str!("../../../corpus/wikitext-2-valid.txt");
@@ -483,7 +483,7 @@ fn accumulate(
                 .map(|(r, w)| acts.get(r)?.narrow(0, 0, w.len()))
                 .collect::<candle_core::Result<Vec<_>>>()?;
             let keys = Tensor::cat(&rows, 0)?.to_dtype(DType::F32)?;
-            let gram = keys.t()?.matmul(&keys)?.to_dtype(DType::F64)?;
+            let gram = ops::gram(&keys)?.to_dtype(DType::F64)?;
             *sum = (&*sum + gram)?;
         }
         done += batch_windows.iter().map(Vec::len).sum::<usize>();
