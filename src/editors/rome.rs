@@ -91,7 +91,11 @@ impl Rome {
     }
 
     /// `E[k kᵀ]` of the edited layers (in ascending order), when the file asks for them.
-    fn covariances(&mut self, model: &Model, ctx: &EditCtx) -> Result<Option<Vec<faer::Mat<f64>>>> {
+    fn covariances(
+        &mut self,
+        model: &Model,
+        ctx: &EditCtx,
+    ) -> Result<Option<Vec<std::sync::Arc<faer::Mat<f64>>>>> {
         if !self.params.mom2_adjustment {
             return Ok(None);
         }

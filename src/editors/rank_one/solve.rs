@@ -28,9 +28,9 @@ pub fn rank_one(
 
 /// A 2-D tensor as an f64 matrix.
 pub fn to_mat(t: &Tensor) -> Result<Mat<f64>> {
-    let rows: Vec<Vec<f64>> = t.to_dtype(DType::F64)?.to_vec2()?;
     let (r, c) = t.dims2()?;
-    Ok(Mat::from_fn(r, c, |i, j| rows[i][j]))
+    let flat: Vec<f64> = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    Ok(Mat::from_fn(r, c, |i, j| flat[i * c + j]))
 }
 
 /// An f64 matrix as an f32 tensor.

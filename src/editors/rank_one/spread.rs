@@ -293,7 +293,7 @@ impl MassState {
         model: &Model,
         params: &MassParams,
         ctx: &EditCtx,
-    ) -> Result<Vec<Mat<f64>>> {
+    ) -> Result<Vec<std::sync::Arc<Mat<f64>>>> {
         self.covariances.get(
             model,
             &params.layers,
