@@ -230,6 +230,11 @@ impl CovarianceCache {
                 }
                 found.insert(layer, matrix);
             }
+            // What was derived is what the caller keeps; the statistics stay on disk.
+            drop(moments);
+            for layer in &missing {
+                self.by_layer.remove(layer);
+            }
         }
         layers
             .iter()
@@ -529,20 +534,28 @@ fn write_matrix(
     matrix: &Tensor,
     mut metadata: HashMap<String, String>,
 ) -> Result<()> {
-    let bytes: Vec<u8> = {
-        let values: Vec<f64> = matrix
-            .to_device(&Device::Cpu)?
-            .to_dtype(DType::F64)?
-            .flatten_all()?
-            .to_vec1()?;
-        values.iter().flat_map(|v| v.to_le_bytes()).collect()
-    };
+    let matrix = matrix.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+    let bytes = little_endian_f64_bytes(&matrix)?;
     let (r, c) = matrix.dims2()?;
     let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F64, vec![r, c], &bytes)
         .map_err(|e| Error::file(path, e.to_string()))?;
     metadata.insert("sha256".to_string(), checksum(&bytes));
     // Streamed: the statistics of a wide MLP are hundreds of megabytes, held once already.
     crate::files::write_safetensors(path, &[(name.to_string(), view)], metadata)
+}
+
+/// A CPU f64 tensor's elements as little-endian bytes, read where they lie when contiguous
+/// (otherwise through one more copy).
+fn little_endian_f64_bytes(t: &Tensor) -> Result<Vec<u8>> {
+    let from = |values: &[f64]| values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let (storage, layout) = t.storage_and_layout();
+    if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F64(values)), Some((a, b))) =
+        (&*storage, layout.contiguous_offsets())
+    {
+        return Ok(from(&values[a..b]));
+    }
+    drop(storage);
+    Ok(from(&t.flatten_all()?.to_vec1::<f64>()?))
 }
 
 /// The `[d, d]` f64 matrix `name` of a file `write_matrix` wrote, with the file's metadata:
