@@ -397,6 +397,57 @@ fn eval_at_writes_one_summary_per_checkpoint_of_a_sequential_run() {
         assert!(line["peak_rss_kb"].as_u64().unwrap() > 0);
     }
 
+    // In batches: every case carries its batch's seconds, shared per edit by its facts. GRACE
+    // edits one fact per call whatever --batch-size asks; CaliNet as many as its file says.
+    let calinet = tmp.path().join("calinet.yaml");
+    std::fs::write(
+        &calinet,
+        "alg_name: CaliNet\nkb_layer: [25]\nex_size: 8\nlr: 3e-3\noptimizer: adam\n\
+         num_steps: 3\nbatch_size: 2\n",
+    )
+    .unwrap();
+    for (editor, file, batch) in [
+        ("GRACE", hparams, 1),
+        ("CaliNet", calinet.to_str().unwrap(), 2),
+    ] {
+        let batched = tmp.path().join(format!("{editor}.jsonl"));
+        let mut args = base.to_vec();
+        let at = |flag: &str| args.iter().position(|a| *a == flag).unwrap() + 1;
+        let (out_at, editor_at, hparams_at) = (at("--out"), at("--editor"), at("--hparams"));
+        args[out_at] = batched.to_str().unwrap();
+        args[editor_at] = editor;
+        args[hparams_at] = file;
+        args.extend(["--sequential", "end", "--eval-at", "4", "--batch-size", "2"]);
+        ok(&kedit(&args));
+        let times: Vec<f64> = std::fs::read_to_string(&batched)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["time"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(times.len(), 4);
+        let calls: Vec<f64> = times.chunks(batch).map(|c| c[0]).collect();
+        if batch == 2 {
+            assert_eq!(
+                (times[0], times[2]),
+                (times[1], times[3]),
+                "one time per call"
+            );
+        }
+        let log = std::fs::read_to_string(format!("{}.lifelong.jsonl", batched.display())).unwrap();
+        let line: serde_json::Value = serde_json::from_str(log.trim()).unwrap();
+        assert_eq!(line["batch_size"], batch, "{line}");
+        let per_edit = line["seconds_per_edit"].as_f64().unwrap();
+        let want = calls.iter().sum::<f64>() / 4.0;
+        assert!(
+            (per_edit - want).abs() <= 1e-9 * want,
+            "{editor}: {per_edit} vs {want}"
+        );
+    }
+
     for bad in [
         vec!["--eval-at", "4,2", "--sequential", "end"],
         vec!["--eval-at", "2"],

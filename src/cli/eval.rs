@@ -16,7 +16,7 @@ use crate::report::jsonl::{file_sha256, ResultsSink, RunRecord};
 use crate::report::summary::summarize;
 use crate::run::sanitation::{self, SanitationObserver, SanitationOptions};
 use crate::run::shard::Shard;
-use crate::run::{run_cases, Checkpointing, Observer, Protocol, RunEnd, RunOptions};
+use crate::run::{run_cases, Checkpoint, Checkpointing, Observer, Protocol, RunEnd, RunOptions};
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
@@ -161,16 +161,18 @@ struct LifelongLog {
 }
 
 impl LifelongLog {
-    fn line(&mut self, edits: usize, elapsed: f64, results: &[CaseResult]) -> crate::Result<()> {
+    fn line(&mut self, at: Checkpoint, results: &[CaseResult]) -> crate::Result<()> {
         let summary = summarize(results);
         let memory = crate::files::process_memory_kb();
         let line = serde_json::json!({
             "editor": self.editor,
-            "edits": edits,
+            "edits": at.edits,
             "cases": summary.cases,
+            "batch_size": at.batch_size,
             "post": summary.post,
-            "seconds_per_edit": summary.edit_seconds,
-            "elapsed_seconds": elapsed,
+            // Per fact: a batch's seconds are shared by its facts.
+            "seconds_per_edit": (at.edits > 0).then(|| at.edit_seconds / at.edits as f64),
+            "elapsed_seconds": at.elapsed_seconds,
             "rss_kb": memory.map(|m| m.0),
             "peak_rss_kb": memory.map(|m| m.1),
         });
@@ -191,14 +193,9 @@ impl Observer for Sink {
         show_progress(self.bar.as_ref(), stage, done, total);
     }
 
-    fn checkpoint(
-        &mut self,
-        edits: usize,
-        elapsed_seconds: f64,
-        results: Vec<CaseResult>,
-    ) -> crate::Result<()> {
+    fn checkpoint(&mut self, at: Checkpoint, results: Vec<CaseResult>) -> crate::Result<()> {
         match &mut self.lifelong {
-            Some(log) => log.line(edits, elapsed_seconds, &results),
+            Some(log) => log.line(at, &results),
             None => Ok(()),
         }
     }

@@ -75,21 +75,27 @@ impl Default for RunOptions {
     }
 }
 
+/// Where a sequential run stands at one of its checkpoints.
+#[derive(Debug, Clone, Copy)]
+pub struct Checkpoint {
+    pub edits: usize,
+    /// Into the run, over every process that ran it.
+    pub elapsed_seconds: f64,
+    /// Spent in the editor's calls alone (every batch once), over every process that ran it.
+    pub edit_seconds: f64,
+    /// Requests per editor call.
+    pub batch_size: usize,
+}
+
 /// What the loop reports as it goes.
 pub trait Observer {
     /// A case's result is final.
     fn case_done(&mut self, result: CaseResult) -> Result<()>;
     /// Progress in `stage` ("pre", "edit"): `done` of `total`.
     fn progress(&mut self, _stage: &'static str, _done: usize, _total: usize) {}
-    /// After `edits` edits of a sequential run (`elapsed_seconds` into it, over every process
-    /// that ran it), the post-edit results of every case edited so far whose pre-edit metrics
-    /// this process measured.
-    fn checkpoint(
-        &mut self,
-        _edits: usize,
-        _elapsed_seconds: f64,
-        _results: Vec<CaseResult>,
-    ) -> Result<()> {
+    /// At a checkpoint of a sequential run, the post-edit results of every case edited so far
+    /// whose pre-edit metrics this process measured.
+    fn checkpoint(&mut self, _at: Checkpoint, _results: Vec<CaseResult>) -> Result<()> {
         Ok(())
     }
     /// A sequential run took its first `edits` edits up from its saved file.
@@ -219,7 +225,15 @@ pub fn run_cases(
                     for window_cases in so_far.chunks(window) {
                         results.extend(measure_after_many(model, window_cases.to_vec(), measure)?);
                     }
-                    observer.checkpoint(edited, elapsed(&Instant::now()), results)?;
+                    // Every case of a batch carries the batch's seconds.
+                    let edit_seconds = times.chunks(batch).map(|b| b[0]).sum();
+                    let at = Checkpoint {
+                        edits: edited,
+                        elapsed_seconds: elapsed(&Instant::now()),
+                        edit_seconds,
+                        batch_size: batch,
+                    };
+                    observer.checkpoint(at, results)?;
                 }
                 observer.progress("edit", edited, total);
                 if edited == total {
