@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use kedit::editors::rank_one::keys::activations_at;
-use kedit::editors::rank_one::stats::{second_moments, Corpus, StatsStore};
+use kedit::editors::rank_one::stats::{second_moments, Corpus, CovarianceCache, StatsStore};
 use kedit::model::Site;
 
 #[test]
@@ -80,6 +80,63 @@ fn second_moment_equals_the_mean_outer_product_of_every_key() {
         .to_scalar::<f64>()
         .unwrap();
     assert_eq!(same, 0.0);
+}
+
+/// Covariances too large to keep are read back from their cache files when an edit asks for
+/// them: the same matrices, to the bit, as those held in memory and as the moments computed.
+#[test]
+fn covariances_read_back_from_disk_equal_those_held() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus_path = tmp.path().join("corpus.jsonl");
+    let lines = [
+        "Paris is the capital of France.",
+        "Lobsters turn red when cooked.",
+    ]
+    .map(|t| serde_json::json!({ "text": t }).to_string());
+    std::fs::write(&corpus_path, lines.join("\n")).unwrap();
+    let model = tiny_gpt2();
+    let layers = [1, 0];
+    let store = StatsStore::on_disk(tmp.path().join("cache"));
+    let get = |mut cache: CovarianceCache| {
+        cache
+            .get(&model, &layers, 10, Some(corpus_path.as_path()), &store)
+            .unwrap()
+    };
+    // Not held: computed into the (empty) cache folder, then read from it.
+    let read_back = get(CovarianceCache::holding_at_most(0));
+    let held = get(CovarianceCache::default());
+    let corpus = Corpus::from_file(&corpus_path).unwrap();
+    let computed = second_moments(
+        &model,
+        &layers,
+        &corpus,
+        &store.options(10).unwrap(),
+        &mut |_, _| {},
+    )
+    .unwrap();
+    for (i, moment) in computed.iter().enumerate() {
+        let want: Vec<Vec<f64>> = moment.second_moment.to_vec2().unwrap();
+        for got in [read_back.layer(i).unwrap(), held.layer(i).unwrap()] {
+            assert_eq!((got.nrows(), got.ncols()), (want.len(), want[0].len()));
+            for (r, row) in want.iter().enumerate() {
+                for (c, &w) in row.iter().enumerate() {
+                    assert_eq!(got[(r, c)], w, "layer {} at ({r}, {c})", layers[i]);
+                }
+            }
+        }
+    }
+    assert!(read_back.layer(2).is_err());
+    // A file damaged after it was found is an error naming it, not other numbers.
+    let path = computed[0].path.clone().unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&path, bytes).unwrap();
+    let err = read_back.layer(0).unwrap_err().to_string();
+    assert!(
+        err.contains(&path.display().to_string()) && err.contains("checksum"),
+        "{err}"
+    );
 }
 
 #[test]

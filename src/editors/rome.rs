@@ -6,7 +6,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use super::hparams::{float, read_yaml};
-use super::rank_one::stats::CovarianceCache;
+use super::rank_one::stats::{CovarianceCache, Covariances};
 use super::rank_one::values::{optimise_value, ValueParams, ValueReport};
 use super::rank_one::{keys, rewrite_weight, solve, templates, FactEdit};
 use super::{Edit, EditCtx, Editor, Phases, WeightChange};
@@ -91,11 +91,7 @@ impl Rome {
     }
 
     /// `E[k kᵀ]` of the edited layers (in ascending order), when the file asks for them.
-    fn covariances(
-        &mut self,
-        model: &Model,
-        ctx: &EditCtx,
-    ) -> Result<Option<Vec<std::sync::Arc<faer::Mat<f64>>>>> {
+    fn covariances(&mut self, model: &Model, ctx: &EditCtx) -> Result<Option<Covariances>> {
         if !self.params.mom2_adjustment {
             return Ok(None);
         }
@@ -181,7 +177,7 @@ impl Editor for Rome {
                 })?;
                 // With statistics, the key direction is C⁻¹k̄ (solved in f64; EasyEdit inverts C in f32).
                 let u = match &covariances {
-                    Some(c) => solve::solve_vector(&c[layer_index], &u)?,
+                    Some(c) => solve::solve_vector(&*c.layer(layer_index)?, &u)?,
                     None => u,
                 };
                 let u = (&u / u.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64)?;

@@ -293,7 +293,7 @@ impl MassState {
         model: &Model,
         params: &MassParams,
         ctx: &EditCtx,
-    ) -> Result<Vec<std::sync::Arc<Mat<f64>>>> {
+    ) -> Result<super::stats::Covariances> {
         self.covariances.get(
             model,
             &params.layers,

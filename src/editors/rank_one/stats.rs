@@ -107,16 +107,65 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Key covariances kept in memory for one model, read from (or added to) the disk cache the
-/// first time a layer is asked for: what ROME, MEMIT and AlphaEdit reuse across edits. Shared,
-/// not copied, with each edit (d_ff² f64 per layer: 1.6 GB for MEMIT's five GPT2-XL layers).
-#[derive(Default)]
+/// Key covariances for one model, computed into (or found in) the disk cache the first time a
+/// layer is asked for: what ROME, MEMIT and AlphaEdit reuse across edits. Up to
+/// [`HELD_COVARIANCE_BYTES`] of them are held in memory and shared with each edit; beyond that
+/// (d_ff² f64 per layer: 1.6 GB for MEMIT's five GPT2-XL layers, 4.8 GB for LLaMA-2-7B's) each
+/// is read from its cache file when an edit reaches its layer, so an edit holds one at a time.
 pub struct CovarianceCache {
     model_key: Option<String>,
-    by_layer: BTreeMap<usize, Arc<Mat<f64>>>,
+    by_layer: BTreeMap<usize, Held>,
+    held_bytes: usize,
+}
+
+impl Default for CovarianceCache {
+    fn default() -> Self {
+        Self::holding_at_most(HELD_COVARIANCE_BYTES)
+    }
+}
+
+/// The most covariance bytes a [`CovarianceCache`] keeps in memory between edits. Reading one back
+/// costs about a second per 300 MB, against minutes per edit at the widths that exceed this.
+pub const HELD_COVARIANCE_BYTES: usize = 512 << 20;
+
+#[derive(Clone)]
+enum Held {
+    Memory(Arc<Mat<f64>>),
+    /// A cache file `write_cache` wrote, of a `[d, d]` sum.
+    Disk {
+        path: PathBuf,
+        d: usize,
+    },
+}
+
+/// The covariances of the layers an editor asked for, in its order.
+pub struct Covariances(Vec<Held>);
+
+impl Covariances {
+    /// `E[k kᵀ]` of the `i`-th layer asked for: the one held, or read from its cache file.
+    pub fn layer(&self, i: usize) -> Result<Arc<Mat<f64>>> {
+        match self.0.get(i) {
+            Some(Held::Memory(m)) => Ok(m.clone()),
+            Some(Held::Disk { path, d }) => read_moment(path, *d).map(Arc::new),
+            None => Err(Error::Invalid(format!(
+                "no statistics for the {i}th layer: {} were gathered",
+                self.0.len()
+            ))),
+        }
+    }
 }
 
 impl CovarianceCache {
+    /// A cache that keeps covariances in memory while they total at most `bytes`, and reads the
+    /// rest from the disk cache as needed (with no cache folder, every one is held).
+    pub fn holding_at_most(bytes: usize) -> Self {
+        CovarianceCache {
+            model_key: None,
+            by_layer: BTreeMap::new(),
+            held_bytes: bytes,
+        }
+    }
+
     /// `E[k kᵀ]` (f64) of each of `layers`, over `samples` articles of `corpus` (default: the
     /// built-in WikiText-2) unless the store overrides them, read from or added to the store.
     pub fn get(
@@ -126,7 +175,7 @@ impl CovarianceCache {
         samples: usize,
         corpus: Option<&Path>,
         store: &StatsStore,
-    ) -> Result<Vec<Arc<Mat<f64>>>> {
+    ) -> Result<Covariances> {
         let samples = store.samples.unwrap_or(samples);
         let corpus = store.corpus.as_deref().or(corpus);
         let key = format!(
@@ -139,17 +188,41 @@ impl CovarianceCache {
             self.model_key = Some(key);
             self.by_layer.clear();
         }
-        let missing: Vec<usize> = layers
+        let mut missing: Vec<usize> = layers
             .iter()
             .copied()
             .filter(|l| !self.by_layer.contains_key(l))
             .collect();
+        missing.sort_unstable();
+        missing.dedup();
         if !missing.is_empty() {
             let corpus = store.corpus(corpus)?;
             let opts = store.options(samples)?;
-            for m in second_moments(model, &missing, &corpus, &opts, &mut |_, _| {})? {
-                self.by_layer
-                    .insert(m.layer, Arc::new(super::solve::to_mat(&m.second_moment)?));
+            let d = model.spec().d_mlp;
+            let held_bytes = (self.by_layer.len() + missing.len()) * d * d * 8;
+            match &opts.cache_dir {
+                Some(dir) if held_bytes > self.held_bytes => {
+                    let fingerprint = model.fingerprint()?;
+                    let path = |l| cache_path(dir, &fingerprint, l, &corpus, &opts);
+                    // Computed (and written) where no trusted file exists yet, then let go.
+                    let absent: Vec<usize> = missing
+                        .iter()
+                        .copied()
+                        .filter(|&l| recorded_checksum(&path(l)).is_none())
+                        .collect();
+                    if !absent.is_empty() {
+                        second_moments(model, &absent, &corpus, &opts, &mut |_, _| {})?;
+                    }
+                    for l in missing {
+                        self.by_layer.insert(l, Held::Disk { path: path(l), d });
+                    }
+                }
+                _ => {
+                    for m in second_moments(model, &missing, &corpus, &opts, &mut |_, _| {})? {
+                        let held = Held::Memory(Arc::new(super::solve::to_mat(&m.second_moment)?));
+                        self.by_layer.insert(m.layer, held);
+                    }
+                }
             }
         }
         layers
@@ -159,7 +232,8 @@ impl CovarianceCache {
                     Error::Invalid(format!("no statistics were gathered for layer {l}"))
                 })
             })
-            .collect()
+            .collect::<Result<_>>()
+            .map(Covariances)
     }
 
     /// A matrix derived from each layer's statistics by `derive` (AlphaEdit's null-space
@@ -180,10 +254,9 @@ impl CovarianceCache {
         derive: &dyn Fn(&Mat<f64>) -> Result<Mat<f64>>,
     ) -> Result<Vec<Mat<f64>>> {
         let Some(dir) = &store.dir else {
-            return self
-                .get(model, layers, samples, corpus, store)?
-                .iter()
-                .map(|moment| derive(moment))
+            let moments = self.get(model, layers, samples, corpus, store)?;
+            return (0..layers.len())
+                .map(|i| derive(&*moments.layer(i)?))
                 .collect();
         };
         let source_corpus = store.corpus(corpus)?;
@@ -219,8 +292,8 @@ impl CovarianceCache {
         }
         if !missing.is_empty() {
             let moments = self.get(model, &missing, samples, corpus, store)?;
-            for (&layer, moment) in missing.iter().zip(&moments) {
-                let matrix = derive(moment)?;
+            for (i, &layer) in missing.iter().enumerate() {
+                let matrix = derive(&*moments.layer(i)?)?;
                 let (source, path) = paths(layer);
                 if let Some(source_sum) = recorded_checksum(&source) {
                     let metadata = HashMap::from([("source_sha256".to_string(), source_sum)]);
@@ -527,6 +600,28 @@ fn read_cache(path: &Path, d_ff: usize) -> std::result::Result<Option<(Tensor, u
     Ok(Some((sum, tokens)))
 }
 
+/// The mean `E[k kᵀ]` of a cache file `write_cache` wrote, read straight into an f64 matrix
+/// (the file's bytes and the matrix are all it holds).
+fn read_moment(path: &Path, d: usize) -> Result<Mat<f64>> {
+    let unusable = |why: String| Error::file(path, format!("unusable statistics cache ({why})"));
+    let (bytes, data, info) = read_verified(path, "mom2.sum", d)
+        .map_err(unusable)?
+        .ok_or_else(|| unusable("the file is gone".into()))?;
+    let tokens: u64 = info
+        .get("tokens")
+        .and_then(|t| t.parse().ok())
+        .filter(|&t| t > 0)
+        .ok_or_else(|| unusable("no token count".into()))?;
+    let values = &bytes[data];
+    let value = |k: usize| {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&values[8 * k..8 * k + 8]);
+        f64::from_le_bytes(word)
+    };
+    let scale = 1.0 / tokens as f64;
+    Ok(Mat::from_fn(d, d, |i, j| value(i * d + j) * scale))
+}
+
 /// One f64 matrix in a safetensors file, with the checksum of its bytes among `metadata`.
 fn write_matrix(
     path: &Path,
@@ -566,6 +661,30 @@ fn read_matrix(
     name: &str,
     d: usize,
 ) -> std::result::Result<Option<StoredMatrix>, String> {
+    let Some((bytes, data, info)) = read_verified(path, name, d)? else {
+        return Ok(None);
+    };
+    let values: Vec<f64> = bytes[data]
+        .chunks_exact(8)
+        .map(|b| {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(b);
+            f64::from_le_bytes(word)
+        })
+        .collect();
+    drop(bytes);
+    let matrix = Tensor::from_vec(values, (d, d), &Device::Cpu).map_err(|e| e.to_string())?;
+    Ok(Some((matrix, info)))
+}
+
+/// A `write_matrix` file's bytes, where its matrix `name` lies among them (checked to be
+/// `[d, d]` f64 with the checksum the file records) and its metadata.
+type VerifiedFile = (Vec<u8>, std::ops::Range<usize>, HashMap<String, String>);
+fn read_verified(
+    path: &Path,
+    name: &str,
+    d: usize,
+) -> std::result::Result<Option<VerifiedFile>, String> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -585,17 +704,9 @@ fn read_matrix(
     if info.get("sha256").map(String::as_str) != Some(checksum(view.data()).as_str()) {
         return Err("checksum mismatch".into());
     }
-    let values: Vec<f64> = view
-        .data()
-        .chunks_exact(8)
-        .map(|b| {
-            let mut word = [0u8; 8];
-            word.copy_from_slice(b);
-            f64::from_le_bytes(word)
-        })
-        .collect();
-    let matrix = Tensor::from_vec(values, (d, d), &Device::Cpu).map_err(|e| e.to_string())?;
-    Ok(Some((matrix, info)))
+    let start = view.data().as_ptr() as usize - bytes.as_ptr() as usize;
+    let data = start..start + view.data().len();
+    Ok(Some((bytes, data, info)))
 }
 
 /// The checksum a `write_matrix` file records in its header, read without the matrix behind it
