@@ -536,6 +536,9 @@ fn accumulate(
     }
     let d_ff = model.spec().d_mlp;
     let dev = model.device();
+    if let (true, Some(available)) = (dev.is_cpu(), crate::model::load::available_memory()) {
+        check_sums_fit(layers.len(), d_ff, available)?;
+    }
     let mut sums: Vec<Tensor> = layers
         .iter()
         .map(|_| Tensor::zeros((d_ff, d_ff), DType::F64, dev))
@@ -576,6 +579,23 @@ fn accumulate(
         start = end;
     }
     Ok(sums.into_iter().map(|s| (s, total as u64)).collect())
+}
+
+/// Refuses, before the pass, statistics whose running sums (d_ff² f64 per layer, one pass for
+/// every layer) and one batch's Gram matrix would not fit in `available` bytes.
+fn check_sums_fit(layers: usize, d_ff: usize, available: u64) -> Result<()> {
+    let matrix = (d_ff * d_ff) as u64;
+    let need = layers as u64 * matrix * 8 + matrix * 4;
+    if need <= available {
+        return Ok(());
+    }
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    Err(Error::Invalid(format!(
+        "statistics for {layers} layers of width {d_ff} need {:.1} GiB for their sums and {:.1} GiB \
+         is available: gather fewer layers per run (`kedit stats --layers ...`), which fills the same cache",
+        gib(need),
+        gib(available)
+    )))
 }
 
 fn checksum(bytes: &[u8]) -> String {
@@ -731,6 +751,19 @@ fn recorded_checksum(path: &Path) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// LLaMA-2-7B's MLP width: five layers' sums are 4.8 GB of f64, plus one f32 Gram matrix.
+    #[test]
+    fn sums_that_exceed_available_memory_are_refused_before_the_pass() {
+        let need = 5 * 11008u64 * 11008 * 8 + 11008 * 11008 * 4;
+        assert!(check_sums_fit(5, 11008, need).is_ok());
+        let err = check_sums_fit(5, 11008, need - 1).unwrap_err().to_string();
+        assert!(
+            err.contains("5 layers of width 11008") && err.contains("--layers"),
+            "{err}"
+        );
+        assert!(check_sums_fit(1, 11008, need / 3).is_ok());
+    }
 
     #[test]
     fn wikitext_articles_split_at_top_level_headings() {

@@ -136,7 +136,7 @@ fn looks_like_hub_id(s: &str) -> bool {
 }
 
 /// `MemAvailable` from /proc/meminfo, in bytes.
-fn available_memory() -> Option<u64> {
+pub(crate) fn available_memory() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
