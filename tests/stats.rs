@@ -137,6 +137,10 @@ fn covariances_read_back_from_disk_equal_those_held() {
         err.contains(&path.display().to_string()) && err.contains("checksum"),
         "{err}"
     );
+    // Found damaged when asked for, it is gathered again.
+    let again = get(CovarianceCache::holding_at_most(0)).layer(0).unwrap();
+    let want: Vec<Vec<f64>> = computed[0].second_moment.to_vec2().unwrap();
+    assert_eq!(again[(3, 5)], want[3][5]);
 }
 
 #[test]

@@ -148,7 +148,7 @@ impl Covariances {
             Some(Held::Memory(m)) => Ok(m.clone()),
             Some(Held::Disk { path, d }) => read_moment(path, *d).map(Arc::new),
             None => Err(Error::Invalid(format!(
-                "no statistics for the {i}th layer: {} were gathered",
+                "no statistics at index {i}: {} layers were gathered",
                 self.0.len()
             ))),
         }
@@ -204,11 +204,12 @@ impl CovarianceCache {
                 Some(dir) if held_bytes > self.held_bytes => {
                     let fingerprint = model.fingerprint()?;
                     let path = |l| cache_path(dir, &fingerprint, l, &corpus, &opts);
-                    // Computed (and written) where no trusted file exists yet, then let go.
+                    // Computed (and written) where no file passes its checksum yet, then let go;
+                    // a damaged one is recomputed with a warning, as when held.
                     let absent: Vec<usize> = missing
                         .iter()
                         .copied()
-                        .filter(|&l| recorded_checksum(&path(l)).is_none())
+                        .filter(|&l| !matches!(read_verified(&path(l), "mom2.sum", d), Ok(Some(_))))
                         .collect();
                     if !absent.is_empty() {
                         second_moments(model, &absent, &corpus, &opts, &mut |_, _| {})?;
