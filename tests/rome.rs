@@ -175,7 +175,7 @@ fn rome_with_statistics_writes_along_the_inverse_covariance_of_the_key() {
         &mut |_, _| {},
     )
     .unwrap();
-    let u = solve_vector(&to_mat(&c[0].second_moment).unwrap(), &k).unwrap();
+    let u = solve_vector(to_mat(&c[0].second_moment).unwrap(), &k).unwrap();
     let u = (&u
         / u.sqr()
             .unwrap()

@@ -97,14 +97,17 @@ fn covariances_read_back_from_disk_equal_those_held() {
     let model = tiny_gpt2();
     let layers = [1, 0];
     let store = StatsStore::on_disk(tmp.path().join("cache"));
-    let get = |mut cache: CovarianceCache| {
+    // By reference: a closure that takes the cache by value and mutates it is miscompiled in
+    // release builds when called twice with equal arguments (rust-lang/rust#155241, rustc 1.95:
+    // the second call was handed the first call's dropped cache).
+    let get = |cache: &mut CovarianceCache| {
         cache
             .get(&model, &layers, 10, Some(corpus_path.as_path()), &store)
             .unwrap()
     };
     // Not held: computed into the (empty) cache folder, then read from it.
-    let read_back = get(CovarianceCache::holding_at_most(0));
-    let held = get(CovarianceCache::default());
+    let read_back = get(&mut CovarianceCache::holding_at_most(0));
+    let held = get(&mut CovarianceCache::default());
     let corpus = Corpus::from_file(&corpus_path).unwrap();
     let computed = second_moments(
         &model,
@@ -116,7 +119,12 @@ fn covariances_read_back_from_disk_equal_those_held() {
     .unwrap();
     for (i, moment) in computed.iter().enumerate() {
         let want: Vec<Vec<f64>> = moment.second_moment.to_vec2().unwrap();
-        for got in [read_back.layer(i).unwrap(), held.layer(i).unwrap()] {
+        let owned = [
+            read_back.layer_owned(i).unwrap(),
+            held.layer_owned(i).unwrap(),
+        ];
+        let shared = [read_back.layer(i).unwrap(), held.layer(i).unwrap()];
+        for got in owned.iter().chain(shared.iter().map(|m| &**m)) {
             assert_eq!((got.nrows(), got.ncols()), (want.len(), want[0].len()));
             for (r, row) in want.iter().enumerate() {
                 for (c, &w) in row.iter().enumerate() {
@@ -137,8 +145,18 @@ fn covariances_read_back_from_disk_equal_those_held() {
         err.contains(&path.display().to_string()) && err.contains("checksum"),
         "{err}"
     );
+    // So is a truncated one.
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() - 8]).unwrap();
+    let err = read_back.layer_owned(0).unwrap_err().to_string();
+    assert!(
+        err.contains(&path.display().to_string()) && err.contains("truncated"),
+        "{err}"
+    );
     // Found damaged when asked for, it is gathered again.
-    let again = get(CovarianceCache::holding_at_most(0)).layer(0).unwrap();
+    let again = get(&mut CovarianceCache::holding_at_most(0))
+        .layer(0)
+        .unwrap();
     let want: Vec<Vec<f64>> = computed[0].second_moment.to_vec2().unwrap();
     assert_eq!(again[(3, 5)], want[3][5]);
 }

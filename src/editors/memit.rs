@@ -65,7 +65,7 @@ impl Editor for Memit {
             &facts,
             &groups,
             &self.params,
-            &mut |i, _, keys, resid| memit_delta(keys, resid, &*covariances.layer(i)?, lambda),
+            &mut |i, _, keys, resid| memit_delta(keys, resid, covariances.layer_owned(i)?, lambda),
         )?;
         edit.phases = phases.then(&edit.phases);
         Ok(edit)

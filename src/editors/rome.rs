@@ -177,7 +177,7 @@ impl Editor for Rome {
                 })?;
                 // With statistics, the key direction is C⁻¹k̄ (solved in f64; EasyEdit inverts C in f32).
                 let u = match &covariances {
-                    Some(c) => solve::solve_vector(&*c.layer(layer_index)?, &u)?,
+                    Some(c) => solve::solve_vector(c.layer_owned(layer_index)?, &u)?,
                     None => u,
                 };
                 let u = (&u / u.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64)?;

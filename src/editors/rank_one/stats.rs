@@ -145,14 +145,28 @@ pub struct Covariances(Vec<Held>);
 impl Covariances {
     /// `E[k kᵀ]` of the `i`-th layer asked for: the one held, or read from its cache file.
     pub fn layer(&self, i: usize) -> Result<Arc<Mat<f64>>> {
-        match self.0.get(i) {
-            Some(Held::Memory(m)) => Ok(m.clone()),
-            Some(Held::Disk { path, d }) => read_moment(path, *d).map(Arc::new),
-            None => Err(Error::Invalid(format!(
+        match self.held(i)? {
+            Held::Memory(m) => Ok(m.clone()),
+            Held::Disk { path, d } => read_moment(path, *d).map(Arc::new),
+        }
+    }
+
+    /// The `i`-th layer's `E[k kᵀ]` as a matrix of the caller's own, to be overwritten by a solve:
+    /// read from its cache file straight into it, or copied from the one held.
+    pub fn layer_owned(&self, i: usize) -> Result<Mat<f64>> {
+        match self.held(i)? {
+            Held::Memory(m) => Ok(Mat::clone(m)),
+            Held::Disk { path, d } => read_moment(path, *d),
+        }
+    }
+
+    fn held(&self, i: usize) -> Result<&Held> {
+        self.0.get(i).ok_or_else(|| {
+            Error::Invalid(format!(
                 "no statistics at index {i}: {} layers were gathered",
                 self.0.len()
-            ))),
-        }
+            ))
+        })
     }
 }
 
@@ -210,7 +224,7 @@ impl CovarianceCache {
                     let absent: Vec<usize> = missing
                         .iter()
                         .copied()
-                        .filter(|&l| !matches!(read_verified(&path(l), "mom2.sum", d), Ok(Some(_))))
+                        .filter(|&l| !verified(&path(l), "mom2.sum", d))
                         .collect();
                     if !absent.is_empty() {
                         second_moments(model, &absent, &corpus, &opts, &mut |_, _| {})?;
@@ -274,7 +288,7 @@ impl CovarianceCache {
         let mut missing = Vec::new();
         for &layer in layers {
             let (source, path) = paths(layer);
-            let Some(source_sum) = recorded_checksum(&source) else {
+            let Some(source_sum) = recorded_checksum(&source, "mom2.sum", d_ff) else {
                 missing.push(layer);
                 continue;
             };
@@ -297,7 +311,7 @@ impl CovarianceCache {
             for (i, &layer) in missing.iter().enumerate() {
                 let matrix = derive(&*moments.layer(i)?)?;
                 let (source, path) = paths(layer);
-                if let Some(source_sum) = recorded_checksum(&source) {
+                if let Some(source_sum) = recorded_checksum(&source, "mom2.sum", d_ff) {
                     let metadata = HashMap::from([("source_sha256".to_string(), source_sum)]);
                     let values = (0..d_ff * d_ff).map(|i| matrix[(i / d_ff, i % d_ff)]);
                     let tensor = Tensor::from_iter(values, &Device::Cpu)?.reshape((d_ff, d_ff))?;
@@ -622,26 +636,24 @@ fn read_cache(path: &Path, d_ff: usize) -> std::result::Result<Option<(Tensor, u
     Ok(Some((sum, tokens)))
 }
 
-/// The mean `E[k kᵀ]` of a cache file `write_cache` wrote, read straight into an f64 matrix
-/// (the file's bytes and the matrix are all it holds).
+/// The mean `E[k kᵀ]` of a cache file `write_cache` wrote, read in chunks straight into an f64
+/// matrix (which is all it holds).
 fn read_moment(path: &Path, d: usize) -> Result<Mat<f64>> {
     let unusable = |why: String| Error::file(path, format!("unusable statistics cache ({why})"));
-    let (bytes, data, info) = read_verified(path, "mom2.sum", d)
+    let file = StoredMatrixFile::open(path, "mom2.sum", d)
         .map_err(unusable)?
         .ok_or_else(|| unusable("the file is gone".into()))?;
-    let tokens: u64 = info
+    let tokens: u64 = file
+        .info
         .get("tokens")
         .and_then(|t| t.parse().ok())
         .filter(|&t| t > 0)
         .ok_or_else(|| unusable("no token count".into()))?;
-    let values = &bytes[data];
-    let value = |k: usize| {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(&values[8 * k..8 * k + 8]);
-        f64::from_le_bytes(word)
-    };
     let scale = 1.0 / tokens as f64;
-    Ok(Mat::from_fn(d, d, |i, j| value(i * d + j) * scale))
+    let mut moment = Mat::<f64>::zeros(d, d);
+    file.read_values(|i, j, v| moment[(i, j)] = v * scale)
+        .map_err(unusable)?;
+    Ok(moment)
 }
 
 /// One f64 matrix in a safetensors file, with the checksum of its bytes among `metadata`.
@@ -683,71 +695,130 @@ fn read_matrix(
     name: &str,
     d: usize,
 ) -> std::result::Result<Option<StoredMatrix>, String> {
-    let Some((bytes, data, info)) = read_verified(path, name, d)? else {
+    let Some(file) = StoredMatrixFile::open(path, name, d)? else {
         return Ok(None);
     };
-    let values: Vec<f64> = bytes[data]
-        .chunks_exact(8)
-        .map(|b| {
-            let mut word = [0u8; 8];
-            word.copy_from_slice(b);
-            f64::from_le_bytes(word)
-        })
-        .collect();
-    drop(bytes);
+    let mut values = Vec::with_capacity(d * d);
+    let info = file.read_values(|_, _, v| values.push(v))?;
     let matrix = Tensor::from_vec(values, (d, d), &Device::Cpu).map_err(|e| e.to_string())?;
     Ok(Some((matrix, info)))
 }
 
-/// A `write_matrix` file's bytes, where its matrix `name` lies among them (checked to be
-/// `[d, d]` f64 with the checksum the file records) and its metadata.
-type VerifiedFile = (Vec<u8>, std::ops::Range<usize>, HashMap<String, String>);
-fn read_verified(
-    path: &Path,
-    name: &str,
-    d: usize,
-) -> std::result::Result<Option<VerifiedFile>, String> {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e.to_string()),
-    };
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| e.to_string())?;
-    let info = meta.metadata().clone().unwrap_or_default();
-    let tensors = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| e.to_string())?;
-    let view = tensors.tensor(name).map_err(|e| e.to_string())?;
-    if view.dtype() != safetensors::Dtype::F64 || view.shape() != [d, d] {
-        return Err(format!(
-            "expected f64 [{d}, {d}], found {:?} {:?}",
-            view.dtype(),
-            view.shape()
-        ));
-    }
-    if info.get("sha256").map(String::as_str) != Some(checksum(view.data()).as_str()) {
-        return Err("checksum mismatch".into());
-    }
-    let start = view.data().as_ptr() as usize - bytes.as_ptr() as usize;
-    let data = start..start + view.data().len();
-    Ok(Some((bytes, data, info)))
+/// Whether `path` holds a `[d, d]` f64 matrix `name` that matches the checksum it records.
+fn verified(path: &Path, name: &str, d: usize) -> bool {
+    matches!(
+        StoredMatrixFile::open(path, name, d).map(|f| f.map(|f| f.read_values(|_, _, _| {}))),
+        Ok(Some(Ok(_)))
+    )
 }
 
-/// The checksum a `write_matrix` file records in its header, read without the matrix behind it
-/// (`None`: no such file, or no checksum in it).
-fn recorded_checksum(path: &Path) -> Option<String> {
-    use std::io::Read;
-    let mut file = std::fs::File::open(path).ok()?;
-    let mut len = [0u8; 8];
-    file.read_exact(&mut len).ok()?;
-    let len = usize::try_from(u64::from_le_bytes(len)).ok()?;
-    if len > 100_000_000 {
-        return None;
+/// A `write_matrix` file whose header has been read: the matrix `name` in it is `[d, d]` f64 and
+/// the file is as long as the header says; its bytes are checked against the recorded checksum
+/// as they are read, a chunk at a time, so a statistics file is never held whole as bytes.
+struct StoredMatrixFile {
+    file: std::fs::File,
+    info: HashMap<String, String>,
+    d: usize,
+}
+
+impl StoredMatrixFile {
+    /// `Ok(None)` when there is no file; `Err(why)` when its header cannot be trusted.
+    fn open(path: &Path, name: &str, d: usize) -> std::result::Result<Option<Self>, String> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut file = match std::fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.to_string()),
+        };
+        let file_len = file.metadata().map_err(|e| e.to_string())?.len();
+        let mut len = [0u8; 8];
+        file.read_exact(&mut len).map_err(|_| "truncated header")?;
+        let header_len = u64::from_le_bytes(len);
+        if header_len > 100_000_000 || 8 + header_len > file_len {
+            return Err("truncated header".into());
+        }
+        let mut header = vec![0u8; header_len as usize];
+        file.read_exact(&mut header).map_err(|e| e.to_string())?;
+        let header: serde_json::Value =
+            serde_json::from_slice(&header).map_err(|e| format!("bad header: {e}"))?;
+        let entry = &header[name];
+        let offsets: Vec<u64> = entry["data_offsets"]
+            .as_array()
+            .map(|o| o.iter().filter_map(|v| v.as_u64()).collect())
+            .unwrap_or_default();
+        let shape: Vec<u64> = entry["shape"]
+            .as_array()
+            .map(|o| o.iter().filter_map(|v| v.as_u64()).collect())
+            .unwrap_or_default();
+        if entry["dtype"] != "F64" || shape != [d as u64, d as u64] {
+            return Err(format!(
+                "expected {name} as f64 [{d}, {d}], found {} {}",
+                entry["dtype"], entry["shape"]
+            ));
+        }
+        let bytes = (d * d * 8) as u64;
+        let [begin, end] = offsets[..] else {
+            return Err(format!("no data offsets for {name}"));
+        };
+        if end.checked_sub(begin) != Some(bytes) || 8 + header_len + end != file_len {
+            return Err(format!(
+                "{name}'s bytes do not match the file's length ({file_len} bytes; truncated?)"
+            ));
+        }
+        file.seek(SeekFrom::Start(8 + header_len + begin))
+            .map_err(|e| e.to_string())?;
+        let info = header["__metadata__"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Some(StoredMatrixFile { file, info, d }))
     }
-    let mut header = vec![0u8; len];
-    file.read_exact(&mut header).ok()?;
-    let header: serde_json::Value = serde_json::from_slice(&header).ok()?;
-    header["__metadata__"]["sha256"]
-        .as_str()
-        .map(str::to_string)
+
+    /// Hands every value to `sink(row, column, value)` in the file's row-major order and returns
+    /// the metadata; `Err` if the bytes do not match the checksum (`sink` has then seen values
+    /// that must be discarded).
+    fn read_values(
+        mut self,
+        mut sink: impl FnMut(usize, usize, f64),
+    ) -> std::result::Result<HashMap<String, String>, String> {
+        use std::io::Read;
+        const CHUNK_BYTES: usize = 4 << 20;
+        let mut hasher = Sha256::new();
+        let mut chunk = vec![0u8; CHUNK_BYTES];
+        let (mut left, mut row, mut col) = (self.d * self.d * 8, 0, 0);
+        while left > 0 {
+            let take = left.min(CHUNK_BYTES);
+            self.file
+                .read_exact(&mut chunk[..take])
+                .map_err(|e| e.to_string())?;
+            hasher.update(&chunk[..take]);
+            for word in chunk[..take].chunks_exact(8) {
+                let mut bytes = [0u8; 8];
+                bytes.copy_from_slice(word);
+                sink(row, col, f64::from_le_bytes(bytes));
+                col += 1;
+                if col == self.d {
+                    (row, col) = (row + 1, 0);
+                }
+            }
+            left -= take;
+        }
+        if self.info.get("sha256") != Some(&hex(&hasher.finalize())) {
+            return Err("checksum mismatch".into());
+        }
+        Ok(self.info)
+    }
+}
+
+/// The checksum a `write_matrix` file of a `[d, d]` matrix `name` records in its header, read
+/// without the matrix behind it (`None`: no such file, or no checksum in it).
+fn recorded_checksum(path: &Path, name: &str, d: usize) -> Option<String> {
+    let file = StoredMatrixFile::open(path, name, d).ok()??;
+    file.info.get("sha256").cloned()
 }
 
 #[cfg(test)]
