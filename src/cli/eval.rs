@@ -16,7 +16,7 @@ use crate::report::jsonl::{file_sha256, ResultsSink, RunRecord};
 use crate::report::summary::summarize;
 use crate::run::sanitation::{self, SanitationObserver, SanitationOptions};
 use crate::run::shard::Shard;
-use crate::run::{run_cases, Checkpoint, Checkpointing, Observer, Protocol, RunEnd, RunOptions};
+use crate::run::{run_cases, Checkpointing, EvalPoint, Observer, Protocol, RunEnd, RunOptions};
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
@@ -161,7 +161,7 @@ struct LifelongLog {
 }
 
 impl LifelongLog {
-    fn line(&mut self, at: Checkpoint, results: &[CaseResult]) -> crate::Result<()> {
+    fn line(&mut self, at: EvalPoint, results: &[CaseResult]) -> crate::Result<()> {
         let summary = summarize(results);
         let memory = crate::files::process_memory_kb();
         let line = serde_json::json!({
@@ -193,7 +193,7 @@ impl Observer for Sink {
         show_progress(self.bar.as_ref(), stage, done, total);
     }
 
-    fn checkpoint(&mut self, at: Checkpoint, results: Vec<CaseResult>) -> crate::Result<()> {
+    fn eval_point(&mut self, at: EvalPoint, results: Vec<CaseResult>) -> crate::Result<()> {
         match &mut self.lifelong {
             Some(log) => log.line(at, &results),
             None => Ok(()),
@@ -478,7 +478,7 @@ pub fn run(mut args: EvalArgs) -> anyhow::Result<ExitCode> {
     };
     let done: BTreeSet<usize> = previous.iter().map(|r| r.case_id).collect();
     let bar = progress_bar(&args, cases.len());
-    let (lifelong, checkpoints) = lifelong_log(&args, editor.name())?;
+    let (lifelong, eval_points) = lifelong_log(&args, editor.name())?;
     let mut sink = Sink {
         out,
         results: previous,
@@ -502,7 +502,7 @@ pub fn run(mut args: EvalArgs) -> anyhow::Result<ExitCode> {
             },
             chat_template,
         },
-        checkpoints,
+        eval_points,
         saving: saving.clone(),
         stop_after: args.stop_after_edits,
     };
@@ -576,7 +576,7 @@ fn sequential_saving(args: &EvalArgs) -> anyhow::Result<Option<Checkpointing>> {
     }))
 }
 
-/// `--eval-at`'s log and the checkpoints still to measure (a resumed run skips those its log
+/// `--eval-at`'s log and the evaluation points still to measure (a resumed run skips those its log
 /// already holds).
 fn lifelong_log(
     args: &EvalArgs,

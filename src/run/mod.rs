@@ -8,5 +8,5 @@ pub mod sequential_checkpoint;
 pub mod shard;
 pub mod train;
 
-pub use protocols::{run_cases, Checkpoint, Observer, Protocol, RunEnd, RunOptions};
+pub use protocols::{run_cases, EvalPoint, Observer, Protocol, RunEnd, RunOptions};
 pub use sequential_checkpoint::Checkpointing;

@@ -44,8 +44,8 @@ pub struct RunOptions {
     pub protocol: Protocol,
     pub measure: MeasureOptions,
     /// Sequential protocols: after this many edits (ascending), every case edited so far is
-    /// measured again and handed to [`Observer::checkpoint`] (lifelong editing's curves).
-    pub checkpoints: Vec<usize>,
+    /// measured again and handed to [`Observer::eval_point`] (lifelong editing's curves).
+    pub eval_points: Vec<usize>,
     /// Sequential protocols: where the edits so far are saved, and taken up again on resume.
     pub saving: Option<Checkpointing>,
     /// Sequential protocols: stop (edits saved) once this many cases have been edited in all.
@@ -68,16 +68,17 @@ impl Default for RunOptions {
             batch_size: 1,
             protocol: Protocol::default(),
             measure: MeasureOptions::default(),
-            checkpoints: Vec::new(),
+            eval_points: Vec::new(),
             saving: None,
             stop_after: None,
         }
     }
 }
 
-/// Where a sequential run stands at one of its checkpoints.
+/// Where a sequential run stands at one of its evaluation points (`--eval-at`), which are not
+/// the saves of its edits ([`Checkpointing`]).
 #[derive(Debug, Clone, Copy)]
-pub struct Checkpoint {
+pub struct EvalPoint {
     pub edits: usize,
     /// Into the run, over every process that ran it.
     pub elapsed_seconds: f64,
@@ -93,9 +94,9 @@ pub trait Observer {
     fn case_done(&mut self, result: CaseResult) -> Result<()>;
     /// Progress in `stage` ("pre", "edit"): `done` of `total`.
     fn progress(&mut self, _stage: &'static str, _done: usize, _total: usize) {}
-    /// At a checkpoint of a sequential run, the post-edit results of every case edited so far
-    /// whose pre-edit metrics this process measured.
-    fn checkpoint(&mut self, _at: Checkpoint, _results: Vec<CaseResult>) -> Result<()> {
+    /// At an evaluation point of a sequential run, the post-edit results of every case edited so
+    /// far whose pre-edit metrics this process measured.
+    fn eval_point(&mut self, _at: EvalPoint, _results: Vec<CaseResult>) -> Result<()> {
         Ok(())
     }
     /// A sequential run took its first `edits` edits up from its saved file.
@@ -202,14 +203,14 @@ pub fn run_cases(
                 // Those were measured right after their edits, before the run was saved.
                 pending.clear();
             }
-            let mut checkpoints = opts.checkpoints.iter().copied().peekable();
+            let mut eval_points = opts.eval_points.iter().copied().peekable();
             let mut times = progress.seconds.clone();
             let mut edited = restored;
             loop {
-                // A checkpoint is measured at the first batch boundary at or after it (a resumed
-                // run measures at once one whose measurement was cut short).
+                // An evaluation point is measured at the first batch boundary at or after it (a
+                // resumed run measures at once one whose measurement was cut short).
                 let mut due = false;
-                while checkpoints.next_if(|&c| c <= edited).is_some() {
+                while eval_points.next_if(|&c| c <= edited).is_some() {
                     due = true;
                 }
                 if due {
@@ -227,13 +228,13 @@ pub fn run_cases(
                     }
                     // Every case of a batch carries the batch's seconds.
                     let edit_seconds = times.chunks(batch).map(|b| b[0]).sum();
-                    let at = Checkpoint {
+                    let at = EvalPoint {
                         edits: edited,
                         elapsed_seconds: elapsed(&Instant::now()),
                         edit_seconds,
                         batch_size: batch,
                     };
-                    observer.checkpoint(at, results)?;
+                    observer.eval_point(at, results)?;
                 }
                 observer.progress("edit", edited, total);
                 if edited == total {
@@ -264,10 +265,10 @@ pub fn run_cases(
                 } else {
                     pending.extend(measured_now);
                 }
-                // Saved before a checkpoint's measurement, so that a run stopped during it
+                // Saved before an evaluation point's measurement, so that a run stopped during it
                 // measures it again when resumed.
                 let every = opts.saving.as_ref().map_or(0, |s| s.every);
-                let due = checkpoints.peek().is_some_and(|&c| c <= edited)
+                let due = eval_points.peek().is_some_and(|&c| c <= edited)
                     || edited == total
                     || opts.stop_after.is_some_and(|stop| edited >= stop)
                     || (every > 0 && edited / every > first / every);
