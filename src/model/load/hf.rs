@@ -51,6 +51,7 @@ pub(super) fn load_folder(
         for candidate in [name.to_string(), format!("transformer.{name}")] {
             for ((view, path), map) in views.iter().zip(&files).zip(&maps) {
                 if let Ok(t) = view.get(&candidate) {
+                    read_ahead(map, t.data());
                     let unreadable = |e: Error| {
                         Error::file(path, format!("tensor `{candidate}` cannot be read: {e}"))
                     };
@@ -207,6 +208,15 @@ fn release_pages(map: &memmap2::Mmap, bytes: &[u8]) {
             };
         }
     }
+}
+
+/// Asks the kernel to read `bytes`, a slice of `map`, in one sequential pass before they are
+/// copied out: from a cold page cache, faulting them in page by page (and column by column for a
+/// transposed weight, which defeats readahead) made loading GPT2-XL 2.4–2.7× a `cat` of its files.
+fn read_ahead(map: &memmap2::Mmap, bytes: &[u8]) {
+    let from = bytes.as_ptr() as usize - map.as_ptr() as usize;
+    // Failure only leaves the pages to be faulted in as before.
+    let _ = map.advise_range(memmap2::Advice::WillNeed, from, bytes.len());
 }
 
 fn map_file(path: &Path) -> Result<memmap2::Mmap> {
