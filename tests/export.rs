@@ -520,3 +520,38 @@ fn candle_quantises_blocks_as_llama_cpp_does() {
         assert!(ours.data().unwrap().as_ref() == theirs.as_slice(), "{name}");
     }
 }
+
+/// GPT-2 stores its Conv1D matrices `[in, out]`; the loader reads half-precision ones straight
+/// into their `[out, in]` transpose. Exported in f16 and bf16 and loaded back, every weight must
+/// be the f32 model's weight rounded by candle, bit for bit.
+#[test]
+fn half_precision_gpt2_folders_load_transposed_to_the_rounded_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_gpt2();
+    for dtype in [DType::F16, DType::BF16] {
+        let out = tmp.path().join(format!("{dtype:?}"));
+        export_hf(&model, &out, dtype, 200_000_000, &serde_json::json!({})).unwrap();
+        let loaded = load_as(&out, dtype);
+        let mut transposed = 0;
+        for id in model.weight_ids().collect::<Vec<_>>() {
+            let want = model.weight(id).unwrap().to_dtype(dtype).unwrap();
+            let got = loaded.weight(id).unwrap();
+            assert_eq!(got.dtype(), dtype, "{id}");
+            assert_eq!(got.dims(), want.dims(), "{id}");
+            let bits = |t: &Tensor| {
+                t.flatten_all()
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(bits(&got), bits(&want), "{dtype:?} {id}");
+            transposed += usize::from(got.dims().len() == 2 && got.dims()[0] != got.dims()[1]);
+        }
+        assert!(transposed >= 4, "only {transposed} rectangular matrices");
+    }
+}
