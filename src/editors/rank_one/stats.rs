@@ -628,12 +628,15 @@ fn read_cache(path: &Path, d_ff: usize) -> std::result::Result<Option<(Tensor, u
     let Some((sum, info)) = read_matrix(path, "mom2.sum", d_ff)? else {
         return Ok(None);
     };
-    let tokens: u64 = info
-        .get("tokens")
+    Ok(Some((sum, token_count(&info)?)))
+}
+
+/// The number of tokens a `write_cache` file's sum is over, from its metadata.
+fn token_count(info: &HashMap<String, String>) -> std::result::Result<u64, String> {
+    info.get("tokens")
         .and_then(|t| t.parse().ok())
         .filter(|&t| t > 0)
-        .ok_or("no token count")?;
-    Ok(Some((sum, tokens)))
+        .ok_or_else(|| "no token count".to_string())
 }
 
 /// The mean `E[k kᵀ]` of a cache file `write_cache` wrote, read in chunks straight into an f64
@@ -643,12 +646,7 @@ fn read_moment(path: &Path, d: usize) -> Result<Mat<f64>> {
     let file = StoredMatrixFile::open(path, "mom2.sum", d)
         .map_err(unusable)?
         .ok_or_else(|| unusable("the file is gone".into()))?;
-    let tokens: u64 = file
-        .info
-        .get("tokens")
-        .and_then(|t| t.parse().ok())
-        .filter(|&t| t > 0)
-        .ok_or_else(|| unusable("no token count".into()))?;
+    let tokens = token_count(&file.info).map_err(unusable)?;
     let scale = 1.0 / tokens as f64;
     let mut moment = Mat::<f64>::zeros(d, d);
     file.read_values(|i, j, v| moment[(i, j)] = v * scale)
