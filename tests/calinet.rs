@@ -280,3 +280,57 @@ fn both_memory_editors_edit_gpt2_and_refuse_what_the_model_lacks() {
         "a refused edit left an overlay"
     );
 }
+
+/// A call beside the neurons of earlier calls adds their output apart from the new neurons'
+/// (kept from the first step at the lowest calibrated layer, whose input never changes;
+/// recomputed above it): the loss the call stops at is the one the edited model — frozen and new
+/// neurons concatenated — has on the fact, at both layers of a two-layer calibration.
+#[test]
+fn a_call_beside_frozen_neurons_stops_at_the_loss_the_edited_model_has() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("hparams/CaliNet/gpt2-xl.yaml")).unwrap();
+    let mut p: CaliNetParams = serde_yaml::from_str(&text).unwrap();
+    p.kb_layer = vec![0, 1];
+    p.num_steps = 300;
+    p.loss_floor = 6.0;
+    let mut model = tiny_gpt2();
+    let mut calinet = CaliNet::new(p.clone()).unwrap();
+    for (prompt, target) in [
+        ("The capital of France is", "Rome"),
+        ("The Eiffel Tower is located in", "Berlin"),
+    ] {
+        assert_eq!(model.encode(&format!(" {target}")).unwrap().len(), 1);
+        let edit = calinet
+            .apply(&mut model, &[request(prompt, target)], &EditCtx::default())
+            .unwrap();
+        let report = edit.report.as_ref().unwrap().to_json();
+        let steps = report["calibration"]["steps"].as_u64().unwrap();
+        let stopped_at = report["calibration"]["final_loss"].as_f64().unwrap();
+        assert!(
+            steps < 300 && stopped_at < 6.0,
+            "{target}: no stop at the floor ({steps} steps, loss {stopped_at})"
+        );
+        let ids = model.encode_with_special_tokens(prompt).unwrap();
+        let last = logits_alone(&model, &ids)
+            .get(ids.len() - 1)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let nll = -f64::from(
+            Model::log_probs(&last)
+                .unwrap()
+                .get(0)
+                .unwrap()
+                .get(first_token(&model, target) as usize)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+        );
+        assert!(
+            (nll - stopped_at).abs() < 1e-4,
+            "{target}: training stopped at {stopped_at}, the edited model's NLL is {nll}"
+        );
+    }
+    assert_eq!(ffn(&model, 0).neurons(), 2 * p.ex_size);
+    assert_eq!(ffn(&model, 1).neurons(), 2 * p.ex_size);
+}
