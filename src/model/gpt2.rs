@@ -1,7 +1,7 @@
 //! GPT-2's block flavour: learned positions, LayerNorm with biases, fused QKV, `gelu_new` MLP.
 //! Checkpoint names for GPT-2 appear only in this file.
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 
 use super::load::Format;
 use super::{Model, ModelSpec, Module, Param, WeightId};
@@ -119,13 +119,25 @@ pub(super) fn checkpoint_name(id: WeightId, format: Format) -> Option<String> {
     Some(format!("{name}.{suffix}"))
 }
 
-/// Hugging Face GPT-2 stores its `Conv1D` matrices `[in, out]`; they are transposed once at load.
+/// Hugging Face GPT-2 stores its `Conv1D` matrices `[in, out]`.
 pub(super) fn stored_transposed(id: WeightId, format: Format) -> bool {
-    format == Format::Hf
-        && id.param == Param::Weight
+    format == Format::Hf && is_conv1d(id)
+}
+
+fn is_conv1d(id: WeightId) -> bool {
+    id.param == Param::Weight
         && id.layer.is_some()
         && matches!(
             id.module,
             Module::AttnQkv | Module::AttnO | Module::MlpUp | Module::MlpDown
         )
+}
+
+/// Whether the model holds a `Conv1D` matrix as the transposed view of an `[in, out]` matrix,
+/// whatever file it came from: in f32 on the CPU, where the products read either layout and a
+/// Hugging Face checkpoint is then loaded without a transposing copy (half of GPT2-XL's load
+/// time). One layout for every source, so the same model computes the same bits however it was
+/// loaded (an exported model reloads bit for bit). Elsewhere the matrices are held `[out, in]`.
+pub(crate) fn held_as_input_major(id: WeightId, dtype: DType, device: &Device) -> bool {
+    is_conv1d(id) && dtype == DType::F32 && device.is_cpu()
 }

@@ -258,10 +258,20 @@ impl Model {
         for id in self.weight_ids() {
             let w = self.weight(id)?;
             hash.update(id.to_string().as_bytes());
-            let flat = w.flatten_all()?;
-            let n = flat.dim(0)?;
+            let n = w.elem_count();
             let stride = (n / 4096).max(1);
-            let idx: Vec<u32> = (0..n).step_by(stride).map(|i| i as u32).collect();
+            let logical = (0..n).step_by(stride);
+            // A weight held as the transposed view of its stored matrix is read where it lies
+            // (flattening the view would copy it whole), at the same elements.
+            let (flat, idx): (Tensor, Vec<u32>) = match *w.dims() {
+                [rows, cols] if !w.is_contiguous() && w.t()?.is_contiguous() => (
+                    w.t()?.flatten_all()?,
+                    logical
+                        .map(|i| ((i % cols) * rows + i / cols) as u32)
+                        .collect(),
+                ),
+                _ => (w.flatten_all()?, logical.map(|i| i as u32).collect()),
+            };
             let picked = flat
                 .index_select(&Tensor::new(idx.as_slice(), w.device())?, 0)?
                 .to_dtype(DType::F32)?
@@ -373,6 +383,21 @@ impl Model {
                 old.device()
             )));
         }
+        // A weight held as the view of its stored `[in, out]` matrix (GPT-2's Conv1D) keeps that
+        // layout when replaced: the products then run the same kernel, bit for bit, whether the
+        // weight was edited here or loaded edited (`kedit export`). Not for a variable, whose
+        // updates a copy would not see.
+        let w = match *w.dims() {
+            [_, _]
+                if !old.is_contiguous()
+                    && old.t()?.is_contiguous()
+                    && w.is_contiguous()
+                    && !w.track_op() =>
+            {
+                w.t()?.contiguous()?.t()?
+            }
+            _ => w,
+        };
         self.weights
             .insert(id, w)
             .ok_or_else(|| Error::UnknownWeight(id.to_string()))

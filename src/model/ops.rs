@@ -385,6 +385,16 @@ enum Product {
     DyW,
 }
 
+impl Product {
+    /// The same product taken on the weight's transpose.
+    fn on_transpose(self) -> Self {
+        match self {
+            Product::XWt => Product::DyW,
+            Product::DyW => Product::XWt,
+        }
+    }
+}
+
 /// The product by [`kernels`] (up to [`kernels::MAX_ROWS`] rows) or OpenBLAS (more rows), for f32
 /// on the CPU with a 2-D left side and a contiguous weight; `None` where neither applies.
 fn fast_product(
@@ -422,11 +432,18 @@ fn fast_product_of(
     packed: Option<&Arc<PackedRows>>,
     product: Product,
 ) -> Result<Option<(Vec<f32>, usize)>> {
-    if !FAST_PRODUCTS.load(Ordering::Relaxed)
-        || weight.dtype() != DType::F32
-        || !weight.is_contiguous()
-    {
+    if !FAST_PRODUCTS.load(Ordering::Relaxed) || weight.dtype() != DType::F32 {
         return Ok(None);
+    }
+    if !weight.is_contiguous() {
+        // A weight held as the transposed view of a matrix stored `[in, out]` (GPT-2's Conv1D
+        // weights, loaded without a transposing copy): `x·wᵀ` is `x·s` on the stored `s`, the
+        // kernels' `dy·w`, and the other way round.
+        let stored = weight.t()?;
+        if weight.rank() != 2 || !stored.is_contiguous() {
+            return Ok(None);
+        }
+        return fast_product_of(a, m, width, &stored, None, product.on_transpose());
     }
     let (rows, cols) = weight.dims2()?;
     let packed = packed.filter(|p| {
@@ -970,6 +987,47 @@ mod tests {
         let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f64>()?;
         assert!(diff < 1e-12, "{diff}");
         assert!(g1.get(&w).is_none(), "no gradient for the constant weight");
+        Ok(())
+    }
+
+    /// A weight held as the transposed view of an `[in, out]` matrix (GPT-2's Conv1D): `x·wᵀ`
+    /// and the input gradient `dy·w`, on the kernels (8 rows) and OpenBLAS (70 rows), against
+    /// sums in f64.
+    #[test]
+    fn products_with_a_transposed_view_match_f64_sums() -> Result<()> {
+        let dev = Device::Cpu;
+        let (n_in, n_out) = (40, 24);
+        let stored = Tensor::randn(0f32, 1.0, (n_in, n_out), &dev)?;
+        let w = stored.t()?;
+        assert!(!w.is_contiguous());
+        let wv = stored.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+        let close = |got: Vec<Vec<f32>>, want: &dyn Fn(usize, usize) -> f64| {
+            for (r, row) in got.iter().enumerate() {
+                for (c, &g) in row.iter().enumerate() {
+                    let want = want(r, c);
+                    assert!(
+                        (f64::from(g) - want).abs() < 1e-4,
+                        "[{r},{c}] {g} vs {want}"
+                    );
+                }
+            }
+        };
+        for m in [8, 70] {
+            let x = Tensor::randn(0f32, 1.0, (m, n_in), &dev)?;
+            let xv = x.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+            let y = matmul_t(&x, &w, None)?;
+            assert_eq!(y.dims(), [m, n_out]);
+            close(y.to_vec2()?, &|r, c| {
+                (0..n_in).map(|k| xv[r][k] * wv[k][c]).sum()
+            });
+            let dy = Tensor::randn(0f32, 1.0, (m, n_out), &dev)?;
+            let dyv = dy.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+            let dx = const_weight_grad(&dy, &w, None)?;
+            assert_eq!(dx.dims(), [m, n_in]);
+            close(dx.to_vec2()?, &|r, c| {
+                (0..n_out).map(|k| dyv[r][k] * wv[c][k]).sum()
+            });
+        }
         Ok(())
     }
 

@@ -144,9 +144,10 @@ pub(crate) fn available_memory() -> Option<u64> {
 }
 
 /// Reads every weight the architecture needs (plus the optional ones present) through `fetch`,
-/// which returns a checkpoint tensor by name (transposed when its second argument says the
-/// checkpoint stores it `[in, out]`, as GPT-2's Conv1D weights are), and brings each into
-/// `[out, in]` orientation, the requested dtype and device.
+/// which returns a checkpoint tensor by name (as its `[out, in]` transpose, a copy or a view, when
+/// its second argument says the checkpoint stores it `[in, out]`, as GPT-2's Conv1D weights are),
+/// and brings each into `[out, in]` shape, the requested dtype and device, and the layout the
+/// model holds it in (`gpt2::held_as_input_major`).
 pub(crate) fn assemble(
     spec: &super::ModelSpec,
     format: Format,
@@ -182,7 +183,18 @@ pub(crate) fn assemble(
                 w = llama::unpermute_rotary_rows(&w, heads)?;
             }
         }
-        weights.insert(id, w.to_dtype(dtype)?.to_device(device)?);
+        let mut w = w.to_dtype(dtype)?.to_device(device)?;
+        if spec.arch == Arch::Gpt2 && w.rank() == 2 {
+            let input_major = !w.is_contiguous() && w.t()?.is_contiguous();
+            if gpt2::held_as_input_major(id, dtype, device) != input_major {
+                w = if input_major {
+                    w.contiguous()?
+                } else {
+                    w.t()?.contiguous()?.t()?
+                };
+            }
+        }
+        weights.insert(id, w);
     }
     Ok(weights)
 }
