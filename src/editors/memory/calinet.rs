@@ -144,14 +144,24 @@ impl CalibrationFfn {
     }
 }
 
+/// `output` plus the calibration output `delta` computes from the MLP's normalised input, given
+/// to it as `[b·s, d]`.
+fn calibrated(
+    input: &OverlayInput<'_>,
+    output: &Tensor,
+    delta: impl FnOnce(&Tensor) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
+    let x = input.mlp_in.ok_or_else(|| {
+        candle_core::Error::Msg("calibration neurons sit after the MLP's input".into())
+    })?;
+    let (b, s, d) = x.dims3()?;
+    let delta = delta(&x.reshape((b * s, d))?)?;
+    output + delta.reshape(output.dims())?.to_dtype(output.dtype())?
+}
+
 impl Overlay for CalibrationFfn {
     fn forward(&self, input: &OverlayInput<'_>, output: &Tensor) -> candle_core::Result<Tensor> {
-        let x = input.mlp_in.ok_or_else(|| {
-            candle_core::Error::Msg("calibration neurons sit after the MLP's input".into())
-        })?;
-        let (b, s, d) = x.dims3()?;
-        let delta = self.delta(&x.reshape((b * s, d))?)?;
-        output + delta.reshape(output.dims())?.to_dtype(output.dtype())?
+        calibrated(input, output, |x| self.delta(x))
     }
 
     fn kind(&self) -> &'static str {
@@ -243,8 +253,8 @@ struct Trainable {
 /// The neurons of one layer while a call trains. The frozen neurons' output is added apart from
 /// the new neurons' rather than computed from the concatenated weights: a step then neither
 /// copies the frozen weights nor differentiates through them, and costs the same after 1,000
-/// edits as after one (the concatenation made CaliNet's lifelong run grow from 0.6 s per edit to
-/// 25 s by the 900th).
+/// edits as after one (the concatenation made CaliNet's lifelong run grow from 0.6 s per edit
+/// over its first 10 to 23–30 s each by the 900th).
 struct TrainingFfn {
     new: CalibrationFfn,
     frozen: Option<CalibrationFfn>,
@@ -253,16 +263,14 @@ struct TrainingFfn {
 
 impl Overlay for TrainingFfn {
     fn forward(&self, input: &OverlayInput<'_>, output: &Tensor) -> candle_core::Result<Tensor> {
-        let x = input.mlp_in.ok_or_else(|| {
-            candle_core::Error::Msg("calibration neurons sit after the MLP's input".into())
-        })?;
-        let (b, s, d) = x.dims3()?;
-        let x = x.reshape((b * s, d))?;
-        let mut delta = self.new.delta(&x)?;
-        if let Some(frozen) = &self.frozen {
+        calibrated(input, output, |x| {
+            let delta = self.new.delta(x)?;
+            let Some(frozen) = &self.frozen else {
+                return Ok(delta);
+            };
             let old = match &self.frozen_output {
                 Some(kept) => match kept.get() {
-                    Some(old) if old.dims() == [b * s, d] => old.clone(),
+                    Some(old) if old.dims() == x.dims() => old.clone(),
                     Some(_) => candle_core::bail!(
                         "calibration neurons: the kept output of the frozen neurons does not fit this input"
                     ),
@@ -272,11 +280,10 @@ impl Overlay for TrainingFfn {
                         old
                     }
                 },
-                None => frozen.delta(&x)?,
+                None => frozen.delta(x)?,
             };
-            delta = (delta + old)?;
-        }
-        output + delta.reshape(output.dims())?.to_dtype(output.dtype())?
+            delta + old
+        })
     }
 
     fn kind(&self) -> &'static str {
