@@ -46,7 +46,7 @@ pub(super) fn load_folder(
     let dtype = opts
         .resolve_dtype(&spec)
         .map_err(|e| Error::file(folder, e.to_string()))?;
-    let weights = assemble(&spec, Format::Hf, dtype, &opts.device, |name, transpose| {
+    let weights = assemble(&spec, Format::Hf, dtype, &opts.device, |name, layout| {
         // GPT-2 checkpoints name their tensors with or without the `transformer.` prefix.
         for candidate in [name.to_string(), format!("transformer.{name}")] {
             for ((view, path), map) in views.iter().zip(&files).zip(&maps) {
@@ -55,24 +55,22 @@ pub(super) fn load_folder(
                     let unreadable = |e: Error| {
                         Error::file(path, format!("tensor `{candidate}` cannot be read: {e}"))
                     };
-                    // An f32 `[in, out]` matrix kept in f32 on the CPU is copied as it lies
-                    // and used through its transposed view (the products read either layout):
-                    // transposing GPT2-XL's Conv1D weights was half of its load time.
-                    let as_view = transpose
-                        && t.dtype() == safetensors::Dtype::F32
-                        && dtype == DType::F32
-                        && opts.device.is_cpu();
-                    let tensor = match transposed_view(&t, transpose && !as_view) {
+                    // An `[in, out]` matrix the model holds as its transposed view is read as
+                    // it lies, in the held dtype, and viewed transposed: transposing GPT2-XL's
+                    // Conv1D weights was half of its load time.
+                    let as_view = layout.stored_input_major && layout.held_input_major;
+                    let transpose = layout.stored_input_major && !as_view;
+                    let tensor = match transposed_view(&t, transpose) {
                         Some(read) => read.map_err(unreadable)?,
                         None => t.load(&Device::Cpu).map_err(|e| unreadable(e.into()))?,
                     };
                     let tensor = if as_view && tensor.rank() == 2 {
-                        tensor.t()?
+                        tensor.to_dtype(dtype)?.t()?
                     } else {
-                        tensor
+                        to_float(tensor)?
                     };
                     release_pages(map, t.data());
-                    return Ok(Some(to_float(tensor)?));
+                    return Ok(Some(tensor));
                 }
             }
         }

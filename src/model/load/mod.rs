@@ -143,17 +143,28 @@ pub(crate) fn available_memory() -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// How a checkpoint stores a matrix and how the model will hold it, for a reader that can give
+/// the held layout straight away (a Hugging Face GPT-2 Conv1D weight in f32 on the CPU: stored
+/// `[in, out]` and held as that matrix's transposed view, no copy).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Layout {
+    /// The checkpoint stores the matrix `[in, out]` (GPT-2's Conv1D weights).
+    pub stored_input_major: bool,
+    /// The model holds it as the transposed view of an `[in, out]` matrix
+    /// (`gpt2::held_as_input_major`).
+    pub held_input_major: bool,
+}
+
 /// Reads every weight the architecture needs (plus the optional ones present) through `fetch`,
-/// which returns a checkpoint tensor by name (as its `[out, in]` transpose, a copy or a view, when
-/// its second argument says the checkpoint stores it `[in, out]`, as GPT-2's Conv1D weights are),
-/// and brings each into `[out, in]` shape, the requested dtype and device, and the layout the
-/// model holds it in (`gpt2::held_as_input_major`).
+/// which returns a checkpoint tensor by name in `[out, in]` shape, as a copy or (when its
+/// [`Layout`] says the model holds it so) as a view, and brings each into the requested dtype and
+/// device and the layout the model holds it in.
 pub(crate) fn assemble(
     spec: &super::ModelSpec,
     format: Format,
     dtype: DType,
     device: &Device,
-    mut fetch: impl FnMut(&str, bool) -> Result<Option<candle_core::Tensor>>,
+    mut fetch: impl FnMut(&str, Layout) -> Result<Option<candle_core::Tensor>>,
 ) -> Result<std::collections::BTreeMap<super::WeightId, candle_core::Tensor>> {
     use super::{gpt2, llama, Arch};
     let required = super::required_weights(spec);
@@ -169,8 +180,12 @@ pub(crate) fn assemble(
     for (id, is_required) in wanted {
         let name = checkpoint_name(spec, id, format)
             .ok_or_else(|| Error::UnknownWeight(id.to_string()))?;
-        let transposed = spec.arch == Arch::Gpt2 && gpt2::stored_transposed(id, format);
-        let Some(mut w) = fetch(&name, transposed)? else {
+        let gpt2 = spec.arch == Arch::Gpt2;
+        let layout = Layout {
+            stored_input_major: gpt2 && gpt2::stored_transposed(id, format),
+            held_input_major: gpt2 && gpt2::held_as_input_major(id, dtype, device),
+        };
+        let Some(mut w) = fetch(&name, layout)? else {
             if is_required {
                 return Err(Error::Invalid(format!(
                     "checkpoint has no tensor `{name}` ({id})"
@@ -184,9 +199,9 @@ pub(crate) fn assemble(
             }
         }
         let mut w = w.to_dtype(dtype)?.to_device(device)?;
-        if spec.arch == Arch::Gpt2 && w.rank() == 2 {
+        if gpt2 && w.rank() == 2 {
             let input_major = !w.is_contiguous() && w.t()?.is_contiguous();
-            if gpt2::held_as_input_major(id, dtype, device) != input_major {
+            if layout.held_input_major != input_major {
                 w = if input_major {
                     w.contiguous()?
                 } else {
