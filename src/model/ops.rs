@@ -1027,6 +1027,31 @@ mod tests {
             close(dx.to_vec2()?, &|r, c| {
                 (0..n_out).map(|k| dyv[r][k] * wv[c][k]).sum()
             });
+            // The products above would match through candle's matmul too: the view must take
+            // the fast path wherever that path's library is there.
+            let fast_here = if m <= kernels::MAX_ROWS {
+                kernels::available()
+            } else {
+                blas::available()
+            };
+            let xs = x.flatten_all()?.to_vec1::<f32>()?;
+            let dys = dy.flatten_all()?.to_vec1::<f32>()?;
+            let forward = fast_product_of(&xs, m, n_in, &w, None, Product::XWt)?;
+            let backward = fast_product_of(&dys, m, n_out, &w, None, Product::DyW)?;
+            assert_eq!(forward.is_some(), fast_here);
+            assert_eq!(backward.is_some(), fast_here);
+            let rows = |(out, cols): (Vec<f32>, usize)| -> Vec<Vec<f32>> {
+                out.chunks(cols).map(<[f32]>::to_vec).collect()
+            };
+            if let (Some(y), Some(dx)) = (forward, backward) {
+                assert_eq!((y.1, dx.1), (n_out, n_in));
+                close(rows(y), &|r, c| {
+                    (0..n_in).map(|k| xv[r][k] * wv[k][c]).sum()
+                });
+                close(rows(dx), &|r, c| {
+                    (0..n_out).map(|k| dyv[r][k] * wv[c][k]).sum()
+                });
+            }
         }
         Ok(())
     }
