@@ -85,4 +85,25 @@ for shape in $shapes; do
     --data "$repo/tests/fixtures/data/counterfact_easyedit_edit.json" --limit "$cases" --stats-dir "$work/stats" --out "$work/rome-$shape.jsonl"
   grep -iE 'edit|reliab' "$out/rome-$shape.log" | tail -4 | tee -a "$out/summary.txt"
 done
+# 3. AlphaEdit on the GPU against the CPU. On 2026-12-04 the patches test found the GPU's edit
+# 0.042 away from the CPU's (the CPU's own two product paths, kernels and candle's matmul, put the
+# same edit 1% of its size apart): the statistics and one edit are made on each device and
+# compared tensor by tensor, to tell which step differs.
+if [ "$device" != cpu ]; then
+  tiny="$repo/tests/fixtures/tiny-gpt2"
+  rm -rf "$work"/alpha-*
+  for d in cpu "$device"; do
+    timed "alphaedit-stats-$d" "$bin/kedit" stats --model "$tiny" --device "$d" --layers 1 --samples 2 \
+      --stats-dir "$work/alpha-$d" -q
+    timed "alphaedit-apply-$d" "$bin/kedit" apply -m "$tiny" --device "$d" --editor AlphaEdit \
+      --hparams "$repo/tests/fixtures/hparams/alphaedit-tiny-gpt2.yaml" --stats-dir "$work/alpha-$d" \
+      --prompt "The capital of France is" --subject France --target Rome --max-new-tokens 2 \
+      --no-fluency --save-edit "$work/alpha-$d.safetensors"
+  done
+  for f in "$work"/alpha-cpu/*/*.safetensors "$work/alpha-cpu.safetensors"; do
+    g=$(find "$work/alpha-$device" "$work/alpha-$device.safetensors" -name "$(basename "$f" | sed "s/alpha-cpu/alpha-$device/")" | head -1)
+    log "compare $(basename "$f") (cpu, $device)"
+    [ -n "$g" ] && python3 "$repo/scripts/compare-safetensors.py" "$f" "$g" | tee -a "$out/summary.txt"
+  done
+fi
 log done

@@ -187,29 +187,19 @@ pub fn assert_one_line_error(out: &std::process::Output, needles: &[&str]) {
     );
 }
 
-/// AlphaEdit hyperparameters for the tiny GPT-2 (layer 1, five value steps, statistics over two
-/// articles, the bare `{}` template), with its projector file at `p_loc` (used when it exists).
+/// AlphaEdit hyperparameters for the tiny GPT-2 (`hparams/alphaedit-tiny-gpt2.yaml`: layer 1,
+/// five value steps, statistics over two articles, the bare `{}` template), with its projector
+/// file at `p_loc` (used when it exists).
 pub fn tiny_alphaedit_yaml(p_loc: &str) -> String {
-    format!(
-        r#"alg_name: "AlphaEdit"
-model_name: "tiny-gpt2"
-P_loc: "{p_loc}"
-layers: [1]
-fact_token: "subject_last"
-v_num_grad_steps: 5
-v_lr: 5e-1
-v_loss_layer: 1
-v_weight_decay: 0.5
-clamp_norm_factor: 4
-kl_factor: 0.0625
-mom2_update_weight: 15000
-rewrite_module_tmp: "transformer.h.{{}}.mlp.c_proj"
-mom2_n_samples: 2
-nullspace_threshold: 2e-2
-L2: 10
-context_templates: [["{{}}"]]
-"#
-    )
+    let path = fixture("hparams/alphaedit-tiny-gpt2.yaml");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let line = "P_loc: \"./no-such-projector.pt\"";
+    assert!(
+        text.contains(line),
+        "{} lost its P_loc line",
+        path.display()
+    );
+    text.replace(line, &format!("P_loc: \"{p_loc}\""))
 }
 
 /// Training pairs (edit and locality prompt) of the ZsRE training sample in the fixtures.
