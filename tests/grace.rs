@@ -396,6 +396,27 @@ fn eval_at_writes_one_summary_per_checkpoint_of_a_sequential_run() {
         assert_eq!(line["post"]["rewrite_acc"], 100.0, "{line}");
         assert!(line["peak_rss_kb"].as_u64().unwrap() > 0);
     }
+    // The per-case results are those of a run measured only at its end, whose last point's
+    // measurement they reuse (but for the seconds each edit took).
+    let untimed = |path: &std::path::Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let mut case: serde_json::Value = serde_json::from_str(l).unwrap();
+                case.as_object_mut().unwrap().remove("time");
+                case
+            })
+            .collect()
+    };
+    let plain = tmp.path().join("plain.jsonl");
+    let mut args = base.to_vec();
+    let out_at = args.iter().position(|a| *a == "--out").unwrap() + 1;
+    args[out_at] = plain.to_str().unwrap();
+    args.extend(["--sequential", "end"]);
+    ok(&kedit(&args));
+    assert_eq!(untimed(&out), untimed(&plain));
+    assert_eq!(untimed(&out).len(), 4);
 
     // In batches: every case carries its batch's seconds, shared per edit by its facts. GRACE
     // edits one fact per call whatever --batch-size asks; CaliNet as many as its file says.

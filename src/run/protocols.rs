@@ -204,6 +204,7 @@ pub fn run_cases(
                 pending.clear();
             }
             let mut eval_points = opts.eval_points.iter().copied().peekable();
+            let mut measured_at_end = None;
             let mut times = progress.seconds.clone();
             let mut edited = restored;
             loop {
@@ -234,6 +235,9 @@ pub fn run_cases(
                         edit_seconds,
                         batch_size: batch,
                     };
+                    if edited == total && opts.protocol == Protocol::SequentialEvalAtEnd {
+                        measured_at_end = Some(results.clone());
+                    }
                     observer.eval_point(at, results)?;
                 }
                 observer.progress("edit", edited, total);
@@ -279,6 +283,14 @@ pub fn run_cases(
                     save_checkpoint(&saving.path, model, editor, &unedited, &touched, &progress)?;
                     observer.saved(edited)?;
                 }
+            }
+            // An evaluation point after the last edit has measured every case on the final
+            // model already (all 1,000 cases of a lifelong run: minutes).
+            if let Some(results) = measured_at_end {
+                for result in results {
+                    observer.case_done(result)?;
+                }
+                return Ok(RunEnd::Finished);
             }
             // After the last edit the model no longer changes: every case's post-edit metrics
             // share passes, a window at a time, each window's results streamed as it is done.
