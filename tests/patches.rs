@@ -389,7 +389,7 @@ fn a_sequential_run_stopped_and_resumed_ends_as_one_made_in_one_go() {
     let stats = tmp.path().join("stats");
     let tiny = fixture("tiny-gpt2");
     let data = fixture("data/counterfact_easyedit_edit.json");
-    let run = |out: &std::path::Path, extra: &[&str]| {
+    let run_of = |limit: &str, out: &std::path::Path, extra: &[&str]| {
         let mut args = vec![
             "eval",
             "-m",
@@ -403,7 +403,7 @@ fn a_sequential_run_stopped_and_resumed_ends_as_one_made_in_one_go() {
             "--data",
             data.to_str().unwrap(),
             "--limit",
-            "4",
+            limit,
             "--sequential",
             "end",
             "--eval-at",
@@ -416,6 +416,7 @@ fn a_sequential_run_stopped_and_resumed_ends_as_one_made_in_one_go() {
         args.extend(extra);
         kedit_with_backtraces(&args)
     };
+    let run = |out: &std::path::Path, extra: &[&str]| run_of("4", out, extra);
     let with = |out: &std::path::Path, suffix: &str| {
         let mut p = out.as_os_str().to_owned();
         p.push(suffix);
@@ -460,6 +461,16 @@ fn a_sequential_run_stopped_and_resumed_ends_as_one_made_in_one_go() {
     assert_eq!(read(&whole).len(), 4);
     assert_eq!(read(&whole), read(&parts));
     assert_eq!(figures(&whole), figures(&parts));
+    // A finished run is not extended: its results were taken on its last model, and the points
+    // of the longer run would leave its cases out.
+    let before = std::fs::read_to_string(&parts).unwrap();
+    assert_one_line_error(
+        &run_of("5", &parts, &["--resume", "--quiet"]),
+        &["parts.jsonl", "final results", "new --out"],
+    );
+    assert_eq!(std::fs::read_to_string(&parts).unwrap(), before);
+    let record = std::fs::read_to_string(with(&parts, ".run.json")).unwrap();
+    assert!(record.contains("\"cases\": 4"), "{record}");
 
     let down = WeightId::layer(1, Module::MlpDown);
     let final_weight = |out: &std::path::Path| {

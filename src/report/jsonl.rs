@@ -158,6 +158,24 @@ impl ResultsSink {
                         format!("cannot --resume: it was written by another run ({diff})"),
                     ));
                 }
+                // A sequential run measured at its end writes results only once its last edit is
+                // made: taken further, those results would describe a model it no longer has.
+                let finished_shorter = matches!(
+                    (was.cases, record.cases),
+                    (Some(was), Some(now)) if now > was
+                ) && record.protocol
+                    == crate::run::Protocol::SequentialEvalAtEnd.name()
+                    && std::fs::metadata(path).is_ok_and(|m| m.len() > 0);
+                if finished_shorter {
+                    return Err(Error::file(
+                        path,
+                        format!(
+                            "cannot --resume: it holds the final results of a sequential run of {} \
+                             cases, measured after its last edit; a longer run needs a new --out",
+                            was.cases.unwrap_or_default()
+                        ),
+                    ));
+                }
                 // A run resumed with another --limit: the record says how many cases it now has.
                 if was.cases != record.cases && record.cases.is_some() {
                     write_record(&sidecar, &record)?;
