@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use common::*;
@@ -39,7 +39,7 @@ fn run_ft(
         &mut model,
         editor.as_mut(),
         cases,
-        &BTreeSet::new(),
+        &BTreeMap::new(),
         &opts,
         &EditCtx::default(),
         &mut results,

@@ -384,6 +384,18 @@ fn an_eval_that_fails_before_its_first_case_leaves_no_results_file() {
 /// them again. A new run refuses to replace a saved run's edits; an unreadable one is named.
 #[test]
 fn a_sequential_run_stopped_and_resumed_ends_as_one_made_in_one_go() {
+    stopped_and_resumed_ends_as_one_made_in_one_go("end");
+}
+
+/// As above, when each case is measured right after its edit: the first two cases' results are
+/// written before the stop, and the evaluation point at 4 edits, measured by the resumed process,
+/// still scores all four cases (against the pre-edit metrics the results file recorded).
+#[test]
+fn a_sequential_each_run_resumed_measures_its_later_points_over_every_case() {
+    stopped_and_resumed_ends_as_one_made_in_one_go("each");
+}
+
+fn stopped_and_resumed_ends_as_one_made_in_one_go(protocol: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let hparams = tiny_alphaedit_hparams(tmp.path());
     let stats = tmp.path().join("stats");
@@ -405,7 +417,7 @@ fn a_sequential_run_stopped_and_resumed_ends_as_one_made_in_one_go() {
             "--limit",
             limit,
             "--sequential",
-            "end",
+            protocol,
             "--eval-at",
             "2,4",
             "--threads",
@@ -441,7 +453,11 @@ fn a_sequential_run_stopped_and_resumed_ends_as_one_made_in_one_go() {
     let stderr = String::from_utf8_lossy(&stopped.stderr).to_string();
     ok(&stopped);
     assert!(stderr.contains("stopped after 2 of 4 edits"), "{stderr}");
-    assert_eq!(std::fs::read_to_string(&parts).unwrap(), "");
+    let written_before_the_stop = if protocol == "end" { 0 } else { 2 };
+    assert_eq!(
+        std::fs::read_to_string(&parts).unwrap().lines().count(),
+        written_before_the_stop
+    );
     assert_eq!(figures(&parts).len(), 1, "the checkpoint at 2 edits");
     // The run record is written with the saved edits: a resume with other settings is refused.
     assert_one_line_error(
@@ -461,6 +477,10 @@ fn a_sequential_run_stopped_and_resumed_ends_as_one_made_in_one_go() {
     assert_eq!(read(&whole).len(), 4);
     assert_eq!(read(&whole), read(&parts));
     assert_eq!(figures(&whole), figures(&parts));
+    assert_eq!(figures(&parts)[1][1], 4, "cases measured at 4 edits");
+    if protocol == "each" {
+        return;
+    }
     // A finished run is not extended: its results were taken on its last model, and the points
     // of the longer run would leave its cases out.
     let before = std::fs::read_to_string(&parts).unwrap();

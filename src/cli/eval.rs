@@ -1,4 +1,4 @@
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -11,7 +11,7 @@ use crate::data::{read_dataset, Format};
 use crate::editors::{build_editor_with_archive, default_hparams, EditCtx};
 use crate::eval::case::{CaseResult, MeasureOptions};
 use crate::eval::sentiment::SentimentProtocol;
-use crate::eval::Scoring;
+use crate::eval::{PhaseMetrics, Scoring};
 use crate::report::jsonl::{file_sha256, ResultsSink, RunRecord};
 use crate::report::summary::summarize;
 use crate::run::sanitation::{self, SanitationObserver, SanitationOptions};
@@ -476,7 +476,10 @@ pub fn run(mut args: EvalArgs) -> anyhow::Result<ExitCode> {
         Some(path) => (ResultsSink::create(path, record)?, Vec::new()),
         None => (ResultsSink::stdout(record), Vec::new()),
     };
-    let done: BTreeSet<usize> = previous.iter().map(|r| r.case_id).collect();
+    let done: BTreeMap<usize, PhaseMetrics> = previous
+        .iter()
+        .map(|r| (r.case_id, r.pre.clone()))
+        .collect();
     let bar = progress_bar(&args, cases.len());
     let (lifelong, eval_points) = lifelong_log(&args, editor.name())?;
     let mut sink = Sink {

@@ -105,16 +105,25 @@ pub fn measure_before_many(
     requests
         .iter()
         .zip(metrics)
-        .map(|(request, metrics)| {
-            let sentiment = match (&request.sentiment, opts.sentiment) {
-                (Some(probe), SentimentProtocol::Corrected) => {
-                    Some(sentiment::baseline(model, probe, opts.sentiment)?)
-                }
-                _ => None,
-            };
-            Ok(Before { metrics, sentiment })
-        })
+        .map(|(request, metrics)| recorded_before(model, request, metrics, opts))
         .collect()
+}
+
+/// A case's pre-edit metrics as a results file recorded them (a resumed run), completed on the
+/// unedited `model` with what the file does not hold: ConvSent's corrected baseline.
+pub fn recorded_before(
+    model: &Model,
+    request: &EditRequest,
+    metrics: PhaseMetrics,
+    opts: &MeasureOptions,
+) -> Result<Before> {
+    let sentiment = match (&request.sentiment, opts.sentiment) {
+        (Some(probe), SentimentProtocol::Corrected) => {
+            Some(sentiment::baseline(model, probe, opts.sentiment)?)
+        }
+        _ => None,
+    };
+    Ok(Before { metrics, sentiment })
 }
 
 /// A case waiting for its post-edit metrics: its record index, request, pre-edit metrics and the

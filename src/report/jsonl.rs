@@ -162,7 +162,7 @@ impl ResultsSink {
                 // made: taken further, those results would describe a model it no longer has.
                 let finished_shorter = matches!(
                     (was.cases, record.cases),
-                    (Some(was), Some(now)) if now > was
+                    (Some(recorded), Some(now)) if now > recorded
                 ) && record.protocol
                     == crate::run::Protocol::SequentialEvalAtEnd.name()
                     && std::fs::metadata(path).is_ok_and(|m| m.len() > 0);

@@ -2,13 +2,16 @@
 //! (or keep, for sequential editing), one result per case handed to an observer as soon as it is
 //! known. Editors and metrics meet here and nowhere else.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use crate::data::EditRequest;
 use crate::editors::{Edit, EditCtx, Editor};
 use crate::error::Result;
-use crate::eval::case::{measure_after_many, measure_before_many, CaseResult, MeasureOptions};
+use crate::eval::case::{
+    measure_after_many, measure_before_many, recorded_before, CaseResult, MeasureOptions,
+};
+use crate::eval::PhaseMetrics;
 use crate::model::Model;
 
 use super::sequential_checkpoint::{restore, save as save_checkpoint, Checkpointing};
@@ -95,7 +98,7 @@ pub trait Observer {
     /// Progress in `stage` ("pre", "edit"): `done` of `total`.
     fn progress(&mut self, _stage: &'static str, _done: usize, _total: usize) {}
     /// At an evaluation point of a sequential run, the post-edit results of every case edited so
-    /// far whose pre-edit metrics this process measured.
+    /// far.
     fn eval_point(&mut self, _at: EvalPoint, _results: Vec<CaseResult>) -> Result<()> {
         Ok(())
     }
@@ -108,13 +111,15 @@ pub trait Observer {
 }
 
 /// Runs `editor` over `cases` (`(record index, request)`), skipping the record indices in `done`
-/// (a resumed run; when edits accumulate, their edits are taken from the saved file of
-/// [`RunOptions::saving`] where it holds them, else made again without evaluation).
+/// (a resumed run's finished cases, with the pre-edit metrics its results file holds; when edits
+/// accumulate, their edits are taken from the saved file of [`RunOptions::saving`] where it holds
+/// them, else made again without evaluation, and the evaluation points still to come measure
+/// them again on the edited model against those recorded pre-edit metrics).
 pub fn run_cases(
     model: &mut Model,
     editor: &mut dyn Editor,
     cases: &[(usize, EditRequest)],
-    done: &BTreeSet<usize>,
+    done: &BTreeMap<usize, PhaseMetrics>,
     opts: &RunOptions,
     ctx: &EditCtx,
     observer: &mut dyn Observer,
@@ -129,8 +134,10 @@ pub fn run_cases(
     let window = batch * CASES_PER_MEASURE_PASS.div_ceil(batch);
     match opts.protocol {
         Protocol::Single => {
-            let todo: Vec<&(usize, EditRequest)> =
-                cases.iter().filter(|(i, _)| !done.contains(i)).collect();
+            let todo: Vec<&(usize, EditRequest)> = cases
+                .iter()
+                .filter(|(i, _)| !done.contains_key(i))
+                .collect();
             let total = todo.len();
             let mut finished = 0;
             for cases_ahead in todo.chunks(window) {
@@ -159,19 +166,24 @@ pub fn run_cases(
         }
         Protocol::SequentialEvalEach | Protocol::SequentialEvalAtEnd => {
             let total = cases.len();
+            let is_new = |case_id: &usize| !done.contains_key(case_id);
+            // Every case edited before an evaluation point is measured there, finished ones too.
+            let points_ahead = !opts.eval_points.is_empty();
             let mut pre = Vec::with_capacity(total);
             for cases_ahead in cases.chunks(window) {
                 let requests: Vec<EditRequest> = cases_ahead
                     .iter()
-                    .filter(|(i, _)| !done.contains(i))
+                    .filter(|(i, _)| is_new(i))
                     .map(|(_, r)| r.clone())
                     .collect();
                 let mut before = measure_before_many(model, &requests, measure)?.into_iter();
-                for (i, _) in cases_ahead {
-                    pre.push(if done.contains(i) {
-                        None
-                    } else {
-                        before.next()
+                for (i, request) in cases_ahead {
+                    pre.push(match done.get(i) {
+                        None => before.next(),
+                        Some(metrics) if points_ahead => {
+                            Some(recorded_before(model, request, metrics.clone(), measure)?)
+                        }
+                        Some(_) => None,
                     });
                 }
                 observer.progress("pre", pre.len(), total);
@@ -195,6 +207,7 @@ pub fn run_cases(
                 .iter()
                 .zip(&pre)
                 .zip(&progress.seconds)
+                .filter(|(((case_id, _), _), _)| is_new(case_id))
                 .filter_map(|(((case_id, request), before), &seconds)| {
                     Some((*case_id, request, before.clone()?, seconds))
                 })
@@ -257,7 +270,7 @@ pub fn run_cases(
                 edited += chunk.len();
                 let mut measured_now = Vec::new();
                 for (k, (case_id, request)) in chunk.iter().enumerate() {
-                    let Some(before) = pre[first + k].clone() else {
+                    let Some(before) = pre[first + k].clone().filter(|_| is_new(case_id)) else {
                         continue;
                     };
                     measured_now.push((*case_id, request, before, seconds));
@@ -287,7 +300,7 @@ pub fn run_cases(
             // An evaluation point after the last edit has measured every case on the final
             // model already (all 1,000 cases of a lifelong run: minutes).
             if let Some(results) = measured_at_end {
-                for result in results {
+                for result in results.into_iter().filter(|r| is_new(&r.case_id)) {
                     observer.case_done(result)?;
                 }
                 return Ok(RunEnd::Finished);
