@@ -210,6 +210,19 @@ fn nonexistent_model_and_bad_device_are_refused() {
     let tiny = fixture("tiny-gpt2");
     let out = kedit(&["inspect", "-m", tiny.to_str().unwrap(), "--device", "tpu"]);
     assert_one_line_error(&out, &["--device tpu"]);
+    // A job script's device comes from KEDIT_DEVICE; a bad one is named as the environment's.
+    let from_env = kedit_command()
+        .args(["inspect", "-m", tiny.to_str().unwrap()])
+        .env("KEDIT_DEVICE", "cuda:x")
+        .output()
+        .unwrap();
+    assert_one_line_error(&from_env, &["KEDIT_DEVICE=cuda:x", "not a GPU ordinal"]);
+    let overridden = kedit_command()
+        .args(["inspect", "-m", tiny.to_str().unwrap(), "--device", "cpu"])
+        .env("KEDIT_DEVICE", "cuda:x")
+        .output()
+        .unwrap();
+    ok(&overridden);
 }
 
 /// `--threads` changes how the work is split, not what it computes: one thread and two give the

@@ -296,7 +296,7 @@ fn ctrl_c_writes_a_checkpoint_that_resumes() {
     )
     .unwrap();
     let out = tmp.path().join("run");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kedit"))
+    let mut child = kedit_command()
         .args(train_args(&hparams, &out, &[]))
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

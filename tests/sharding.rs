@@ -160,7 +160,7 @@ fn shards_from_another_run_are_refused() {
 fn the_scheduler_environment_picks_the_shard_and_bad_specs_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let base = tmp.path().join("r.jsonl");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kedit"))
+    let out = kedit_command()
         .args(eval_args(&base, "2", &[]))
         .env("SLURM_ARRAY_TASK_ID", "1")
         .env("SLURM_ARRAY_TASK_COUNT", "2")

@@ -79,7 +79,7 @@ pub struct ModelArgs {
     #[arg(long, short = 'm')]
     pub model: String,
     /// cpu, cuda or cuda:N
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, env = "KEDIT_DEVICE", default_value = "cpu")]
     pub device: String,
     /// Weight dtype; auto = f32 when it fits in memory, else bf16
     #[arg(long, value_enum, default_value_t = DTypeArg::Auto)]
@@ -252,24 +252,32 @@ impl ModelArgs {
 }
 
 fn parse_device(s: &str) -> anyhow::Result<Device> {
+    // A device set once for a whole job script comes from the environment: say so when it is bad.
+    let named = match std::env::var("KEDIT_DEVICE") {
+        Ok(v) if v == s => format!("KEDIT_DEVICE={s}"),
+        _ => format!("--device {s}"),
+    };
     match s {
         "cpu" => Ok(Device::Cpu),
-        "cuda" => cuda(0),
+        "cuda" => cuda(0, &named),
         _ => match s.strip_prefix("cuda:") {
-            Some(n) => cuda(n.parse().map_err(|_| {
-                anyhow::anyhow!(
-                    "--device {s}: `{n}` is not a GPU ordinal (expected cpu, cuda or cuda:N)"
-                )
-            })?),
-            None => anyhow::bail!("--device {s}: expected cpu, cuda or cuda:N"),
+            Some(n) => cuda(
+                n.parse().map_err(|_| {
+                    anyhow::anyhow!(
+                        "{named}: `{n}` is not a GPU ordinal (expected cpu, cuda or cuda:N)"
+                    )
+                })?,
+                &named,
+            ),
+            None => anyhow::bail!("{named}: expected cpu, cuda or cuda:N"),
         },
     }
 }
 
-fn cuda(ordinal: usize) -> anyhow::Result<Device> {
+fn cuda(ordinal: usize, named: &str) -> anyhow::Result<Device> {
     if !candle_core::utils::cuda_is_available() {
         anyhow::bail!(
-            "--device cuda: this kedit was built without CUDA (rebuild with `--features cuda`)"
+            "{named}: this kedit was built without CUDA (rebuild with `--features cuda`)"
         );
     }
     Ok(Device::new_cuda(ordinal)?)

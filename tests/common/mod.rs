@@ -143,15 +143,23 @@ pub fn results_without_time(text: &str) -> Vec<serde_json::Value> {
 
 /// Runs the `kedit` binary.
 pub fn kedit<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_kedit"))
-        .args(args)
-        .output()
-        .unwrap()
+    kedit_command().args(args).output().unwrap()
+}
+
+/// The `kedit` binary, on the suite's device (`KEDIT_TEST_DEVICE`, handed on as `KEDIT_DEVICE`;
+/// a `KEDIT_DEVICE` of the caller's own does not reach the tests).
+pub fn kedit_command() -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_kedit"));
+    match std::env::var("KEDIT_TEST_DEVICE").as_deref() {
+        Ok(device) if !device.is_empty() => command.env("KEDIT_DEVICE", device),
+        _ => command.env_remove("KEDIT_DEVICE"),
+    };
+    command
 }
 
 /// `kedit` with `RUST_BACKTRACE=1`, as many users run it: errors must still be one plain line.
 pub fn kedit_with_backtraces<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_kedit"))
+    kedit_command()
         .args(args)
         .env("RUST_BACKTRACE", "1")
         .output()
