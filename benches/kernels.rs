@@ -6,13 +6,13 @@
 //! candle's bf16 matmul (`-bf16`), as a model loaded in bf16 meets them.
 //! Criterion reports GFLOP/s as elements: 1 element = 1 FLOP.
 //!
-//! The group `products-7b` sets the two half-precision paths side by side at LLaMA-2-7B's MLP
-//! width (bf16 weights of 4096 × 11008, which no cache holds): the kernels reading the rows in
-//! place against widening the whole weight once and OpenBLAS, the choice `ops::HALF_STREAM_ROWS`
-//! makes by the number of rows.
+//! The group `products-half` sets the two half-precision paths side by side at the MLP widths of
+//! SmolLM2, GPT2-XL and LLaMA-2-7B (bf16 weights; the larger two no cache holds): the kernels
+//! reading the rows in place against widening the whole weight once and OpenBLAS, the choice
+//! `ops::half_stream_rows` makes by the number of rows and the weight's size.
 //!
-//! `cargo bench --bench kernels` (`-- 16x576x1536` for one shape, `-- products-7b` for the 7B
-//! width; one thread: `RAYON_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1`).
+//! `cargo bench --bench kernels` (`-- 16x576x1536` for one shape, `-- products-half` for the
+//! half-precision paths; one thread: `RAYON_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1`).
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
@@ -149,14 +149,29 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
-/// Rows of a bf16 product at LLaMA-2-7B's MLP width, around where streaming the rows stops paying.
-const ROWS_7B: &[usize] = &[64, 96, 128, 192, 256];
+/// Rows of a bf16 product around where streaming the rows stops paying.
+const HALF_ROWS: &[usize] = &[64, 96, 128, 192];
 
-fn bench_7b_width(c: &mut Criterion) {
-    let mut group = c.benchmark_group("products-7b");
+/// (in, out): the MLP up projections of SmolLM2-135M and GPT2-XL, LLaMA-2-7B's attention and MLP.
+const HALF_WIDTHS: &[(usize, usize)] = &[(576, 1536), (1600, 6400), (4096, 4096), (4096, 11008)];
+
+fn bench_half_widths(c: &mut Criterion) {
+    let mut group = c.benchmark_group("products-half");
     group.sample_size(10);
-    let (k, n) = (4096, 11008);
-    let weights: Vec<Vec<half::bf16>> = (0..2)
+    for &(k, n) in HALF_WIDTHS {
+        bench_half_width(&mut group, k, n);
+    }
+    group.finish();
+}
+
+fn bench_half_width(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    k: usize,
+    n: usize,
+) {
+    // Enough distinct weights that no cache holds them all, as a model's layers meet them.
+    let copies = (64 << 20) / (2 * n * k) + 2;
+    let weights: Vec<Vec<half::bf16>> = (0..copies)
         .map(|s| {
             values(n * k, s + 2)
                 .into_iter()
@@ -165,14 +180,14 @@ fn bench_7b_width(c: &mut Criterion) {
         })
         .collect();
     let mut widened = vec![0f32; n * k];
-    for &m in ROWS_7B {
+    for &m in HALF_ROWS {
         let x = values(m * k, 0);
         let dy = values(m * n, 1);
         group.throughput(Throughput::Elements((2 * m * k * n) as u64));
         let shape = format!("{m}x{k}x{n}");
         let mut i = 0;
         let mut next = || {
-            i = (i + 1) % weights.len();
+            i = (i + 1) % copies;
             i
         };
         if kernels::available() {
@@ -202,7 +217,6 @@ fn bench_7b_width(c: &mut Criterion) {
             });
         }
     }
-    group.finish();
 }
 
 /// The Gram matrix `kᵀk` of a statistics batch (3 windows of 1024 tokens) at SmolLM2's and
@@ -224,5 +238,5 @@ fn bench_gram(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench, bench_7b_width, bench_gram);
+criterion_group!(benches, bench, bench_half_widths, bench_gram);
 criterion_main!(benches);

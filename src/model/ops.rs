@@ -263,10 +263,25 @@ const WIDEN_MIN_ROWS: usize = 8;
 /// The most rows of a bf16 or f16 product that the kernels take, reading the weight's rows in
 /// place; beyond it the weight is widened once and OpenBLAS multiplies. Twice f32's
 /// [`kernels::MAX_ROWS`], because for a half-precision weight OpenBLAS must first have the whole
-/// weight written out in f32 and read back. Measured one product at a time (bf16, 2026-12-05):
-/// `x·wᵀ` at LLaMA-2-7B's MLP width 70 against 147 ms at 64 rows and 121 against 174 at 96; at
-/// SmolLM2's 1.74 against 1.58 ms at 64; `dy·w` 109 against 169 ms and 1.78 against 1.80 ms at 64.
-const HALF_STREAM_ROWS: usize = 2 * kernels::MAX_ROWS;
+/// weight written out in f32 and read back; three times for a weight of [`LARGE_HALF_WEIGHT`]
+/// elements or more, whose widened copy costs most. Measured (`cargo bench --bench kernels --
+/// products-half`, bf16, 2026-12-06, ms for `x·wᵀ` / `dy·w`, streamed against widened):
+///
+/// | rows | SmolLM2 576×1536 | GPT2-XL 1600×6400 | 7B 4096×4096 | 7B 4096×11008 |
+/// |---|---|---|---|---|
+/// | 64 | 0.91/0.70 vs 0.83/0.85 | 9.5/7.7 vs 9.7/10.6 | 15.8/15.6 vs 19.5/21.4 | 42.7/41.6 vs 57.5/59.6 |
+/// | 96 | 1.28/0.99 vs 1.02/1.01 | 13.5/10.8 vs 12.1/11.7 | 18.5/23.5 vs 24.1/26.5 | 52.7/59.9 vs 62.6/70.3 |
+/// | 128 | 1.76/1.28 vs 1.21/1.20 | 18.2/13.8 vs 13.4/14.0 | 26.1/32.6 vs 26.8/29.4 | 74.1/84.5 vs 75.5/75.5 |
+fn half_stream_rows(weight_elements: usize) -> usize {
+    if weight_elements >= LARGE_HALF_WEIGHT {
+        3 * kernels::MAX_ROWS
+    } else {
+        2 * kernels::MAX_ROWS
+    }
+}
+
+/// LLaMA-2-7B's attention weights (4096 × 4096) and anything larger.
+const LARGE_HALF_WEIGHT: usize = 1 << 24;
 
 thread_local! {
     /// The last widened weight's f32 elements, kept to be overwritten by the next: a fresh
@@ -317,7 +332,7 @@ fn widen_into(t: &Tensor, out: &mut Vec<f32>) -> bool {
 /// A bf16 or f16 product on the CPU computed in f32 and rounded back. candle multiplies half
 /// precision on the CPU by widening both whole operands into fresh f32 buffers on every call
 /// (bf16), or several times slower than f32 (f16): for token-by-token generation on LLaMA-2-7B
-/// that is 27 GB of fresh memory per token. Up to [`HALF_STREAM_ROWS`] rows, the kernels read
+/// that is 27 GB of fresh memory per token. Up to [`half_stream_rows`] rows, the kernels read
 /// the weight's half-precision rows as they lie, a few converted at a time; from there on the
 /// weight is widened once into a buffer reused from product to product and OpenBLAS multiplies.
 /// Each output is the f32-accumulated sum rounded once, as candle's half kernels also
@@ -328,7 +343,7 @@ fn widened_product(lhs: &Tensor, weight: &Tensor, product: Product) -> Result<Op
         &[m, width] => (m, width),
         _ => return Ok(None),
     };
-    let streams = m <= HALF_STREAM_ROWS && kernels::available();
+    let streams = m <= half_stream_rows(weight.elem_count()) && kernels::available();
     let applies = matches!(dtype, DType::BF16 | DType::F16)
         && weight.dtype() == dtype
         && lhs.device().is_cpu()
@@ -921,50 +936,71 @@ mod tests {
     /// relative to the result alone fails on some random draws.
     #[test]
     fn half_precision_products_round_the_exact_product() -> Result<()> {
-        let dev = Device::Cpu;
         // One row (generation), a few (editing), and more than the short-product kernels take.
         let (k, n) = (300, 70);
-        for (m, dtype) in [1, WIDEN_MIN_ROWS + 3, HALF_STREAM_ROWS + 5]
-            .into_iter()
-            .flat_map(|m| [(m, DType::BF16), (m, DType::F16)])
-        {
-            let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?.to_dtype(dtype)?;
-            let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?.to_dtype(dtype)?;
-            let (x64, w64) = (x.to_dtype(DType::F64)?, w.to_dtype(DType::F64)?);
-            let exact = x64.matmul(&w64.t()?)?;
-            let magnitude = x64.abs()?.matmul(&w64.abs()?.t()?)?;
-            let dy = Tensor::randn(0f32, 1.0, (m, n), &dev)?.to_dtype(dtype)?;
-            let dy64 = dy.to_dtype(DType::F64)?;
-            let exact_dx = dy64.matmul(&w64)?;
-            let magnitude_dx = dy64.abs()?.matmul(&w64.abs()?)?;
-            let x_var = candle_core::Var::from_tensor(&x)?;
-            let tracked = matmul_t(x_var.as_tensor(), &w, None)?;
-            let dx = const_weight_grad(&dy, &w, None)?;
-            for (got, want, magnitude, sum_len) in [
-                (matmul_t(&x, &w, None)?, &exact, &magnitude, k),
-                (tracked, &exact, &magnitude, k),
-                (dx, &exact_dx, &magnitude_dx, n),
-            ] {
-                assert_eq!(got.dtype(), dtype);
-                let got = got.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-                let want = want.flatten_all()?.to_vec1::<f64>()?;
-                let magnitude = magnitude.flatten_all()?.to_vec1::<f64>()?;
-                let unit = sum_len as f64 * 2f64.powi(-24);
-                let summation = unit / (1.0 - unit);
-                // Half precision keeps 8 (bf16) or 11 (f16) significant bits.
-                let relative_step = if dtype == DType::BF16 {
-                    2f64.powi(-7)
-                } else {
-                    2f64.powi(-10)
-                };
-                for ((g, w), s) in got.iter().zip(&want).zip(&magnitude) {
-                    let f32_sum_error = summation * s;
-                    let bound = (w.abs() + f32_sum_error) * relative_step + f32_sum_error;
-                    assert!(
-                        (g - w).abs() <= bound,
-                        "{dtype:?}, {m} rows: {g} against exact {w} (bound {bound})"
-                    );
-                }
+        for m in [1, WIDEN_MIN_ROWS + 3, half_stream_rows(k * n) + 5] {
+            for dtype in [DType::BF16, DType::F16] {
+                assert_half_products_round_the_exact_product(m, k, n, dtype)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A weight of LLaMA-2-7B's attention size is read in place for more rows than a small one.
+    #[test]
+    fn large_half_precision_weights_stream_more_rows_and_round_the_exact_product() -> Result<()> {
+        let (k, n) = (4096, 4096);
+        let m = 2 * kernels::MAX_ROWS + 26;
+        assert!(half_stream_rows(k * n) >= m && half_stream_rows(300 * 70) < m);
+        assert_half_products_round_the_exact_product(m, k, n, DType::BF16)
+    }
+
+    /// Every entry of `x·wᵀ` (plain and tracked) and `dy·w` in `dtype` is the exact product of
+    /// its half-precision inputs rounded as [`half_precision_products_round_the_exact_product`]
+    /// says.
+    fn assert_half_products_round_the_exact_product(
+        m: usize,
+        k: usize,
+        n: usize,
+        dtype: DType,
+    ) -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?.to_dtype(dtype)?;
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?.to_dtype(dtype)?;
+        let (x64, w64) = (x.to_dtype(DType::F64)?, w.to_dtype(DType::F64)?);
+        let exact = x64.matmul(&w64.t()?)?;
+        let magnitude = x64.abs()?.matmul(&w64.abs()?.t()?)?;
+        let dy = Tensor::randn(0f32, 1.0, (m, n), &dev)?.to_dtype(dtype)?;
+        let dy64 = dy.to_dtype(DType::F64)?;
+        let exact_dx = dy64.matmul(&w64)?;
+        let magnitude_dx = dy64.abs()?.matmul(&w64.abs()?)?;
+        let x_var = candle_core::Var::from_tensor(&x)?;
+        let tracked = matmul_t(x_var.as_tensor(), &w, None)?;
+        let dx = const_weight_grad(&dy, &w, None)?;
+        for (got, want, magnitude, sum_len) in [
+            (matmul_t(&x, &w, None)?, &exact, &magnitude, k),
+            (tracked, &exact, &magnitude, k),
+            (dx, &exact_dx, &magnitude_dx, n),
+        ] {
+            assert_eq!(got.dtype(), dtype);
+            let got = got.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+            let want = want.flatten_all()?.to_vec1::<f64>()?;
+            let magnitude = magnitude.flatten_all()?.to_vec1::<f64>()?;
+            let unit = sum_len as f64 * 2f64.powi(-24);
+            let summation = unit / (1.0 - unit);
+            // Half precision keeps 8 (bf16) or 11 (f16) significant bits.
+            let relative_step = if dtype == DType::BF16 {
+                2f64.powi(-7)
+            } else {
+                2f64.powi(-10)
+            };
+            for ((g, w), s) in got.iter().zip(&want).zip(&magnitude) {
+                let f32_sum_error = summation * s;
+                let bound = (w.abs() + f32_sum_error) * relative_step + f32_sum_error;
+                assert!(
+                    (g - w).abs() <= bound,
+                    "{dtype:?}, {m} rows: {g} against exact {w} (bound {bound})"
+                );
             }
         }
         Ok(())
