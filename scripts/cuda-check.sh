@@ -10,7 +10,8 @@
 #      on the GPU; those named in PER_TEST one test at a time, each timed;
 #   3. random-weight SmolLM2- and GPT2-XL-shaped checkpoints (scripts/make-shaped-checkpoint.py):
 #      forward throughput beside a product at the MLP's width (`kedit inspect --throughput`),
-#      key statistics and ROME edits (`kedit eval`), each under /usr/bin/time where it exists.
+#      key statistics and ROME edits (`kedit eval`, then one `kedit apply` that says where its time
+#      went), each under /usr/bin/time where it exists.
 # usage: scripts/cuda-check.sh BINDIR OUTDIR [DEVICE]
 #   BINDIR  holds `kedit` and, under tests/, test binaries
 #   DEVICE  cuda (default) or cpu, to rehearse the script on a machine without a GPU
@@ -154,5 +155,11 @@ for shape in $shapes; do
   timed "rome-$shape" "$bin/kedit" eval --model "$model" --device "$device" --editor ROME --hparams "$work/rome-$shape.yaml" \
     --data "$repo/tests/fixtures/data/counterfact_easyedit_edit.json" --limit "$cases" --stats-dir "$work/stats" --out "$work/rome-$shape.jsonl"
   grep -iE 'edit|reliab' "$out/rome-$shape.log" | tail -4 | tee -a "$out/summary.txt"
+  # One edit by `apply`, which prints where its time went (keys, values, solve): on the H200 the
+  # two sizes' edits took the same time, so something other than their arithmetic bounds them.
+  timed "rome-apply-$shape" "$bin/kedit" apply --model "$model" --device "$device" --editor ROME \
+    --hparams "$work/rome-$shape.yaml" --stats-dir "$work/stats" --prompt "The capital of France is" \
+    --subject France --target Rome --max-new-tokens 2 --no-fluency
+  grep -E '^time:' "$out/rome-apply-$shape.log" | tee -a "$out/summary.txt"
 done
 log done
