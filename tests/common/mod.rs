@@ -32,13 +32,18 @@ pub fn smollm2_path() -> PathBuf {
 }
 
 /// The device the suite's models load on: CPU, or `KEDIT_TEST_DEVICE=cuda` (a build with
-/// `--features cuda`) to run the same tests on a GPU.
+/// `--features cuda`) to run the same tests on a GPU. One per test process, as `kedit` has: each
+/// `Device::new_cuda` is a device of its own, whose tensors do not mix with another's and which
+/// loads candle's kernels again.
 pub fn test_device() -> Device {
-    match std::env::var("KEDIT_TEST_DEVICE").as_deref() {
-        Err(_) | Ok("") | Ok("cpu") => Device::Cpu,
-        Ok("cuda") => Device::new_cuda(0).expect("KEDIT_TEST_DEVICE=cuda: no CUDA device"),
-        Ok(other) => panic!("KEDIT_TEST_DEVICE={other}: expected cpu or cuda"),
-    }
+    static DEVICE: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
+    DEVICE
+        .get_or_init(|| match std::env::var("KEDIT_TEST_DEVICE").as_deref() {
+            Err(_) | Ok("") | Ok("cpu") => Device::Cpu,
+            Ok("cuda") => Device::new_cuda(0).expect("KEDIT_TEST_DEVICE=cuda: no CUDA device"),
+            Ok(other) => panic!("KEDIT_TEST_DEVICE={other}: expected cpu or cuda"),
+        })
+        .clone()
 }
 
 pub fn load_as(source: &Path, dtype: DType) -> Model {
