@@ -17,7 +17,8 @@
 #   DEVICE  cuda (default) or cpu, to rehearse the script on a machine without a GPU
 #   TESTS   which test binaries to run (name prefixes; default all)
 #   PER_TEST which of them to run a test at a time (default "reference_outputs model_invariants",
-#           the two that had not finished within 300 s on the H200)
+#           the two that had not finished within 300 s on the H200), each within TEST_TIMEOUT
+#           seconds (default 120); whole test files get FILE_TIMEOUT (default 300)
 #   SHAPES  which shaped models to build (default "smollm2-135m gpt2-xl"; "" for none)
 #   SAMPLES WikiText-2 articles for ROME's statistics (default 1000), CASES ROME edits (default 5)
 set -uo pipefail
@@ -27,6 +28,8 @@ device=${3:-cuda}
 shapes=${SHAPES-"smollm2-135m gpt2-xl"}
 tests=${TESTS:-}
 per_test=${PER_TEST-"reference_outputs model_invariants"}
+test_timeout=${TEST_TIMEOUT:-120}
+file_timeout=${FILE_TIMEOUT:-300}
 samples=${SAMPLES:-1000}
 cases=${CASES:-5}
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -126,13 +129,13 @@ for t in "$bin"/tests/*; do
   if chosen "$name" "$per_test"; then
     # One process per test: which of them is slow on the device, and by how much.
     for case in $("$t" --list 2>/dev/null | sed -n 's/: test$//p'); do
-      (cd "$repo" && timeout 120 "$t" --exact "$case" >"$out/test-$name-$case.log" 2>&1)
+      (cd "$repo" && timeout "$test_timeout" "$t" --exact "$case" >"$out/test-$name-$case.log" 2>&1)
       rc=$?
       log "test $name $case: rc=$rc $(grep -E '^test result' "$out/test-$name-$case.log" | grep -oE 'finished in [0-9.]+s')"
     done
     continue
   fi
-  (cd "$repo" && timeout 300 "$t" --test-threads 2 >"$out/test-$name.log" 2>&1)
+  (cd "$repo" && timeout "$file_timeout" "$t" --test-threads 2 >"$out/test-$name.log" 2>&1)
   log "test $name: rc=$? $(grep -E '^test result' "$out/test-$name.log" | tail -1)"
 done
 
