@@ -205,15 +205,17 @@ impl Editor for AlphaEdit {
         Ok(())
     }
 
-    /// The key memory as the keys of every remembered edit, stacked per layer.
+    /// The key memory as the keys of every remembered edit, stacked per layer, on the CPU: keys
+    /// restored from a file lie there, those of later edits on the model's device.
     fn state(&self) -> Result<Option<EditorState>> {
         let mut tensors = Vec::new();
         for &layer in &self.params.layers {
             let rows: Vec<Tensor> = self
                 .remembered
                 .iter()
-                .filter_map(|r| r.keys.get(&layer).cloned())
-                .collect();
+                .filter_map(|r| r.keys.get(&layer))
+                .map(|k| k.to_device(&candle_core::Device::Cpu))
+                .collect::<candle_core::Result<_>>()?;
             if !rows.is_empty() {
                 tensors.push((format!("keys.layer{layer}"), Tensor::cat(&rows, 0)?));
             }
