@@ -5,7 +5,7 @@
 #   0. the first use of the device (the same short generation twice, then a longer one): what the
 #      driver's compile of candle's PTX for this GPU costs, and the cost of a generated token;
 #   1. AlphaEdit's statistics, null-space projector and one edit made on the CPU and on the GPU,
-#      compared tensor by tensor;
+#      compared tensor by tensor, and an edit on the CPU from the GPU's statistics;
 #   2. test binaries with KEDIT_TEST_DEVICE=cuda, so their models and their kedit processes run
 #      on the GPU; those named in PER_TEST one test at a time, each timed;
 #   3. random-weight SmolLM2- and GPT2-XL-shaped checkpoints (scripts/make-shaped-checkpoint.py):
@@ -13,7 +13,8 @@
 #      key statistics and ROME edits (`kedit eval`, then one `kedit apply` that says where its time
 #      went), each under /usr/bin/time where it exists.
 # usage: scripts/cuda-check.sh BINDIR OUTDIR [DEVICE]
-#   BINDIR  holds `kedit` and, under tests/, test binaries
+#   BINDIR  holds `kedit` and, under tests/, test binaries (built with CARGO_TARGET_DIR=D: set
+#           KEDIT_BUILT_BIN=D/release/kedit, where the tests look for kedit)
 #   DEVICE  cuda (default) or cpu, to rehearse the script on a machine without a GPU
 #   TESTS   which test binaries to run (name prefixes; default all)
 #   PER_TEST which of them to run a test at a time (default "reference_outputs model_invariants",
@@ -104,11 +105,24 @@ if [ "$device" != cpu ]; then
       --prompt "The capital of France is" --subject France --target Rome --max-new-tokens 2 \
       --no-fluency --save-edit "$work/alpha-$d.safetensors"
   done
+  # The GPU's statistics and projector, edited with on the CPU: if that edit is the GPU's, the
+  # devices differ only through the statistics; if it is the CPU's, in the edit itself.
+  cp -r "$work/alpha-$device" "$work/alpha-cross"
+  timed "alphaedit-apply-cross" "$bin/kedit" apply -m "$tiny" --device cpu --editor AlphaEdit \
+    --hparams "$repo/tests/fixtures/hparams/alphaedit-tiny-gpt2.yaml" --stats-dir "$work/alpha-cross" \
+    --prompt "The capital of France is" --subject France --target Rome --max-new-tokens 2 \
+    --no-fluency --save-edit "$work/alpha-cross.safetensors"
   for f in "$work"/alpha-cpu/*/*.safetensors "$work/alpha-cpu.safetensors"; do
     g=$(find "$work/alpha-$device" "$work/alpha-$device.safetensors" -name "$(basename "$f" | sed "s/alpha-cpu/alpha-$device/")" | head -1)
     log "compare $(basename "$f") (cpu, $device)"
     [ -n "$g" ] && python3 "$repo/scripts/compare-safetensors.py" "$f" "$g" | tee -a "$out/summary.txt"
   done
+  for pair in "cross $device" "cpu cross"; do
+    set -- $pair
+    log "compare the edits alpha-$1, alpha-$2"
+    python3 "$repo/scripts/compare-safetensors.py" "$work/alpha-$1.safetensors" "$work/alpha-$2.safetensors" | tee -a "$out/summary.txt"
+  done
+  grep -h "value fit" "$out"/alphaedit-apply-*.log | tee -a "$out/summary.txt"
 fi
 # 2. the tests, on the GPU. They find their fixtures and the kedit binary where they were built
 # (CARGO_MANIFEST_DIR, CARGO_BIN_EXE_kedit): BUILT_AT names that folder, linked to this checkout.
@@ -116,7 +130,10 @@ export KEDIT_TEST_DEVICE=$device
 if [ -n "${BUILT_AT:-}" ] && [ ! -e "$BUILT_AT" ]; then
   mkdir -p "$(dirname "$BUILT_AT")" && ln -s "$repo" "$BUILT_AT"
 fi
-mkdir -p "$repo/target/release" && cp "$bin/kedit" "$repo/target/release/kedit"
+# ... and the kedit binary where the build put it (CARGO_TARGET_DIR's release folder, if one was
+# set: KEDIT_BUILT_BIN names that path).
+built_bin=${KEDIT_BUILT_BIN:-$repo/target/release/kedit}
+mkdir -p "$(dirname "$built_bin")" && cp "$bin/kedit" "$built_bin"
 chosen() { # chosen NAME LIST: NAME (a test binary, name-hash) starts with a prefix in LIST
   local prefix
   for prefix in $2; do [[ $1 == "$prefix"-* || $1 == "$prefix" ]] && return 0; done
